@@ -1,0 +1,75 @@
+"""The shape every training algorithm shares, so that it plugs into any plain PyTorch loop.
+
+Either call the two hooks yourself:
+
+    loss.backward()
+    algo.sync_gradients()     # DDP: average gradients across workers
+    inner_opt.step()
+    algo.step()               # DiLoCo-style: an outer step every H inner steps
+
+or let the context manager install them as optimizer step hooks:
+
+    with lowband.DDP(model, opt, comm) as algo:
+        for x, y in data:
+            model.loss(x, y).backward()
+            opt.step()            # sync_gradients() runs before, step() after
+            opt.zero_grad()
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lowband.comm import Comm
+
+
+class Algorithm:
+    """A training algorithm: a pure update rule plus the buffers and process group it needs."""
+
+    name: ClassVar[str] = "base"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, comm: Comm) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.comm = comm
+        self.local_step = 0
+        self._hooks: list[Any] = []
+
+    # -- the two hooks of the loop --------------------------------------------------------------
+    def sync_gradients(self) -> None:
+        """Runs between backward and the inner optimizer's step."""
+
+    def step(self) -> None:
+        """Runs after the inner optimizer's step."""
+        self.local_step += 1
+
+    def close(self) -> None:
+        """Finish any communication still in flight."""
+
+    def metrics(self) -> dict[str, Any]:
+        """Extra fields for the metrics line (e.g. outer_step)."""
+        return {}
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"local_step": self.local_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.local_step = int(state["local_step"])
+
+    # -- context manager: install the hooks on the optimizer ------------------------------------
+    def __enter__(self):
+        self._hooks = [
+            self.optimizer.register_step_pre_hook(lambda *_: self.sync_gradients()),
+            self.optimizer.register_step_post_hook(lambda *_: self.step()),
+        ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self.close()

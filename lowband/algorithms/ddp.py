@@ -1,0 +1,92 @@
+"""Synchronous data parallel: the baseline every other algorithm is measured against.
+
+1. At construction, broadcast rank 0's parameters so every worker starts identical.
+2. After every backward, average the gradients across workers: they are flattened into buckets
+   of at most `bucket_mb` megabytes, every bucket's all-reduce is issued before any is waited on
+   (so the link carries them back to back), then the averages are copied back.
+With identical starts and averaged gradients, every worker takes the same optimizer step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowband.algorithms.base import Algorithm
+from lowband.comm import Comm
+
+
+def _buckets(params: list[nn.Parameter], cap_bytes: int) -> list[list[nn.Parameter]]:
+    """Consecutive groups of parameters of one dtype and device, each under cap_bytes (or a single tensor)."""
+    out: list[list[nn.Parameter]] = []
+    size = 0
+    for p in params:
+        nbytes = p.numel() * p.element_size()
+        last = out[-1] if out else None
+        if (
+            last is None
+            or size + nbytes > cap_bytes
+            or (last[0].dtype, last[0].device) != (p.dtype, p.device)
+        ):
+            out.append([p])
+            size = nbytes
+        else:
+            last.append(p)
+            size += nbytes
+    return out
+
+
+class DDP(Algorithm):
+    """Average gradients across the group every step."""
+
+    name = "ddp"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        comm: Comm,
+        *,
+        bucket_mb: float = 25.0,
+        broadcast_init: bool = True,
+    ) -> None:
+        super().__init__(model, optimizer, comm)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.buckets = _buckets(self.params, int(bucket_mb * 2**20))
+        if broadcast_init and comm.size > 1:
+            with torch.no_grad():
+                for bucket in self.buckets:
+                    flat = torch.cat([p.detach().reshape(-1) for p in bucket])
+                    comm.broadcast(flat, src=0)
+                    _unflatten_into(flat, [p.data for p in bucket])
+
+    @torch.no_grad()
+    def sync_gradients(self) -> None:
+        if self.comm.size == 1:
+            return
+        flats, works = [], []
+        for bucket in self.buckets:
+            # A parameter without a gradient this step still takes part with zeros, so every
+            # worker all-reduces tensors of the same size.
+            flat = torch.cat(
+                [
+                    (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                    for p in bucket
+                ]
+            )
+            flats.append(flat)
+            works.append(self.comm.all_reduce(flat, op="avg", async_op=True))
+        for bucket, flat, work in zip(self.buckets, flats, works):
+            work.wait()
+            for p in bucket:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            _unflatten_into(flat, [p.grad for p in bucket])
+
+
+def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view_as(t))
+        offset += n

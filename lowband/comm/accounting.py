@@ -1,0 +1,153 @@
+"""Exact byte accounting: what each worker sends and receives under a collective's algorithm.
+
+lowband runs the backend's own collective (Gloo on CPU, NCCL on GPU) and accounts for it as the
+bandwidth-optimal algorithm named below, which is what NCCL runs for large tensors:
+
+    all_reduce      ring: a reduce-scatter then an all-gather, 2(n-1) steps. The tensor is cut
+                    into n chunks (as torch.tensor_split cuts numel); in step k rank r sends chunk
+                    (r-k) mod n, then chunk (r+1-k) mod n. So rank r sends every chunk except
+                    (r+1) mod n in the first phase and every chunk except (r+2) mod n in the
+                    second: 2(n-1)/n of the tensor when n divides it.
+    reduce_scatter  ring, first phase of the above.
+    all_gather      ring, n-1 steps: each rank forwards every chunk but the one its successor owns.
+    broadcast       pipelined chain from the root: every rank but the last forwards the tensor once.
+    all_to_all      direct: each rank sends the n-1 chunks meant for others and receives n-1.
+    send / recv     the tensor, once.
+
+`critical_bytes` is what the busiest uplink carries and `rounds` the sequential latency hops; the
+link model turns them into seconds (lowband.comm.link).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What one rank puts on and takes off the wire for one operation."""
+
+    sent: int
+    recv: int
+    critical_bytes: int
+    """Bytes through the busiest uplink: sets the bandwidth term of the emulated time."""
+    rounds: int
+    """Sequential latency hops."""
+
+
+def chunk_sizes(numel: int, n: int) -> list[int]:
+    """Element counts of n chunks, as torch.tensor_split cuts numel (the first numel % n get one more)."""
+    base, extra = divmod(numel, n)
+    return [base + (1 if i < extra else 0) for i in range(n)]
+
+
+def all_reduce_traffic(numel: int, itemsize: int, rank: int, n: int) -> Traffic:
+    if n == 1:
+        return Traffic(0, 0, 0, 0)
+    c = chunk_sizes(numel, n)
+    total = numel
+    sent = (2 * total - c[(rank + 1) % n] - c[(rank + 2) % n]) * itemsize
+    prev = (rank - 1) % n
+    recv = (2 * total - c[(prev + 1) % n] - c[(prev + 2) % n]) * itemsize
+    critical = max((2 * total - c[(r + 1) % n] - c[(r + 2) % n]) for r in range(n)) * itemsize
+    return Traffic(sent, recv, critical, 2 * (n - 1))
+
+
+def reduce_scatter_traffic(numel: int, itemsize: int, rank: int, n: int) -> Traffic:
+    if n == 1:
+        return Traffic(0, 0, 0, 0)
+    c = chunk_sizes(numel, n)
+    sent = (numel - c[(rank + 1) % n]) * itemsize
+    recv = (numel - c[rank % n]) * itemsize
+    critical = max(numel - c[(r + 1) % n] for r in range(n)) * itemsize
+    return Traffic(sent, recv, critical, n - 1)
+
+
+def all_gather_traffic(chunk_numel: int, itemsize: int, rank: int, n: int) -> Traffic:
+    """Every rank contributes `chunk_numel` elements and receives everybody else's."""
+    if n == 1:
+        return Traffic(0, 0, 0, 0)
+    b = (n - 1) * chunk_numel * itemsize
+    return Traffic(b, b, b, n - 1)
+
+
+def broadcast_traffic(numel: int, itemsize: int, rank: int, src: int, n: int) -> Traffic:
+    if n == 1:
+        return Traffic(0, 0, 0, 0)
+    nbytes = numel * itemsize
+    position = (rank - src) % n  # place in the chain src -> src+1 -> ... -> src-1
+    sent = nbytes if position < n - 1 else 0
+    recv = nbytes if position > 0 else 0
+    return Traffic(sent, recv, nbytes, n - 1)
+
+
+def all_to_all_traffic(numel: int, itemsize: int, rank: int, n: int) -> Traffic:
+    """Equal splits: numel is this rank's whole input (n chunks, one per destination)."""
+    if n == 1:
+        return Traffic(0, 0, 0, 0)
+    c = chunk_sizes(numel, n)
+    b = (numel - c[rank]) * itemsize
+    return Traffic(b, b, max(numel - x for x in c) * itemsize, 1)
+
+
+def p2p_traffic(numel: int, itemsize: int, sending: bool) -> Traffic:
+    nbytes = numel * itemsize
+    return Traffic(nbytes if sending else 0, 0 if sending else nbytes, nbytes, 1)
+
+
+@dataclass
+class OpStats:
+    calls: int = 0
+    bytes_sent: int = 0
+    bytes_recv: int = 0
+    seconds: float = 0.0
+    """Time the caller was blocked in this operation (issue plus wait): exposed communication."""
+
+
+@dataclass
+class CommStats:
+    """Counters of one worker, per operation name, since the stats were created."""
+
+    ops: dict[str, OpStats] = field(default_factory=dict)
+
+    def add(self, op: str, traffic: Traffic | None = None, seconds: float = 0.0) -> None:
+        s = self.ops.setdefault(op, OpStats())
+        if traffic is not None:
+            s.calls += 1
+            s.bytes_sent += traffic.sent
+            s.bytes_recv += traffic.recv
+        s.seconds += seconds
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(s.bytes_sent for s in self.ops.values())
+
+    @property
+    def bytes_recv(self) -> int:
+        return sum(s.bytes_recv for s in self.ops.values())
+
+    @property
+    def seconds(self) -> float:
+        return sum(s.seconds for s in self.ops.values())
+
+    def by_op(self) -> dict[str, dict[str, float]]:
+        return {
+            k: {
+                "calls": v.calls,
+                "bytes_sent": v.bytes_sent,
+                "bytes_recv": v.bytes_recv,
+                "seconds": v.seconds,
+            }
+            for k, v in sorted(self.ops.items())
+        }
+
+    def state_dict(self) -> dict:
+        return {"ops": self.by_op()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ops = {
+            k: OpStats(
+                int(v["calls"]), int(v["bytes_sent"]), int(v["bytes_recv"]), float(v["seconds"])
+            )
+            for k, v in state["ops"].items()
+        }

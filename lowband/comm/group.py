@@ -1,0 +1,211 @@
+"""`Comm`: the one door every byte goes through. Wraps a torch.distributed ProcessGroup.
+
+It counts bytes per operation (lowband.comm.accounting), the time the caller is blocked, and,
+when given a LinkSpec, stretches every operation to the emulated link's duration.
+
+Collectives look like torch.distributed's: `comm.all_reduce(t, op="avg", async_op=True) -> Work`.
+Ranks are the group's own ranks (0..size-1). `Comm(None)` is a group of one: every collective is
+a no-op, so world size 1 runs the same code.
+
+Emulated time. Work issued at t0 really completes at t_done (the backend's future callback tells
+when; on loopback that is milliseconds). Its emulated end is
+
+    end = max(t_done, link_free) + link.sample_time(critical_bytes, rounds)
+
+and `wait()` sleeps until `end`. t_done already includes waiting for the last peer to enter, so a
+late peer delays everybody as on a real network; `link_free` (the previous emulated end) makes
+operations queue on the uplink in the order they are waited on. The real transfer time is
+included as well (a few ms on loopback, small next to a wide-area link).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from lowband.comm import accounting as acc
+from lowband.comm.accounting import CommStats, Traffic
+from lowband.comm.link import LinkSpec
+
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+class Work:
+    """Handle of an issued operation; `wait()` blocks until it (and its emulated link time) is done."""
+
+    def __init__(
+        self,
+        comm: Comm,
+        op: str,
+        works: Sequence,
+        traffic: Traffic,
+        finish: Callable[[], None] | None = None,
+    ) -> None:
+        self._comm, self._op, self._works, self._traffic, self._finish = (
+            comm,
+            op,
+            list(works),
+            traffic,
+            finish,
+        )
+        self._t_done: float | None = None
+        self._done = False
+        for w in self._works:
+            try:
+                w.get_future().add_done_callback(self._mark_done)
+            except (RuntimeError, AttributeError):  # backends without futures: timed at wait()
+                pass
+
+    def _mark_done(self, _fut) -> None:
+        now = time.perf_counter()
+        self._t_done = now if self._t_done is None else max(self._t_done, now)
+
+    def is_completed(self) -> bool:
+        return self._done or all(w.is_completed() for w in self._works)
+
+    def wait(self) -> None:
+        if self._done:
+            return
+        t0 = time.perf_counter()
+        for w in self._works:
+            w.wait()
+        t_done = (
+            time.perf_counter() if self._t_done is None else min(self._t_done, time.perf_counter())
+        )
+        self._comm._sleep_for_link(t_done, self._traffic)
+        if self._finish is not None:
+            self._finish()
+        self._done = True
+        self._comm.stats.add(self._op, seconds=time.perf_counter() - t0)
+
+
+class _DoneWork:
+    def wait(self) -> None: ...
+    def is_completed(self) -> bool:
+        return True
+
+    def get_future(self):
+        raise RuntimeError
+
+
+class Comm:
+    """Byte-counting, link-emulating view of one process group."""
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None,
+        link: LinkSpec | None = None,
+        *,
+        stats: CommStats | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.group = group
+        self.link = link
+        self.stats = stats if stats is not None else CommStats()
+        self.rank = group.rank() if group is not None else 0
+        self.size = group.size() if group is not None else 1
+        self._rng = random.Random(seed * 100_003 + self.rank)
+        self._link_free = 0.0
+
+    # -- emulated link ------------------------------------------------------------------------
+    def _sleep_for_link(self, t_done: float, traffic: Traffic) -> None:
+        if self.link is None or traffic.rounds == 0:
+            return
+        end = max(t_done, self._link_free) + self.link.sample_time(
+            traffic.critical_bytes, traffic.rounds, self._rng
+        )
+        self._link_free = end
+        delay = end - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+
+    def _issue(
+        self, op: str, traffic: Traffic, launch: Callable[[], Sequence], async_op: bool, finish=None
+    ) -> Work:
+        t0 = time.perf_counter()
+        works = launch() if self.size > 1 else [_DoneWork()]
+        self.stats.add(op, traffic, seconds=time.perf_counter() - t0)
+        work = Work(self, op, works, traffic, finish)
+        if not async_op:
+            work.wait()
+        return work
+
+    # -- collectives --------------------------------------------------------------------------
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum", async_op: bool = False) -> Work:
+        """In-place all-reduce. op: sum | avg | max | min. avg divides after a sum (Gloo has no AVG)."""
+        if op not in (*_REDUCE_OPS, "avg"):
+            raise ValueError(f"unknown reduce op {op!r}")
+        traffic = acc.all_reduce_traffic(
+            tensor.numel(), tensor.element_size(), self.rank, self.size
+        )
+
+        def launch():
+            opts = dist.AllreduceOptions()
+            opts.reduceOp = _REDUCE_OPS["sum" if op == "avg" else op]
+            return [self.group.allreduce([tensor], opts)]
+
+        finish = (lambda: tensor.div_(self.size)) if op == "avg" and self.size > 1 else None
+        return self._issue("all_reduce", traffic, launch, async_op, finish)
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0, async_op: bool = False) -> Work:
+        traffic = acc.broadcast_traffic(
+            tensor.numel(), tensor.element_size(), self.rank, src, self.size
+        )
+
+        def launch():
+            opts = dist.BroadcastOptions()
+            opts.rootRank = src
+            return [self.group.broadcast([tensor], opts)]
+
+        return self._issue("broadcast", traffic, launch, async_op)
+
+    def all_gather(
+        self, outputs: list[torch.Tensor], tensor: torch.Tensor, async_op: bool = False
+    ) -> Work:
+        """outputs[i] receives rank i's tensor (all the same shape)."""
+        if len(outputs) != self.size:
+            raise ValueError(f"all_gather needs {self.size} outputs, got {len(outputs)}")
+        traffic = acc.all_gather_traffic(
+            tensor.numel(), tensor.element_size(), self.rank, self.size
+        )
+        if self.size == 1:
+            outputs[0].copy_(tensor)
+        return self._issue(
+            "all_gather", traffic, lambda: [self.group.allgather([outputs], [tensor])], async_op
+        )
+
+    def all_to_all(self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False) -> Work:
+        """Equal splits along dim 0: chunk i of `input` goes to rank i; chunk j of `output` comes from rank j."""
+        if input.shape[0] % self.size or output.shape != input.shape:
+            raise ValueError(
+                "all_to_all needs same-shape input/output whose first dim divides by the group size"
+            )
+        traffic = acc.all_to_all_traffic(input.numel(), input.element_size(), self.rank, self.size)
+        if self.size == 1:
+            output.copy_(input)
+        return self._issue(
+            "all_to_all",
+            traffic,
+            lambda: [self.group.alltoall_base(output, input, [], [], dist.AllToAllOptions())],
+            async_op,
+        )
+
+    def send(self, tensor: torch.Tensor, dst: int, tag: int = 0, async_op: bool = False) -> Work:
+        traffic = acc.p2p_traffic(tensor.numel(), tensor.element_size(), sending=True)
+        return self._issue("send", traffic, lambda: [self.group.send([tensor], dst, tag)], async_op)
+
+    def recv(self, tensor: torch.Tensor, src: int, tag: int = 0, async_op: bool = False) -> Work:
+        traffic = acc.p2p_traffic(tensor.numel(), tensor.element_size(), sending=False)
+        return self._issue("recv", traffic, lambda: [self.group.recv([tensor], src, tag)], async_op)
+
+    def barrier(self) -> None:
+        self._issue(
+            "barrier",
+            Traffic(0, 0, 0, 2 if self.size > 1 else 0),
+            lambda: [self.group.barrier()],
+            False,
+        )

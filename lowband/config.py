@@ -1,0 +1,119 @@
+"""Configuration: one dataclass per component, a docstring under each field.
+
+The CLI is generated from these dataclasses (lowband.cli): each field becomes a flag whose help
+is the field's docstring, so documentation lives in exactly one place.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import textwrap
+from dataclasses import dataclass, field
+
+# Learning rates per model preset for AdamW on byte-level text (bigger models want smaller steps).
+DEFAULT_LR = {"1m": 3e-3, "10m": 2e-3, "125m": 6e-4, "350m": 4e-4, "1b": 3e-4}
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Everything that decides what `lowband train` computes. Saved as config.json in the run folder."""
+
+    # -- what to train --------------------------------------------------------------------------
+    algo: str = "ddp"
+    """Training algorithm: ddp (synchronous data parallel, the baseline)."""
+    model: str = "1m"
+    """Model preset of the Llama-style decoder: 1m, 10m, 125m, 350m, 1b (see `lowband models`)."""
+    data: str = "stdlib"
+    """Corpus: 'stdlib' (this Python's standard-library source, no download), a text file, a directory of text files, or pre-tokenised uint16 .bin files."""
+    seed: int = 0
+    """Seed of the model initialisation and of every worker's data order."""
+
+    # -- how long and how big -------------------------------------------------------------------
+    steps: int = 300
+    """Optimizer steps per worker."""
+    tokens: int | None = None
+    """Token budget over all workers; when set it decides the number of steps instead of --steps."""
+    batch_size: int = 8
+    """Sequences per worker per step."""
+    seq_len: int = 128
+    """Tokens per sequence."""
+
+    # -- optimizer ------------------------------------------------------------------------------
+    lr: float | None = None
+    """Peak AdamW learning rate (default: chosen per model preset, 3e-3 for 1m)."""
+    schedule: str = "cosine"
+    """Learning-rate schedule after warmup: cosine, linear or constant."""
+    warmup_steps: int | None = None
+    """Linear warmup steps (default: 5% of the steps, at most 200)."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak (cosine and linear)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this value (0 turns clipping off)."""
+
+    # -- workers and network --------------------------------------------------------------------
+    workers: int = 4
+    """Local worker processes (Gloo on CPU, one thread each). Ignored under torchrun, which decides."""
+    link: str | None = None
+    """Emulated link between workers, BANDWIDTH:LATENCY[:JITTER][:LOSS%], e.g. 100mbit:50ms or 1gbit:20ms:2ms:0.1% (tc units: mbit = megabits/s, mbps = megabytes/s)."""
+    device: str = "auto"
+    """cpu, cuda, or auto (one GPU per worker when there are enough GPUs, else CPU)."""
+    threads: int = 1
+    """CPU threads per worker process."""
+    bucket_mb: float = 25.0
+    """DDP: gradients are all-reduced in buckets of at most this many megabytes."""
+
+    # -- evaluation, logging, checkpoints -------------------------------------------------------
+    eval_every: int = 50
+    """Evaluate the held-out split every this many steps (and at the last step)."""
+    eval_batches: int = 8
+    """Batches of the held-out split per evaluation."""
+    log_every: int = 5
+    """Write a metrics line every this many steps (and at every evaluation)."""
+    ckpt_every: int = 100
+    """Checkpoint every this many steps (and at the last step); 0 checkpoints only at the end."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+
+    # -- testing aids ---------------------------------------------------------------------------
+    fail_at: str | None = None
+    """Fault injection for testing recovery: RANK:STEP makes that worker die (exit 1) right after that step."""
+
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR.get(self.model, 1e-3)
+
+    def resolved_warmup(self, steps: int) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else min(200, max(1, steps // 20))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+__all__ = ["TrainConfig", "field_docs", "DEFAULT_LR", "field"]

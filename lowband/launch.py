@@ -1,0 +1,164 @@
+"""Starting workers: N local processes on Gloo, or one process per GPU under torchrun.
+
+Local launch (`lowband train --workers N`): the parent validates everything it can (so bad input
+fails in one line before any process starts), then spawns N processes that rendezvous over TCP on
+127.0.0.1. If any worker dies, the others are stopped and the parent reports which one and why.
+
+Under torchrun (RANK, WORLD_SIZE, MASTER_ADDR in the environment) this process is one worker; the
+rendezvous comes from the environment, NCCL on GPUs, Gloo otherwise. The same command scales to
+many hosts (the run folder should be on a shared filesystem for checkpoints).
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import queue
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from lowband.comm import Comm, LinkSpec
+from lowband.config import TrainConfig
+from lowband.errors import ConfigError, LowbandError
+from lowband.train.loop import train_worker
+from lowband.train.rundir import RunDir
+
+_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+class WorkerFailed(Exception):
+    def __init__(self, rank: int, exitcode: int, message: str) -> None:
+        super().__init__(message)
+        self.rank, self.exitcode = rank, exitcode
+
+
+def under_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def pick_device(cfg: TrainConfig, local_workers: int) -> str:
+    """'cuda' when asked or (auto) when every local worker can have a GPU of its own; else 'cpu'."""
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cfg.device == "cpu":
+        return "cpu"
+    if cfg.device == "cuda":
+        if have < local_workers:
+            raise ConfigError(
+                f"--device cuda needs {local_workers} GPU(s), this machine has {have}"
+            )
+        return "cuda"
+    if cfg.device != "auto":
+        raise ConfigError(f"unknown --device {cfg.device!r}; choose cpu, cuda or auto")
+    return "cuda" if have >= local_workers and have > 0 else "cpu"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker_main(rank, world, port, cfg_dict, run_path, resume, device_kind, errors) -> None:
+    cfg = TrainConfig.from_dict(cfg_dict)
+    torch.set_num_threads(cfg.threads)
+    try:
+        if device_kind == "cuda":
+            torch.cuda.set_device(rank)
+            device = torch.device("cuda", rank)
+        else:
+            device = torch.device("cpu")
+        dist.init_process_group(
+            "nccl" if device_kind == "cuda" else "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=_TIMEOUT,
+            **({"device_id": device} if device_kind == "cuda" else {}),
+        )
+        comm = Comm(dist.group.WORLD, LinkSpec.parse(cfg.link), seed=cfg.seed)
+        train_worker(cfg, comm, RunDir(run_path), device, resume=resume)
+        dist.destroy_process_group()
+    except LowbandError as e:
+        errors.put((rank, 2, str(e)))
+        sys.exit(2)
+    except Exception as e:  # noqa: BLE001 - a bug or a lost peer: keep the traceback for the log
+        traceback.print_exc()
+        errors.put((rank, 1, f"{type(e).__name__}: {e}".splitlines()[0]))
+        sys.exit(1)
+
+
+def launch_local(cfg: TrainConfig, run: RunDir, resume: bool) -> None:
+    n = cfg.workers
+    device_kind = pick_device(cfg, n)
+    if n == 1:
+        torch.set_num_threads(cfg.threads)
+        device = torch.device("cuda", 0) if device_kind == "cuda" else torch.device("cpu")
+        train_worker(cfg, Comm(None, LinkSpec.parse(cfg.link)), run, device, resume=resume)
+        return
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+    port = _free_port()
+    procs = [
+        ctx.Process(
+            target=_worker_main,
+            args=(r, n, port, cfg.to_dict(), str(run.path), resume, device_kind, errors),
+            name=f"lowband-worker-{r}",
+        )
+        for r in range(n)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        while any(p.is_alive() for p in procs):
+            failed = [(r, p) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if failed:
+                break
+            time.sleep(0.1)
+        for p in procs:
+            p.join(timeout=2.0)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(timeout=5.0)
+            if p.is_alive():
+                p.kill()
+    failed = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (0, None)]
+    if failed:
+        messages = {}
+        try:
+            while True:
+                r, code, msg = errors.get(timeout=0.2)
+                messages[r] = (code, msg)
+        except queue.Empty:
+            pass
+        # Report the root cause: a worker's own error rather than a peer's "connection closed".
+        for r, (code, msg) in sorted(messages.items(), key=lambda kv: -kv[1][0]):
+            if code == 2:
+                raise WorkerFailed(r, 2, msg)
+        r, code = failed[0]
+        detail = messages.get(r, (code, f"exit code {code}"))[1]
+        raise WorkerFailed(r, 1, f"worker {r} failed: {detail}")
+
+
+def launch_torchrun(cfg: TrainConfig, run_path: Path, resume: bool) -> None:
+    """This process is one worker of a torchrun job."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    torch.set_num_threads(cfg.threads)
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=_TIMEOUT)
+    comm = Comm(dist.group.WORLD, LinkSpec.parse(cfg.link), seed=cfg.seed)
+    run = RunDir(run_path)
+    train_worker(cfg, comm, run, device, resume=resume)
+    dist.destroy_process_group()

@@ -1,0 +1,269 @@
+"""A self-contained index.html: inline CSS, PNGs as base64 data URIs, no external assets.
+
+Every string that comes from a run folder (labels, config values, hostnames...) goes through
+`html.escape`, since run folders can be shared between people.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from matplotlib.colors import to_hex
+
+from lowband.report.plots import run_colours
+from lowband.report.runs import RunData
+
+_BYTE_UNITS = ("B", "KB", "MB", "GB", "TB", "PB")
+
+
+def format_bytes(n: float | None) -> str:
+    """Bytes in decimal units (1 KB = 1000 B, as link speeds are), 3 significant digits."""
+    if n is None or not math.isfinite(n):
+        return "–"
+    if abs(n) < 999.5:
+        return f"{n:.0f} B"
+    for i, unit in enumerate(_BYTE_UNITS[1:], 1):
+        value = n / 1000**i
+        # Pick the first unit where the 3-digit rounding stays below 1000 (999.7 KB -> 1.00 MB).
+        if abs(float(f"{value:.3g}")) < 1000 or unit == _BYTE_UNITS[-1]:
+            return f"{_sig3(value)} {unit}"
+    raise AssertionError("unreachable")
+
+
+def format_seconds(s: float | None) -> str:
+    """A duration: '850 ms', '12.3 s', '4 min 05 s', '2 h 03 min'."""
+    if s is None or not math.isfinite(s):
+        return "–"
+    if s < 1:
+        return f"{_sig3(s * 1000)} ms" if s > 0 else "0 s"
+    if s < 59.95:
+        return f"{_sig3(s)} s"
+    total = round(s)
+    if total < 3600:
+        return f"{total // 60} min {total % 60:02d} s"
+    minutes = round(s / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def format_count(n: float | None) -> str:
+    """A count with K / M / B suffixes and 3 significant digits: 124M, 5.12K, 87."""
+    if n is None or not math.isfinite(n):
+        return "–"
+    for divisor, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= divisor * 0.9995:
+            return f"{_sig3(n / divisor)}{suffix}"
+    return f"{n:.3g}" if n != int(n) else f"{int(n)}"
+
+
+def format_loss(x: float | None) -> str:
+    if x is None:
+        return "–"
+    return f"{x:.4f}" if math.isfinite(x) else "NaN (diverged)"
+
+
+def _sig3(x: float) -> str:
+    # '#' keeps trailing zeros (1.00, 45.0), which then leaves a bare '.' on 3-digit values.
+    return f"{x:#.3g}".rstrip(".")
+
+
+def _esc(value: Any) -> str:
+    return html.escape("–" if value is None or value == "" else str(value))
+
+
+def render_html(
+    runs: Sequence[RunData],
+    images: Mapping[str, tuple[str, bytes]],
+    title: str,
+    generated: datetime,
+) -> str:
+    """The report page. `images` maps a PNG file name to (caption, png bytes), in display order."""
+    colours = [to_hex(c) for c in run_colours(len(runs))]
+    finals = [r.final() for r in runs]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{_esc(title)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{_esc(title)}</h1>",
+        f'<p class="muted">Generated {_esc(generated.isoformat(timespec="seconds"))} '
+        f"from {len(runs)} run{'s' if len(runs) != 1 else ''}.</p>",
+        *_corpus_warning(runs),
+        _table(runs, finals, colours),
+        *_figures(images),
+        "<h2>Run details</h2>",
+        *(_details(r, c) for r, c in zip(runs, colours)),
+        "</body></html>",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def _corpus_warning(runs: Sequence[RunData]) -> list[str]:
+    hashes = {(r.meta.get("corpus") or {}).get("sha256") for r in runs} - {None}
+    if len(hashes) <= 1:
+        return []
+    return [
+        '<p class="warn">These runs trained on different corpora (different sha256): '
+        "their losses are not directly comparable.</p>"
+    ]
+
+
+def _best_index(values: Sequence[float]) -> int | None:
+    finite = [(v, i) for i, v in enumerate(values) if math.isfinite(v)]
+    return min(finite)[1] if len(values) > 1 and finite else None
+
+
+def _table(runs: Sequence[RunData], finals: list[dict[str, Any]], colours: list[str]) -> str:
+    # A crashed run sent fewer bytes only because it stopped early: "best" is among complete runs
+    # (when there are any). Eval losses compete only with eval losses, unless no run has one.
+    eligible = [f["complete"] for f in finals] if any(f["complete"] for f in finals) else None
+    has_eval = [f["loss_source"] in ("eval", "summary") for f in finals]
+    loss_ok = has_eval if any(has_eval) else None
+
+    def best(key: str, *masks: list[bool] | None) -> int | None:
+        ok = [all(m is None or m[i] for m in masks) for i in range(len(finals))]
+        return _best_index([f[key] if o else math.nan for f, o in zip(finals, ok)])
+
+    best_loss = best("final_eval_loss", eligible, loss_ok)
+    best_total = best("bytes_sent_total", eligible)
+    best_per_worker = best("bytes_sent_per_worker", eligible)
+
+    head = (
+        "run", "algo", "workers", "link", "model", "final eval loss", "total bytes sent",
+        "bytes sent / worker", "tokens/s", "compute util.", "wall time", "status",
+    )  # fmt: skip
+    header = "".join(f"<th>{h}</th>" for h in head)
+    rows = [f'<div class="scroll"><table><thead><tr>{header}</tr></thead><tbody>']
+    for i, (run, fin, colour) in enumerate(zip(runs, finals, colours)):
+        cfg = run.config
+        params = run.meta.get("model_params")
+        model = _esc(cfg.get("model"))
+        if isinstance(params, int | float):
+            model += f' <span class="muted">({format_count(params)} params)</span>'
+        loss = _esc(format_loss(fin["final_eval_loss"]))
+        if fin["loss_source"] == "train":
+            loss += ' <span class="muted" title="this run logged no eval loss">(train)</span>'
+        status = "complete" if fin["complete"] else "incomplete"
+        note = " · diverged" if not math.isfinite(fin["final_eval_loss"]) else ""
+        util = fin["compute_utilisation"]
+        cells = [
+            f'<td><span class="swatch" style="background:{colour}"></span>{_esc(run.label)}</td>',
+            f"<td>{_esc(cfg.get('algo'))}</td>",
+            f'<td class="num">{_esc(cfg.get("workers", fin["workers"]))}</td>',
+            f"<td>{_esc(cfg.get('link'))}</td>",
+            f"<td>{model}</td>",
+            _num_cell(loss, i == best_loss),
+            _num_cell(_esc(format_bytes(fin["bytes_sent_total"])), i == best_total),
+            _num_cell(_esc(format_bytes(fin["bytes_sent_per_worker"])), i == best_per_worker),
+            _num_cell(_esc(format_count(fin["tokens_per_s"]))),
+            _num_cell(f"{util * 100:.1f}%" if math.isfinite(util) else "–"),
+            _num_cell(_esc(format_seconds(fin["wall_time"]))),
+            f'<td class="{status}">{status}{note}</td>',
+        ]
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    rows.append("</tbody></table></div>")
+    rows.append(
+        '<p class="muted">Bold: the best final eval loss and the fewest bytes sent (among complete '
+        "runs). "
+        "Bytes are decimal (1 MB = 10<sup>6</sup> B). Compute utilisation = compute time / wall "
+        "time, summed over workers. Everything is computed from the metrics' last lines.</p>"
+    )
+    return "\n".join(rows)
+
+
+def _num_cell(content: str, best: bool = False) -> str:
+    if best:
+        return f'<td class="num best"><strong>{content}</strong></td>'
+    return f'<td class="num">{content}</td>'
+
+
+def _figures(images: Mapping[str, tuple[str, bytes]]) -> list[str]:
+    out = ["<h2>Loss curves</h2>"]
+    for name, (caption, png) in images.items():
+        data = base64.b64encode(png).decode("ascii")
+        out.append(
+            f'<figure><img src="data:image/png;base64,{data}" alt="{_esc(caption)}">'
+            f"<figcaption>{_esc(caption)} <code>{_esc(name)}</code></figcaption></figure>"
+        )
+    return out
+
+
+def _details(run: RunData, colour: str) -> str:
+    meta, corpus = run.meta, run.meta.get("corpus") or {}
+    sha = corpus.get("sha256")
+    fields = [
+        ("folder", run.path),
+        ("status", "complete" if run.complete else "incomplete"),
+        ("corpus", corpus.get("name")),
+        ("corpus tokens", format_count(_as_float(corpus.get("num_tokens")))),
+        ("corpus sha256", sha),
+        ("device", meta.get("device")),
+        ("world size", meta.get("world_size")),
+        ("torch", meta.get("torch_version")),
+        ("lowband", meta.get("lowband_version")),
+        ("python", meta.get("python")),
+        ("host", meta.get("hostname")),
+        ("git commit", meta.get("git_commit")),
+        ("started", meta.get("started")),
+    ]
+    out = [
+        f'<section class="run"><h3><span class="swatch" style="background:{colour}"></span>'
+        f"{_esc(run.label)}</h3><dl>",
+        *(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in fields),
+        "</dl>",
+    ]
+    if run.warnings:
+        out.append('<ul class="warnings">')
+        out += [f"<li>{_esc(w)}</li>" for w in run.warnings]
+        out.append("</ul>")
+    by_op = (run.summary or {}).get("bytes_by_op")
+    if isinstance(by_op, dict) and by_op:
+        total = sum(v for v in by_op.values() if isinstance(v, int | float)) or 1
+        out.append('<table class="ops"><thead><tr><th>op</th><th>bytes</th><th>share</th></tr>')
+        out.append("</thead><tbody>")
+        for op, n in sorted(by_op.items(), key=lambda kv: -_as_float(kv[1])):
+            share = f"{_as_float(n) / total * 100:.1f}%"
+            out.append(
+                f'<tr><td>{_esc(op)}</td><td class="num">{_esc(format_bytes(_as_float(n)))}</td>'
+                f'<td class="num">{share}</td></tr>'
+            )
+        out.append("</tbody></table>")
+    config = html.escape(json.dumps(run.config, indent=2, sort_keys=True, default=str))
+    out.append(f"<details><summary>config.json</summary><pre>{config}</pre></details></section>")
+    return "\n".join(out)
+
+
+def _as_float(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) else math.nan
+
+
+_CSS = """
+body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #222;
+       max-width: 1200px; margin: 2em auto; padding: 0 1em; }
+h1 { margin-bottom: 0.2em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; }
+.muted { color: #777; font-size: 0.9em; }
+.warn { background: #fff4e0; border-left: 4px solid #f0a020; padding: 0.5em 0.8em; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.92em; }
+th, td { border: 1px solid #ddd; padding: 0.35em 0.6em; vertical-align: top; }
+th { background: #f3f3f3; text-align: left; white-space: nowrap; }
+tbody tr:nth-child(even) { background: #fafafa; }
+td.num { text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums; }
+td.best { background: #e6f4e6; }
+td.complete { color: #2a7a2a; } td.incomplete { color: #b06000; font-weight: bold; }
+.swatch { display: inline-block; width: 0.8em; height: 0.8em; border-radius: 2px;
+          margin-right: 0.4em; vertical-align: baseline; }
+figure { margin: 1.2em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.9em; }
+section.run { margin-bottom: 1.5em; }
+dl { display: grid; grid-template-columns: max-content auto; gap: 0.15em 1em; margin: 0.4em 0; }
+dt { color: #666; } dd { margin: 0; font-family: ui-monospace, Menlo, Consolas, monospace;
+                         font-size: 0.9em; word-break: break-all; }
+ul.warnings { color: #b06000; }
+pre { background: #f7f7f7; padding: 0.6em; overflow-x: auto; font-size: 0.85em; }
+"""

@@ -1,0 +1,208 @@
+"""The three comparison plots: loss against tokens, wall-clock time and bytes sent per worker.
+
+Each run gets one colour in every plot. Eval loss is drawn as markers joined by a line; train loss
+as a thin, lighter line of the same colour, smoothed with an EMA so a noisy run stays readable.
+Matplotlib is used through `Figure` directly (Agg canvas, no pyplot), so nothing here needs a
+display or touches global pyplot state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib import ticker
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from lowband.report.runs import RunData
+
+DPI = 120
+FIGSIZE = (8.0, 5.0)  # inches: 960 x 600 px at DPI
+
+
+@dataclass(frozen=True)
+class _Axis:
+    file: str
+    title: str
+    train_x: Callable[[RunData], np.ndarray]
+    eval_x: Callable[[RunData], np.ndarray]
+    log: bool = False
+
+
+AXES: dict[str, _Axis] = {
+    "tokens": _Axis(
+        "loss_vs_tokens.png",
+        "Loss vs tokens processed",
+        lambda r: r.tokens,
+        lambda r: r.eval_tokens,
+    ),
+    "wall": _Axis(
+        "loss_vs_wall.png",
+        "Loss vs wall-clock time",
+        lambda r: r.wall_time,
+        lambda r: r.eval_wall_time,
+    ),
+    "bytes": _Axis(
+        "loss_vs_bytes.png",
+        "Loss vs data sent per worker",
+        lambda r: r.bytes_sent,
+        lambda r: r.eval_bytes_sent,
+        log=True,
+    ),
+}
+
+
+def run_colours(n: int) -> list[tuple[float, float, float]]:
+    """`n` distinct colours, the same run getting the same colour in every plot."""
+    base = list(matplotlib.colormaps["tab10" if n <= 10 else "tab20"].colors)
+    return [base[i % len(base)] for i in range(n)]
+
+
+def ema(values: np.ndarray, weight: float | None = None) -> np.ndarray:
+    """Debiased exponential moving average (TensorBoard's smoothing) that skips non-finite values.
+
+    Debiasing keeps the first points at the data instead of pulling them toward 0. A NaN or inf
+    stays a gap in the output rather than poisoning every later point. With `weight=None` the
+    weight grows with the series length so ~1% of the points make one time constant.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if weight is None:
+        weight = float(np.clip(1.0 - 100.0 / max(len(values), 1), 0.0, 0.98))
+    out = np.full_like(values, np.nan)
+    acc = norm = 0.0
+    for i, v in enumerate(values):
+        if math.isfinite(v):
+            acc = weight * acc + (1.0 - weight) * v
+            norm = weight * norm + (1.0 - weight)
+            out[i] = acc / norm
+    return out
+
+
+def write_plots(runs: Sequence[RunData], out_dir: Path) -> dict[str, Path]:
+    """Write the three PNGs into `out_dir`; returns {"tokens"|"wall"|"bytes": path}."""
+    colours = run_colours(len(runs))
+    return {key: plot_loss(runs, key, out_dir / axis.file, colours) for key, axis in AXES.items()}
+
+
+def plot_loss(
+    runs: Sequence[RunData],
+    x: str,
+    out: Path,
+    colours: Sequence[tuple[float, float, float]] | None = None,
+) -> Path:
+    """Plot every run's loss against `x` ("tokens", "wall" or "bytes") into the PNG `out`."""
+    axis = AXES[x]
+    colours = colours if colours is not None else run_colours(len(runs))
+    scale, unit = _x_scale(x, runs, axis)
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+
+    handles, plotted_y = [], []
+    for run, colour in zip(runs, colours):
+        tx, ty = _finite_x(axis.train_x(run), ema(run.train_loss), axis.log)
+        ex, ey = _finite_x(axis.eval_x(run), run.eval_loss, axis.log)
+        ax.plot(tx / scale, ty, color=colour, lw=1.0, alpha=0.45, zorder=2)
+        marker_size = 5 if len(ex) <= 40 else 3
+        ax.plot(ex / scale, ey, "o-", color=colour, lw=1.8, ms=marker_size, zorder=3)
+        plotted_y += [ty, ey]
+        label = run.label + _label_note(run, tx.size + ex.size > 0)
+        if _diverged(run) and np.isfinite(ey).any():
+            last = np.flatnonzero(np.isfinite(ey))[-1]
+            ax.plot(ex[last] / scale, ey[last], "X", color=colour, ms=11, mec="black", zorder=4)
+        handles.append(Line2D([], [], color=colour, marker="o", lw=1.8, ms=5, label=label))
+
+    ax.set_title(axis.title, fontsize=13, fontweight="bold")
+    ax.set_xlabel(unit)
+    ax.set_ylabel("loss (cross-entropy, nats/token)")
+    ax.grid(True, which="major", alpha=0.35)
+    if axis.log:
+        ax.set_xscale("log")
+        ax.grid(True, which="minor", alpha=0.12)
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(_plain_number))
+        ax.xaxis.set_minor_formatter(
+            ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.5))
+        )
+    elif x == "tokens":
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(_si_count))
+    _set_ylim(ax, plotted_y)
+
+    # One legend, upper right: loss curves fall toward the lower right, so that corner stays
+    # clear. The last two entries explain the line styles.
+    handles += [
+        Line2D([], [], ls="none", label=" "),
+        Line2D([], [], color="0.3", marker="o", lw=1.8, ms=5, label="eval loss"),
+        Line2D([], [], color="0.3", lw=1.0, alpha=0.45, label="train loss (EMA)"),
+    ]
+    ax.legend(handles=handles, loc="upper right", fontsize=9, ncols=1 if len(runs) <= 8 else 2)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=DPI)
+    return out
+
+
+def _diverged(run: RunData) -> bool:
+    """The run's last logged loss (eval, else train) is NaN or inf."""
+    last = run.eval_loss if run.eval_loss.size else run.train_loss
+    return bool(last.size) and not math.isfinite(float(last[-1]))
+
+
+def _label_note(run: RunData, plotted: bool) -> str:
+    if not plotted:
+        return " (nothing to plot)"
+    if _diverged(run):
+        return " (diverged: X)"
+    return "" if run.complete else " (incomplete)"
+
+
+def _finite_x(x: np.ndarray, y: np.ndarray, log: bool) -> tuple[np.ndarray, np.ndarray]:
+    # Drop points without an x (and x <= 0 on a log axis, e.g. step 0 before any byte was sent);
+    # non-finite y stay in as NaN so matplotlib draws a gap where a run diverged.
+    keep = np.isfinite(x) & (x > 0 if log else True)
+    y = np.where(np.isfinite(y), y, np.nan)
+    return x[keep], y[keep]
+
+
+def _x_scale(x: str, runs: Sequence[RunData], axis: _Axis) -> tuple[float, str]:
+    """Divisor and axis label for `x`, the unit picked from the largest value of any run."""
+    biggest = max((float(np.nanmax(axis.train_x(r), initial=0.0)) for r in runs), default=0.0)
+    if x == "wall":
+        if biggest >= 2 * 3600:
+            return 3600.0, "wall-clock time (hours)"
+        if biggest >= 2 * 60:
+            return 60.0, "wall-clock time (minutes)"
+        return 1.0, "wall-clock time (seconds)"
+    if x == "bytes":
+        for divisor, name in ((1e9, "GB"), (1e6, "MB"), (1e3, "KB")):
+            if biggest >= divisor:
+                return divisor, f"data sent per worker ({name}, log scale)"
+        return 1.0, "data sent per worker (bytes, log scale)"
+    return 1.0, "tokens processed (all workers)"
+
+
+def _set_ylim(ax, ys: list[np.ndarray]) -> None:
+    # Loss falls fast at first: cap the top at the 98th percentile so the first few points don't
+    # squash the differences between runs near the end, which is what the comparison is about.
+    finite = np.concatenate([y[np.isfinite(y)] for y in ys]) if ys else np.array([])
+    if finite.size < 2:
+        return
+    lo, hi = float(finite.min()), float(np.percentile(finite, 98))
+    if hi <= lo:
+        return
+    pad = 0.05 * (hi - lo)
+    ax.set_ylim(lo - pad, hi + pad)
+
+
+def _si_count(value: float, _pos: int | None = None) -> str:
+    for divisor, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= divisor:
+            return f"{value / divisor:g}{suffix}"
+    return f"{value:g}"
+
+
+def _plain_number(value: float, _pos: int | None = None) -> str:
+    return f"{value:g}"

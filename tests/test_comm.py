@@ -1,0 +1,215 @@
+import math
+import time
+
+import pytest
+import torch
+
+from lowband.comm import Comm, CommStats, LinkSpec
+from lowband.comm import accounting as acc
+from lowband.errors import ConfigError
+from lowband.testing import run_ranks
+
+
+# -- link specs --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "spec, bw, lat, jit, loss",
+    [
+        ("100mbit:50ms", 100e6, 0.05, 0.0, 0.0),
+        ("1gbit:20ms", 1e9, 0.02, 0.0, 0.0),
+        ("10mbps:1s", 80e6, 1.0, 0.0, 0.0),
+        ("2.5gbit:0ms:5ms:0.5%", 2.5e9, 0.0, 0.005, 0.005),
+        ("500kbit:300us:1%", 500e3, 300e-6, 0.0, 0.01),
+    ],
+)
+def test_link_parse(spec, bw, lat, jit, loss):
+    link = LinkSpec.parse(spec)
+    assert link.bandwidth_bps == pytest.approx(bw)
+    assert link.latency_s == pytest.approx(lat)
+    assert link.jitter_s == pytest.approx(jit)
+    assert link.loss == pytest.approx(loss)
+    assert LinkSpec.parse(str(link)) == link
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "100",
+        "100mbit",
+        "fast:50ms",
+        "100mbit:50",
+        "-1mbit:5ms",
+        "100mbit:5ms:x:y:z",
+        "1gbit:1ms:150%",
+        "0mbit:1ms",
+    ],
+)
+def test_link_parse_rejects(spec):
+    with pytest.raises(ConfigError, match="malformed --link"):
+        LinkSpec.parse(spec)
+
+
+def test_link_none():
+    assert LinkSpec.parse(None) is None and LinkSpec.parse("none") is None
+
+
+def test_link_ideal_time():
+    link = LinkSpec.parse("100mbit:50ms")
+    assert link.ideal_time(12_500_000, 2) == pytest.approx(0.1 + 1.0)
+
+
+# -- byte formulas -------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+@pytest.mark.parametrize("numel", [1, 7, 12, 1000, 1001])
+def test_all_reduce_bytes_match_a_ring_simulation(n, numel):
+    """Simulate the ring chunk by chunk and compare with the closed form."""
+    chunks = acc.chunk_sizes(numel, n)
+    sent = [0] * n
+    recv = [0] * n
+    for phase_offset in (0, 1):  # reduce-scatter, then all-gather
+        for k in range(n - 1):
+            for r in range(n):
+                c = chunks[(r + phase_offset - k) % n]
+                sent[r] += c * 4
+                recv[(r + 1) % n] += c * 4
+    for r in range(n):
+        t = acc.all_reduce_traffic(numel, 4, r, n)
+        assert (t.sent, t.recv) == (sent[r], recv[r])
+    if numel % n == 0:
+        assert acc.all_reduce_traffic(numel, 4, 0, n).sent == 2 * (n - 1) * numel * 4 // n
+
+
+def test_world_of_one_moves_nothing():
+    comm = Comm(None)
+    t = torch.arange(10.0)
+    comm.all_reduce(t, op="avg")
+    comm.broadcast(t)
+    assert torch.equal(t, torch.arange(10.0))
+    assert comm.stats.bytes_sent == 0 and comm.stats.bytes_recv == 0
+
+
+# -- real collectives on Gloo, counted -------------------------------------------------------------
+def _ring_by_hand(comm: Comm, x: torch.Tensor) -> torch.Tensor:
+    """A textbook ring all-reduce out of send/recv: its p2p bytes are exactly the tensor sizes moved."""
+    n, r = comm.size, comm.rank
+    chunks = list(torch.tensor_split(x.clone(), n))
+    for k in range(n - 1):  # reduce-scatter
+        s, d = (r - k) % n, (r - k - 1) % n
+        buf = torch.empty_like(chunks[d])
+        w = comm.send(chunks[s], (r + 1) % n, async_op=True)
+        comm.recv(buf, (r - 1) % n)
+        w.wait()
+        chunks[d] += buf
+    for k in range(n - 1):  # all-gather
+        s, d = (r + 1 - k) % n, (r - k) % n
+        buf = torch.empty_like(chunks[d])
+        w = comm.send(chunks[s], (r + 1) % n, async_op=True)
+        comm.recv(buf, (r - 1) % n)
+        w.wait()
+        chunks[d] = buf
+    return torch.cat(chunks)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_all_reduce_counts_equal_a_hand_made_ring(n):
+    numel = 1003
+
+    def body(comm: Comm):
+        x = torch.randn(numel, generator=torch.Generator().manual_seed(comm.rank))
+        y = x.clone()
+        comm.all_reduce(y)
+        native = (comm.stats.ops["all_reduce"].bytes_sent, comm.stats.ops["all_reduce"].bytes_recv)
+        z = _ring_by_hand(comm, x)
+        ring = (comm.stats.ops["send"].bytes_sent, comm.stats.ops["recv"].bytes_recv)
+        return y, z, native, ring
+
+    out = run_ranks(n, body)
+    expected = sum(torch.randn(numel, generator=torch.Generator().manual_seed(r)) for r in range(n))
+    for y, z, native, ring in out:
+        torch.testing.assert_close(y, expected)
+        torch.testing.assert_close(z, expected)
+        assert native == ring
+
+
+def test_collectives_results_and_counts():
+    n = 4
+
+    def body(comm: Comm):
+        r = comm.rank
+        a = torch.full((8,), float(r))
+        comm.all_reduce(a, op="avg")
+        b = torch.full((6,), float(r))
+        comm.broadcast(b, src=2)
+        g = [torch.empty(3) for _ in range(n)]
+        comm.all_gather(g, torch.full((3,), float(r)))
+        x = torch.arange(8.0) + 100 * r
+        y = torch.empty(8)
+        comm.all_to_all(y, x)
+        comm.barrier()
+        return a, b, g, y, comm.stats.by_op()
+
+    for r, (a, b, g, y, ops) in enumerate(run_ranks(n, body)):
+        assert torch.allclose(a, torch.full((8,), 1.5))
+        assert torch.equal(b, torch.full((6,), 2.0))
+        assert [t[0].item() for t in g] == [0.0, 1.0, 2.0, 3.0]
+        assert torch.equal(
+            y, torch.tensor([2 * r + 100.0 * j + i for j in range(n) for i in range(2)])
+        )
+        assert ops["all_reduce"]["bytes_sent"] == 2 * 3 * 8 * 4 // 4
+        position = (r - 2) % n
+        assert ops["broadcast"]["bytes_sent"] == (24 if position < 3 else 0)
+        assert ops["broadcast"]["bytes_recv"] == (24 if position > 0 else 0)
+        assert ops["all_gather"]["bytes_sent"] == ops["all_gather"]["bytes_recv"] == 3 * 3 * 4
+        assert ops["all_to_all"]["bytes_sent"] == ops["all_to_all"]["bytes_recv"] == 6 * 4
+        assert ops["barrier"]["bytes_sent"] == 0
+
+
+def test_emulated_link_25mb_all_reduce_within_15_percent():
+    """Issue #2: a 25 MB all-reduce at 100mbit:0ms takes within +-15% of the model's prediction."""
+    link = LinkSpec.parse("100mbit:0ms")
+    numel = 25_000_000 // 4
+
+    def body(comm: Comm):
+        x = torch.ones(numel)
+        comm.barrier()
+        t0 = time.perf_counter()
+        comm.all_reduce(x)
+        return time.perf_counter() - t0, x[0].item()
+
+    n = 2
+    predicted = link.ideal_time(acc.all_reduce_traffic(numel, 4, 0, n).critical_bytes, 2 * (n - 1))
+    assert predicted == pytest.approx(2.0)
+    for seconds, v in run_ranks(n, body, link=link):
+        assert v == n
+        assert abs(seconds - predicted) / predicted < 0.15, (seconds, predicted)
+
+
+def test_async_work_overlaps_and_queues_on_the_link():
+    """An async op's link time runs in the background; two ops queue on one uplink."""
+    link = LinkSpec.parse("1gbit:100ms")
+
+    def body(comm: Comm):
+        comm.barrier()
+        x, y = torch.ones(10), torch.ones(10)
+        t0 = time.perf_counter()
+        w1 = comm.all_reduce(x, async_op=True)
+        issue = time.perf_counter() - t0
+        time.sleep(0.15)  # "compute" while the first op is on the wire (its emulated time is 0.2 s)
+        w1.wait()
+        first = time.perf_counter() - t0
+        w2 = comm.all_reduce(y, async_op=True)
+        w2.wait()
+        both = time.perf_counter() - t0
+        return issue, first, both
+
+    for issue, first, both in run_ranks(2, body, link=link):
+        assert issue < 0.05
+        assert 0.18 < first < 0.3  # 0.2 s, not 0.15 + 0.2
+        assert 0.38 < both < 0.55
+
+
+def test_stats_state_roundtrip():
+    s = CommStats()
+    s.add("all_reduce", acc.Traffic(10, 20, 10, 2), 0.5)
+    t = CommStats()
+    t.load_state_dict(s.state_dict())
+    assert t.by_op() == s.by_op() and t.bytes_sent == 10 and math.isclose(t.seconds, 0.5)
