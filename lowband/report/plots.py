@@ -23,6 +23,7 @@ from lowband.report.runs import RunData
 
 DPI = 120
 FIGSIZE = (8.0, 5.0)  # inches: 960 x 600 px at DPI
+MAX_TRAIN_POINTS = 2000
 
 
 @dataclass(frozen=True)
@@ -105,12 +106,16 @@ def plot_loss(
     handles, plotted_y = [], []
     for run, colour in zip(runs, colours):
         tx, ty = _finite_x(axis.train_x(run), ema(run.train_loss), axis.log)
+        # After smoothing, ~2000 points are more than the 960 px width can show; fewer points
+        # keep the PNG small and legend placement ("best") fast on long runs.
+        stride = max(1, len(tx) // MAX_TRAIN_POINTS)
+        tx, ty = tx[::stride], ty[::stride]
         ex, ey = _finite_x(axis.eval_x(run), run.eval_loss, axis.log)
         ax.plot(tx / scale, ty, color=colour, lw=1.0, alpha=0.45, zorder=2)
         marker_size = 5 if len(ex) <= 40 else 3
         ax.plot(ex / scale, ey, "o-", color=colour, lw=1.8, ms=marker_size, zorder=3)
         plotted_y += [ty, ey]
-        label = run.label + _label_note(run, tx.size + ex.size > 0)
+        label = run.label + _label_note(run, tx.size + ex.size > 0, axis.log)
         if _diverged(run) and np.isfinite(ey).any():
             last = np.flatnonzero(np.isfinite(ey))[-1]
             ax.plot(ex[last] / scale, ey[last], "X", color=colour, ms=11, mec="black", zorder=4)
@@ -131,14 +136,17 @@ def plot_loss(
         ax.xaxis.set_major_formatter(ticker.FuncFormatter(_si_count))
     _set_ylim(ax, plotted_y)
 
-    # One legend, upper right: loss curves fall toward the lower right, so that corner stays
-    # clear. The last two entries explain the line styles.
+    # One legend; its last two entries explain the line styles.
     handles += [
         Line2D([], [], ls="none", label=" "),
         Line2D([], [], color="0.3", marker="o", lw=1.8, ms=5, label="eval loss"),
         Line2D([], [], color="0.3", lw=1.0, alpha=0.45, label="train loss (EMA)"),
     ]
-    ax.legend(handles=handles, loc="upper right", fontsize=9, ncols=1 if len(runs) <= 8 else 2)
+    if len(runs) <= 6:
+        ax.legend(handles=handles, loc="best", fontsize=9)
+    else:  # too many entries to sit on the data: put the legend beside the plot
+        fig.set_size_inches(FIGSIZE[0] + 2.5, FIGSIZE[1])
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=DPI)
@@ -151,9 +159,11 @@ def _diverged(run: RunData) -> bool:
     return bool(last.size) and not math.isfinite(float(last[-1]))
 
 
-def _label_note(run: RunData, plotted: bool) -> str:
+def _label_note(run: RunData, plotted: bool, log: bool) -> str:
     if not plotted:
-        return " (nothing to plot)"
+        return (
+            " (sent no bytes)" if log and not np.nanmax(run.bytes_sent, initial=0) else " (no data)"
+        )
     if _diverged(run):
         return " (diverged: X)"
     return "" if run.complete else " (incomplete)"
