@@ -65,6 +65,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _shutdown() -> None:
+    # Tearing down a Gloo group while a peer is still inside its last collective can abort the
+    # process ("terminate called without an active exception"): meet at a barrier first.
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _worker_main(rank, world, port, cfg_dict, run_path, resume, device_kind, errors) -> None:
     cfg = TrainConfig.from_dict(cfg_dict)
     torch.set_num_threads(cfg.threads)
@@ -84,12 +91,13 @@ def _worker_main(rank, world, port, cfg_dict, run_path, resume, device_kind, err
         )
         comm = Comm(dist.group.WORLD, LinkSpec.parse(cfg.link), seed=cfg.seed)
         train_worker(cfg, comm, RunDir(run_path), device, resume=resume)
-        dist.destroy_process_group()
+        _shutdown()
     except LowbandError as e:
         errors.put((rank, 2, str(e)))
         sys.exit(2)
-    except Exception as e:  # noqa: BLE001 - a bug or a lost peer: keep the traceback for the log
-        traceback.print_exc()
+    except Exception as e:  # noqa: BLE001 - a bug or a lost peer
+        if not _lost_peer(e):  # a peer's death is reported by the parent; a bug keeps its traceback
+            traceback.print_exc()
         errors.put((rank, 1, f"{type(e).__name__}: {e}".splitlines()[0]))
         sys.exit(1)
 
@@ -115,12 +123,15 @@ def launch_local(cfg: TrainConfig, run: RunDir, resume: bool) -> None:
     ]
     for p in procs:
         p.start()
+    first_failed: list[tuple[int, int]] = []  # the workers found dead first: the root cause
     try:
         while any(p.is_alive() for p in procs):
-            failed = [(r, p) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-            if failed:
+            first_failed = [
+                (r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)
+            ]
+            if first_failed:
                 break
-            time.sleep(0.1)
+            time.sleep(0.05)
         for p in procs:
             p.join(timeout=2.0)
     finally:
@@ -131,22 +142,31 @@ def launch_local(cfg: TrainConfig, run: RunDir, resume: bool) -> None:
             p.join(timeout=5.0)
             if p.is_alive():
                 p.kill()
-    failed = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (0, None)]
-    if failed:
-        messages = {}
-        try:
-            while True:
-                r, code, msg = errors.get(timeout=0.2)
-                messages[r] = (code, msg)
-        except queue.Empty:
-            pass
-        # Report the root cause: a worker's own error rather than a peer's "connection closed".
-        for r, (code, msg) in sorted(messages.items(), key=lambda kv: -kv[1][0]):
-            if code == 2:
-                raise WorkerFailed(r, 2, msg)
-        r, code = failed[0]
-        detail = messages.get(r, (code, f"exit code {code}"))[1]
-        raise WorkerFailed(r, 1, f"worker {r} failed: {detail}")
+    failed = first_failed or [
+        (r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (0, None)
+    ]
+    if not failed:
+        return
+    messages: dict[int, tuple[int, str]] = {}
+    try:
+        while True:
+            r, code, msg = errors.get(timeout=0.2)
+            messages[r] = (code, msg)
+    except queue.Empty:
+        pass
+    for r, (code, msg) in sorted(messages.items()):
+        if code == 2:  # bad input found inside a worker: report it as such
+            raise WorkerFailed(r, 2, msg)
+    r, code = failed[0]
+    detail = messages[r][1] if r in messages else f"exited with code {code}"
+    raise WorkerFailed(r, 1, f"worker {r} failed ({detail}); the other workers were stopped")
+
+
+def _lost_peer(e: Exception) -> bool:
+    text = str(e)
+    return isinstance(e, RuntimeError) and (
+        "Connection reset" in text or "Connection closed" in text
+    )
 
 
 def launch_torchrun(cfg: TrainConfig, run_path: Path, resume: bool) -> None:
@@ -161,4 +181,4 @@ def launch_torchrun(cfg: TrainConfig, run_path: Path, resume: bool) -> None:
     comm = Comm(dist.group.WORLD, LinkSpec.parse(cfg.link), seed=cfg.seed)
     run = RunDir(run_path)
     train_worker(cfg, comm, run, device, resume=resume)
-    dist.destroy_process_group()
+    _shutdown()
