@@ -98,7 +98,7 @@ def _check_payload(codec: Codec, payload: Tensor, numel: int) -> None:
 
 def _view_as(payload: Tensor, dtype: torch.dtype) -> Tensor:
     """View a uint8 byte range as `dtype`, copying only if its offset is misaligned for dtype."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if payload.storage_offset() % itemsize or not payload.is_contiguous():
         payload = payload.clone(memory_format=torch.contiguous_format)
     return payload.view(dtype)
@@ -208,7 +208,7 @@ class BlockwiseIntCodec:
         _, step = self._steps(xb)
         safe = torch.where(step > 0, step, 1.0)  # all-zero block (or underflowed step): q = 0
         q = torch.round(xb / safe[:, None]).clamp_(-self.qmax, self.qmax).reshape(-1)[:n]
-        payload = torch.empty(self.payload_bytes(n), dtype=torch.uint8)
+        payload = torch.empty(self.payload_bytes(n), dtype=torch.uint8, device=x.device)
         split = self._STEP_BYTES * nb
         payload[:split] = step.view(torch.uint8)
         if self.bits == 8:
