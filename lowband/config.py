@@ -75,7 +75,7 @@ class TrainConfig:
     log_every: int = 5
     """Write a metrics line every this many steps (and at every evaluation)."""
     ckpt_every: int = 100
-    """Checkpoint every this many steps (and at the last step); 0 checkpoints only at the end."""
+    """Checkpoint every this many steps (and at the last step); 0 checkpoints only at the end, -1 never (benchmarks)."""
     keep_checkpoints: int = 2
     """How many recent checkpoints to keep."""
 
