@@ -10,7 +10,7 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi -L | tee "$OUT/gpus.txt"
 python3 -c "import torch, rich, numpy; print('torch', torch.__version__, 'gpus', torch.cuda.device_count())"
 # smoke test: 2 GPUs, NCCL, a few steps of the 1m preset
-python3 -m lowband.cli train --workers 2 --device cuda --steps 6 --eval-every 3 --out /tmp/smoke 2>&1 | tail -3 || exit 1
+python3 -m lowband.cli train --workers 2 --device cuda --steps 6 --eval-every 3 --out /tmp/smoke-$$-$RANDOM 2>&1 | tail -3 || exit 1
 for step in "$@"; do
   echo "== $step"
   eval "$step" 2>&1 | tee -a "$OUT/bench.log"

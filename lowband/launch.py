@@ -89,7 +89,7 @@ def _worker_main(rank, world, port, cfg_dict, run_path, resume, device_kind, err
             timeout=_TIMEOUT,
             **({"device_id": device} if device_kind == "cuda" else {}),
         )
-        comm = Comm(dist.group.WORLD, LinkSpec.parse(cfg.link), seed=cfg.seed)
+        comm = Comm(dist.group.WORLD, LinkSpec.parse(cfg.link), seed=cfg.seed, device=device)
         train_worker(cfg, comm, RunDir(run_path), device, resume=resume)
         _shutdown()
     except LowbandError as e:
@@ -178,7 +178,7 @@ def launch_torchrun(cfg: TrainConfig, run_path: Path, resume: bool) -> None:
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     torch.set_num_threads(cfg.threads)
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=_TIMEOUT)
-    comm = Comm(dist.group.WORLD, LinkSpec.parse(cfg.link), seed=cfg.seed)
+    comm = Comm(dist.group.WORLD, LinkSpec.parse(cfg.link), seed=cfg.seed, device=device)
     run = RunDir(run_path)
     train_worker(cfg, comm, run, device, resume=resume)
     _shutdown()

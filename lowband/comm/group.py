@@ -102,8 +102,11 @@ class Comm:
         *,
         stats: CommStats | None = None,
         seed: int = 0,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.group = group
+        self.device = torch.device(device)
+        """Where this group's tensors must live (cuda for NCCL): small control tensors are made here."""
         self.link = link
         self.stats = stats if stats is not None else CommStats()
         self.rank = group.rank() if group is not None else 0

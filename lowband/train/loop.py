@@ -231,11 +231,12 @@ def _summarise(
             wall_time,
         ],
         dtype=torch.float64,
+        device=comm.device,
     )
     rows = [torch.empty_like(mine) for _ in range(comm.size)]
     by_op = comm.stats.by_op()
     comm.all_gather(rows, mine)
-    table = torch.stack(rows)
+    table = torch.stack(rows).cpu()
     summary = {
         "final_eval_loss": eval_loss,
         "final_train_loss": loss_value,
