@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -117,6 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if hasattr(args, f.name)
     }
     torchrun = under_torchrun()
+    rank0 = not torchrun or os.environ.get("RANK") == "0"
     if args.resume:
         if args.out and Path(args.out) != Path(args.resume):
             raise ConfigError("--resume continues a run in its own folder; drop --out")
@@ -139,8 +141,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = TrainConfig(**given)
         run = RunDir(args.out or default_run_name(cfg))
     if torchrun:
-        import os
-
         cfg = dataclasses.replace(cfg, workers=int(os.environ["WORLD_SIZE"]))
     validate(cfg)
     world = cfg.workers
@@ -158,7 +158,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
             return 0
         print(f"resuming {run.path} from step {ckpts[-1].step}", file=sys.stderr)
-    elif not torchrun or int(__import__("os").environ.get("RANK", 0)) == 0:
+    elif rank0:
         run.create(cfg)
 
     t0 = time.perf_counter()
@@ -166,7 +166,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         launch_torchrun(cfg, run.path, bool(args.resume))
     else:
         launch_local(cfg, run, bool(args.resume))
-    _print_summary(run, time.perf_counter() - t0)
+    if rank0:
+        _print_summary(run, time.perf_counter() - t0)
     return 0
 
 

@@ -231,3 +231,17 @@ def test_real_cli_prints_no_traceback(tmp_path):
     assert (
         r.stderr.count("\n") == 1 and "malformed --link" in r.stderr and "Traceback" not in r.stderr
     )
+
+
+def test_under_torchrun_the_rendezvous_comes_from_the_environment(tmp_path):
+    out = tmp_path / "tr"
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "lowband.cli", "train",
+         "--out", str(out), *FAST],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr.count("run folder:") == 1  # only rank 0 speaks
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["backend"] == "gloo"
+    assert metrics(out, 0)[-1]["eval_loss"] == metrics(out, 1)[-1]["eval_loss"]
