@@ -41,7 +41,11 @@ def steady_state(run: Path, skip_fraction: float = 0.2) -> dict:
     """
     lines = [json.loads(x) for x in (run / "metrics" / "rank0.jsonl").read_text().splitlines()]
     last_step = lines[-1]["step"]
-    window = [m for m in lines if m["step"] >= skip_fraction * last_step and m["step"] < last_step and "eval_loss" not in m]
+    window = [
+        m
+        for m in lines
+        if m["step"] >= skip_fraction * last_step and m["step"] < last_step and "eval_loss" not in m
+    ]
     a, b = window[0], window[-1]
     steps = b["step"] - a["step"]
     wall = b["wall_time"] - a["wall_time"]

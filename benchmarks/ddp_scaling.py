@@ -29,9 +29,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--link-at-max", default=None, help="also run the largest worker count behind this link")
-    p.add_argument("--link-steps", type=int, default=None, help="steps of the linked run (default: --steps)")
-    p.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    p.add_argument(
+        "--link-at-max", default=None, help="also run the largest worker count behind this link"
+    )
+    p.add_argument(
+        "--link-steps", type=int, default=None, help="steps of the linked run (default: --steps)"
+    )
+    p.add_argument(
+        "--append", action="store_true", help="append the table to benchmarks/RESULTS.md"
+    )
     args = p.parse_args()
 
     counts = [int(x) for x in args.workers.split(",")]

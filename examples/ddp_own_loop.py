@@ -31,6 +31,8 @@ with lowband.DDP(model, opt, comm):
         opt.zero_grad()
 if comm.rank == 0:
     s = comm.stats
-    print(f"20 steps in {time.perf_counter() - t0:.1f}s; sent {s.bytes_sent / 1e6:.1f} MB, blocked on comm {s.seconds:.1f}s")
+    print(
+        f"20 steps in {time.perf_counter() - t0:.1f}s; sent {s.bytes_sent / 1e6:.1f} MB, blocked on comm {s.seconds:.1f}s"
+    )
     print(s.by_op())
 dist.destroy_process_group()

@@ -1,9 +1,9 @@
 """lowband: training when the network is the bottleneck.
 
-    import lowband
-    comm = lowband.Comm(process_group, lowband.LinkSpec.parse("100mbit:50ms"))
-    with lowband.DDP(model, optimizer, comm) as algo:
-        ...  # your own loop: loss.backward(); optimizer.step()
+import lowband
+comm = lowband.Comm(process_group, lowband.LinkSpec.parse("100mbit:50ms"))
+with lowband.DDP(model, optimizer, comm) as algo:
+    ...  # your own loop: loss.backward(); optimizer.step()
 """
 
 __version__ = "0.1.0"

@@ -74,7 +74,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.tokens is not None and cfg.tokens < 1:
         raise ConfigError(f"--tokens must be at least 1, got {cfg.tokens}")
     if cfg.ckpt_every < -1:
-        raise ConfigError(f"--ckpt-every must be -1 (never), 0 (at the end) or more, got {cfg.ckpt_every}")
+        raise ConfigError(
+            f"--ckpt-every must be -1 (never), 0 (at the end) or more, got {cfg.ckpt_every}"
+        )
     if cfg.schedule not in ("cosine", "linear", "constant"):
         raise ConfigError(f"unknown --schedule {cfg.schedule!r}; choose cosine, linear or constant")
     if cfg.lr is not None and not cfg.lr > 0:

@@ -23,7 +23,7 @@ class TrainConfig:
 
     # -- what to train --------------------------------------------------------------------------
     algo: str = "ddp"
-    """Training algorithm: ddp (synchronous data parallel, the baseline)."""
+    """Training algorithm: ddp (synchronous data parallel, the baseline), diloco, streaming-diloco."""
     model: str = "1m"
     """Model preset of the Llama-style decoder: 1m, 10m, 125m, 350m, 1b (see `lowband models`)."""
     data: str = "stdlib"
@@ -66,6 +66,22 @@ class TrainConfig:
     """CPU threads per worker process."""
     bucket_mb: float = 25.0
     """DDP: gradients are all-reduced in buckets of at most this many megabytes."""
+
+    # -- DiLoCo and Streaming DiLoCo ------------------------------------------------------------
+    sync_every: int = 50
+    """DiLoCo: inner steps between outer steps (H)."""
+    fragments: int | None = None
+    """Streaming DiLoCo: fragments P, synchronised one every H/P steps (default 4)."""
+    overlap: int | None = None
+    """Streaming DiLoCo: a fragment's reduction starts this many inner steps before it is needed and runs while training goes on (tau, default 1)."""
+    mix: float = 0.5
+    """Streaming DiLoCo: weight alpha of the local parameters when an overlapped fragment lands (0 replaces them)."""
+    outer_lr: float = 0.7
+    """DiLoCo: learning rate of the outer Nesterov SGD."""
+    outer_momentum: float = 0.9
+    """DiLoCo: momentum of the outer Nesterov SGD."""
+    bits: int | None = None
+    """DiLoCo: bits per value of the outer gradients on the wire: 32, 16 (bf16), 8 or 4 (blockwise int). Default 32 for diloco, 4 for streaming-diloco."""
 
     # -- evaluation, logging, checkpoints -------------------------------------------------------
     eval_every: int = 50

@@ -20,6 +20,7 @@ link model turns them into seconds (lowband.comm.link).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 
@@ -102,6 +103,8 @@ class OpStats:
     bytes_recv: int = 0
     seconds: float = 0.0
     """Time the caller was blocked in this operation (issue plus wait): exposed communication."""
+    background_seconds: float = 0.0
+    """Time spent in this operation by a background thread while training went on (overlapped)."""
 
 
 @dataclass
@@ -110,13 +113,26 @@ class CommStats:
 
     ops: dict[str, OpStats] = field(default_factory=dict)
 
-    def add(self, op: str, traffic: Traffic | None = None, seconds: float = 0.0) -> None:
-        s = self.ops.setdefault(op, OpStats())
-        if traffic is not None:
-            s.calls += 1
-            s.bytes_sent += traffic.sent
-            s.bytes_recv += traffic.recv
-        s.seconds += seconds
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()  # a background thread may count while the loop counts
+
+    def add(
+        self,
+        op: str,
+        traffic: Traffic | None = None,
+        seconds: float = 0.0,
+        background: bool = False,
+    ) -> None:
+        with self._lock:
+            s = self.ops.setdefault(op, OpStats())
+            if traffic is not None:
+                s.calls += 1
+                s.bytes_sent += traffic.sent
+                s.bytes_recv += traffic.recv
+            if background:
+                s.background_seconds += seconds
+            else:
+                s.seconds += seconds
 
     @property
     def bytes_sent(self) -> int:
@@ -130,24 +146,35 @@ class CommStats:
     def seconds(self) -> float:
         return sum(s.seconds for s in self.ops.values())
 
+    @property
+    def background_seconds(self) -> float:
+        return sum(s.background_seconds for s in self.ops.values())
+
     def by_op(self) -> dict[str, dict[str, float]]:
-        return {
-            k: {
-                "calls": v.calls,
-                "bytes_sent": v.bytes_sent,
-                "bytes_recv": v.bytes_recv,
-                "seconds": v.seconds,
+        with self._lock:
+            return {
+                k: {
+                    "calls": v.calls,
+                    "bytes_sent": v.bytes_sent,
+                    "bytes_recv": v.bytes_recv,
+                    "seconds": v.seconds,
+                    "background_seconds": v.background_seconds,
+                }
+                for k, v in sorted(self.ops.items())
             }
-            for k, v in sorted(self.ops.items())
-        }
 
     def state_dict(self) -> dict:
         return {"ops": self.by_op()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.ops = {
-            k: OpStats(
-                int(v["calls"]), int(v["bytes_sent"]), int(v["bytes_recv"]), float(v["seconds"])
-            )
-            for k, v in state["ops"].items()
-        }
+        with self._lock:
+            self.ops = {
+                k: OpStats(
+                    int(v["calls"]),
+                    int(v["bytes_sent"]),
+                    int(v["bytes_recv"]),
+                    float(v["seconds"]),
+                    float(v.get("background_seconds", 0.0)),
+                )
+                for k, v in state["ops"].items()
+            }

@@ -20,7 +20,9 @@ included as well (a few ms on loopback, small next to a wide-area link).
 
 from __future__ import annotations
 
+import contextlib
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -80,7 +82,9 @@ class Work:
         if self._finish is not None:
             self._finish()
         self._done = True
-        self._comm.stats.add(self._op, seconds=time.perf_counter() - t0)
+        self._comm.stats.add(
+            self._op, seconds=time.perf_counter() - t0, background=self._comm.in_background
+        )
 
 
 class _DoneWork:
@@ -113,6 +117,22 @@ class Comm:
         self.size = group.size() if group is not None else 1
         self._rng = random.Random(seed * 100_003 + self.rank)
         self._link_free = 0.0
+        self._thread_state = threading.local()
+
+    # -- background threads -------------------------------------------------------------------
+    @property
+    def in_background(self) -> bool:
+        return getattr(self._thread_state, "background", False)
+
+    @contextlib.contextmanager
+    def background(self):
+        """Mark this thread's operations as overlapped: their time is counted as background time,
+        not as the exposed communication time the training loop subtracts from compute."""
+        self._thread_state.background = True
+        try:
+            yield self
+        finally:
+            self._thread_state.background = False
 
     # -- emulated link ------------------------------------------------------------------------
     def _sleep_for_link(self, t_done: float, traffic: Traffic) -> None:
@@ -131,7 +151,7 @@ class Comm:
     ) -> Work:
         t0 = time.perf_counter()
         works = launch() if self.size > 1 else [_DoneWork()]
-        self.stats.add(op, traffic, seconds=time.perf_counter() - t0)
+        self.stats.add(op, traffic, seconds=time.perf_counter() - t0, background=self.in_background)
         work = Work(self, op, works, traffic, finish)
         if not async_op:
             work.wait()

@@ -195,7 +195,9 @@ def train_worker(
                 if do_eval:
                     record["eval_loss"] = eval_loss
                 metrics.write(record)
-            if cfg.ckpt_every >= 0 and (last or (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0)):
+            if cfg.ckpt_every >= 0 and (
+                last or (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0)
+            ):
                 checkpoint.save(run, step, rank, world, fp, checkpoint_state())
                 if rank == 0:
                     run.prune_checkpoints(cfg.keep_checkpoints)
