@@ -23,7 +23,7 @@ gen = torch.Generator().manual_seed(comm.rank)  # each worker its own data
 
 t0 = time.perf_counter()
 with lowband.DDP(model, opt, comm):
-    for step in range(20):
+    for _ in range(20):
         tokens = torch.randint(0, 256, (8, 65), generator=gen)
         loss = model.loss(tokens[:, :-1], tokens[:, 1:])
         loss.backward()

@@ -208,6 +208,8 @@ def train_worker(
                 loss=loss_value,
                 mb_sent=comm.stats.bytes_sent / 1e6,
                 eval_loss=eval_loss,
+                exposed_comm_s=comm.stats.seconds,
+                extra=algo.metrics(),
             )
             if rank == fail_rank and step == fail_step:
                 metrics.close()

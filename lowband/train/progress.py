@@ -53,6 +53,8 @@ class ProgressBar:
         loss: float,
         mb_sent: float,
         eval_loss: float | None,
+        exposed_comm_s: float = 0.0,
+        extra: dict | None = None,
     ) -> None:
         if not self.enabled:
             return
@@ -60,6 +62,12 @@ class ProgressBar:
         if eval_loss is not None:
             stats += f"  eval {eval_loss:.3f}"
         stats += f"  sent {mb_sent:,.1f} MB"
+        stats += f"  comm {exposed_comm_s:,.1f}s"
+        extra = extra or {}
+        if "outer_step" in extra:
+            stats += f"  outer {extra['outer_step']}"
+        if extra.get("peak_sync_bytes"):
+            stats += f"  peak/sync {extra['peak_sync_bytes'] / 1e6:,.2f} MB"
         if self._progress is not None:
             self._progress.update(self._task, completed=step, stats=stats)
         elif step >= self._next_print or step == self.total:
