@@ -202,19 +202,54 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_LINK = "1gbit:25ms"
+DEMO_STEPS = 240
+DEMO_RUNS = {
+    "ddp": [],
+    "diloco": ["--algo", "diloco", "--sync-every", "40"],
+    "streaming-diloco": [
+        "--algo", "streaming-diloco", "--sync-every", "40", "--fragments", "4", "--overlap", "3", "--bits", "4",
+    ],
+}  # fmt: skip
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job with defaults, then its report."""
+    """DDP vs DiLoCo vs Streaming DiLoCo on 4 workers over an emulated link, then one report."""
     from lowband.report import write_report
 
-    out = args.out or time.strftime("runs/demo-%Y%m%d-%H%M%S")
-    ns = argparse.Namespace(resume=None, out=out)
+    root = Path(args.out or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
+    if root.exists() and any(root.iterdir()):
+        raise RunDirError(f"{root} already holds a demo; choose another --out")
+    parser = build_parser()
     print(
-        f"lowband demo: training the default model on {TrainConfig().workers} workers -> {out}",
+        f"lowband demo: DDP vs DiLoCo vs Streaming DiLoCo, {TrainConfig().workers} workers, "
+        f"{DEMO_STEPS} steps each, emulated link {DEMO_LINK} -> {root}",
         file=sys.stderr,
     )
-    cmd_train(ns)
-    index = write_report([out], Path(out) / "report", title="lowband demo")
-    print(f"report: {index}")
+    runs = []
+    for name, flags in DEMO_RUNS.items():
+        out = root / name
+        print(f"\n[{len(runs) + 1}/{len(DEMO_RUNS)}] {name}", file=sys.stderr)
+        argv = [
+            "train",
+            "--out",
+            str(out),
+            "--link",
+            DEMO_LINK,
+            "--steps",
+            str(DEMO_STEPS),
+            "--eval-every",
+            "40",
+            *flags,
+        ]
+        cmd_train(parser.parse_args(argv))
+        runs.append(out)
+    index = write_report(
+        runs,
+        root / "report",
+        title=f"lowband demo: DDP vs DiLoCo vs Streaming DiLoCo over {DEMO_LINK}",
+    )
+    print(f"\nreport: {index}")
     return 0
 
 
@@ -254,8 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--title", default=None, help="report title")
     r.set_defaults(fn=cmd_report)
 
-    d = sub.add_parser("demo", help="what `make demo` runs: the default job and its report")
-    d.add_argument("--out", help="run folder (default: runs/demo-TIMESTAMP)")
+    d = sub.add_parser(
+        "demo",
+        help="what `make demo` runs: DDP vs DiLoCo vs Streaming DiLoCo over an emulated link, and the report",
+    )
+    d.add_argument(
+        "--out",
+        help="demo folder (default: runs/demo-TIMESTAMP), one run folder per algorithm inside",
+    )
     d.set_defaults(fn=cmd_demo)
 
     m = sub.add_parser("models", help="list the model presets")

@@ -18,12 +18,48 @@ or let the context manager install them as optimizer step hooks:
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from lowband.comm import Comm
+
+
+def parameter_digest(tensors: list[torch.Tensor]) -> int:
+    """A 63-bit digest of the tensors' exact bytes (sha256), equal only for bit-identical values."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest()[:8], "little") >> 1
+
+
+@torch.no_grad()
+def ensure_same_start(comm: Comm, groups: list[list[torch.Tensor]]) -> bool:
+    """Make every worker hold rank 0's values, sending them only where they differ.
+
+    Workers built from the same seed are already bit-identical: an all-gather of one 8-byte digest
+    per worker proves it and no parameters travel. Otherwise rank 0 broadcasts every group.
+    Returns True if a broadcast was needed.
+    """
+    if comm.size == 1:
+        return False
+    mine = torch.tensor(
+        [parameter_digest([t for g in groups for t in g])], dtype=torch.int64, device=comm.device
+    )
+    digests = [torch.empty_like(mine) for _ in range(comm.size)]
+    comm.all_gather(digests, mine)
+    if all(int(d) == int(mine) for d in digests) and len({int(d) for d in digests}) == 1:
+        return False
+    for group in groups:
+        flat = torch.cat([t.detach().reshape(-1) for t in group])
+        comm.broadcast(flat, src=0)
+        offset = 0
+        for t in group:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+    return True
 
 
 class Algorithm:

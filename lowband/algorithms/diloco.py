@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowband.algorithms.base import Algorithm
+from lowband.algorithms.base import Algorithm, ensure_same_start
 from lowband.comm import Comm, get_codec, quantized_all_reduce
 from lowband.comm.quantized import quantized_all_reduce_bytes
 from lowband.errors import ConfigError
@@ -138,12 +138,8 @@ class StreamingDiLoCo(Algorithm):
         self.codec = get_codec(bits, block_size)
         self.fragments = strided_fragments(model, fragments)
 
-        if broadcast_init and comm.size > 1:  # every worker starts from rank 0's parameters
-            with torch.no_grad():
-                for frag in self.fragments:
-                    flat = torch.cat([p.detach().reshape(-1) for p in frag])
-                    comm.broadcast(flat, src=0)
-                    _unflatten_into(flat, [p.data for p in frag])
+        if broadcast_init:  # every worker starts from rank 0's parameters
+            ensure_same_start(comm, [[p.data for p in frag] for frag in self.fragments])
         # theta_g in fp32, one copy per parameter; the outer optimizer steps it.
         self.global_params = [[p.detach().clone().float() for p in frag] for frag in self.fragments]
         self.outer_opt = torch.optim.SGD(
@@ -316,11 +312,3 @@ class DiLoCo(StreamingDiLoCo):
             block_size=block_size,
             broadcast_init=broadcast_init,
         )
-
-
-def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset : offset + n].view_as(t))
-        offset += n

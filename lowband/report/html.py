@@ -135,7 +135,8 @@ def _table(runs: Sequence[RunData], finals: list[dict[str, Any]], colours: list[
 
     head = (
         "run", "algo", "workers", "link", "model", "final eval loss", "total bytes sent",
-        "bytes sent / worker", "tokens/s", "compute util.", "wall time", "status",
+        "bytes sent / worker", "outer steps", "peak bytes / sync", "tokens/s", "compute util.",
+        "exposed comm", "wall time", "status",
     )  # fmt: skip
     header = "".join(f"<th>{h}</th>" for h in head)
     rows = [f'<div class="scroll"><table><thead><tr>{header}</tr></thead><tbody>']
@@ -160,8 +161,19 @@ def _table(runs: Sequence[RunData], finals: list[dict[str, Any]], colours: list[
             _num_cell(loss, i == best_loss),
             _num_cell(_esc(format_bytes(fin["bytes_sent_total"])), i == best_total),
             _num_cell(_esc(format_bytes(fin["bytes_sent_per_worker"])), i == best_per_worker),
+            _num_cell(f"{fin['outer_steps']:.0f}" if math.isfinite(fin["outer_steps"]) else "–"),
+            _num_cell(
+                _esc(format_bytes(fin["peak_sync_bytes"]))
+                if math.isfinite(fin["peak_sync_bytes"])
+                else "–"
+            ),
             _num_cell(_esc(format_count(fin["tokens_per_s"]))),
             _num_cell(f"{util * 100:.1f}%" if math.isfinite(util) else "–"),
+            _num_cell(
+                f"{fin['exposed_comm_fraction'] * 100:.1f}%"
+                if math.isfinite(fin["exposed_comm_fraction"])
+                else "–"
+            ),
             _num_cell(_esc(format_seconds(fin["wall_time"]))),
             f'<td class="{status}">{status}{note}</td>',
         ]
@@ -171,7 +183,9 @@ def _table(runs: Sequence[RunData], finals: list[dict[str, Any]], colours: list[
         '<p class="muted">Bold: the best final eval loss and the fewest bytes sent (among complete '
         "runs). "
         "Bytes are decimal (1 MB = 10<sup>6</sup> B). Compute utilisation = compute time / wall "
-        "time, summed over workers. Everything is computed from the metrics' last lines.</p>"
+        "time, summed over workers; exposed comm = time blocked on communication / wall time "
+        "(overlapped communication is not exposed). Peak bytes / sync: the most one worker sent "
+        "in one outer synchronisation. Everything is computed from the metrics' last lines.</p>"
     )
     return "\n".join(rows)
 

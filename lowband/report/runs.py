@@ -37,6 +37,8 @@ _SERIES_KEYS = (
     "compute_time",
     "comm_time",
     "wall_time",
+    "outer_step",
+    "peak_sync_bytes",
 )
 
 
@@ -54,6 +56,10 @@ class RankSeries:
     compute_time: np.ndarray
     comm_time: np.ndarray
     wall_time: np.ndarray
+    outer_step: np.ndarray
+    """Outer steps (fragment syncs) completed; NaN for algorithms without them."""
+    peak_sync_bytes: np.ndarray
+    """Largest number of bytes one worker sent in one outer sync so far; NaN where absent."""
     eval_steps: np.ndarray
     eval_loss: np.ndarray
 
@@ -112,12 +118,15 @@ class RunData:
         Keys: final_eval_loss, loss_source ("eval", "summary", "train" or "none"), tokens,
         bytes_sent_total (sum over workers), bytes_sent_per_worker (mean over workers that logged),
         tokens_per_s, compute_utilisation (a fraction: sum of compute_time / sum of wall_time over
-        workers, each at its last line), wall_time (seconds, reference rank), workers, complete.
+        workers, each at its last line), exposed_comm_fraction (the same with comm_time),
+        outer_steps and peak_sync_bytes (NaN for algorithms without outer steps), wall_time
+        (seconds, reference rank), workers, complete.
         """
         loss, source = _final_loss(self)
         ranks = list(self.ranks.values())
         bytes_total = float(sum(r.last("bytes_sent") for r in ranks))
         compute = sum(r.last("compute_time") for r in ranks)
+        exposed = sum(r.last("comm_time") for r in ranks)
         wall_sum = sum(r.last("wall_time") for r in ranks)
         tokens = float(self.tokens[-1])
         wall = float(self.wall_time[-1])
@@ -130,6 +139,9 @@ class RunData:
             "tokens_per_s": tokens / wall if wall > 0 else math.nan,
             "compute_utilisation": compute / wall_sum if wall_sum > 0 else math.nan,
             "wall_time": wall,
+            "exposed_comm_fraction": exposed / wall_sum if wall_sum > 0 else math.nan,
+            "outer_steps": ranks[0].last("outer_step"),
+            "peak_sync_bytes": max(r.last("peak_sync_bytes") for r in ranks),
             "workers": len(ranks),
             "complete": self.complete,
         }
