@@ -203,6 +203,8 @@ class StreamingDiLoCo(Algorithm):
         self._pending = (fragment, due, self._executor.submit(self._reduce_in_background, delta))
 
     def _reduce_in_background(self, delta: torch.Tensor) -> torch.Tensor:
+        if delta.is_cuda:  # a new thread starts on GPU 0: use the worker's GPU
+            torch.cuda.set_device(delta.device)
         with self.comm.background():
             return quantized_all_reduce(self.comm, delta, self.codec, op="avg")
 
