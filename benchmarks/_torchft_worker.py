@@ -131,6 +131,20 @@ def serve_lighthouse(argv: list[str]) -> None:
     lighthouse.shutdown()
 
 
+def _time_calls(obj, name: str, key: str, spent: dict[str, float]) -> None:
+    """Replace obj.name by a wrapper that adds the seconds of every call to spent[key]."""
+    fn = getattr(obj, name)
+
+    def timed(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            spent[key] = spent.get(key, 0.0) + time.perf_counter() - t0
+
+    setattr(obj, name, timed)
+
+
 def main() -> None:
     if sys.argv[1:2] == ["lighthouse"]:
         serve_lighthouse(sys.argv[2:])
@@ -242,7 +256,15 @@ def main() -> None:
         sync_every=cfg.sync_every,
         backup_device=device,
         pin_memory=False,
-    ):
+    ) as diloco:
+        # Where an outer step's time goes: wrap the calls torchft makes at a sync.
+        spent: dict[str, float] = {}
+        _time_calls(manager, "start_quorum", "quorum", spent)  # incl. Gloo group set-up (first)
+        _time_calls(manager, "should_commit", "should_commit", spent)
+        _time_calls(outer_opt, "step", "outer_opt_step", spent)
+        for frag in diloco._fragments:
+            _time_calls(frag, "prepare_sync", "prepare_sync", spent)  # pseudo-grads, issue
+            _time_calls(frag, "perform_sync", "perform_sync", spent)  # wait, commit, outer step
         for step in range(1, steps + 1):
             t0 = time.perf_counter()
             x, y = sampler.batch(step)
@@ -262,6 +284,9 @@ def main() -> None:
                 "manager_step": manager.current_step(),
                 "wall_time": time.perf_counter() - t_start,
             }
+            if spent:
+                rec["sync_breakdown"] = dict(spent)
+                spent.clear()
             if step == steps or step % cfg.eval_every == 0:
                 evals_out[step] = evaluate(model, evals, device, nullcontext)
                 rec["eval_loss"] = evals_out[step]

@@ -45,8 +45,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, machine, train  # noqa: E402
 
-from lowband.comm import accounting  # noqa: E402
-
 WORKER = Path(__file__).resolve().parent / "_torchft_worker.py"
 
 
@@ -65,26 +63,36 @@ def run_lowband(args, out: Path, seed: int) -> dict:
     job_wall = time.perf_counter() - t0
     summary = json.loads((out / "summary.json").read_text())
     n = args.workers
-    ranks = []
+    ranks, init = [], []
     for r in range(n):
         lines = [
             json.loads(x) for x in (out / "metrics" / f"rank{r}.jsonl").read_text().splitlines()
         ]
-        prev = 0.0
+        # Communication before step 1 (the start-up check that all workers hold the same
+        # parameters, or rank 0's broadcast) is in step 1's counters; with H > 1 step 1 itself
+        # communicates nothing, so step 1's counters are the start-up's.
+        assert lines[0]["step"] == 1 and args.sync_every > 1
+        init.append(lines[0]["bytes_sent"])
+        prev_comm, prev_compute = lines[0]["comm_time"], 0.0
         recs = []
         for m in lines:
-            busy = m["compute_time"] + m["comm_time"]  # the step itself, without eval and logging
+            comm = m["comm_time"] - prev_comm  # exposed communication of this step
+            compute = m["compute_time"] - prev_compute
             recs.append(
-                {"step": m["step"], "train_loss": m["train_loss"], "step_time": busy - prev}
+                {
+                    "step": m["step"],
+                    "train_loss": m["train_loss"],
+                    "step_time": compute + comm,  # the step itself, without eval and logging
+                    "comm_time": comm,
+                }
             )
-            prev = busy
+            prev_comm, prev_compute = m["comm_time"], m["compute_time"]
             if "eval_loss" in m:
                 recs[-1]["eval_loss"] = m["eval_loss"]
         ranks.append(
             {"records": recs, "bytes_sent": lines[-1]["bytes_sent"], "wall": lines[-1]["wall_time"]}
         )
     num_params = json.loads((out / "meta.json").read_text()).get("model_params")
-    init = [accounting.broadcast_traffic(num_params, 4, r, 0, n).sent for r in range(n)]
     return _common_view(
         ranks,
         init_bytes=init,
@@ -188,11 +196,28 @@ def _common_view(ranks, *, init_bytes, loop_wall, job_wall, extra) -> dict:
         for k, s in enumerate(steps)
     }
     evals = {r["step"]: r["eval_loss"] for r in ranks[0]["records"] if "eval_loss" in r}
+    # Where outer steps spend their time, mean over workers: lowband's exposed communication
+    # (comm_time) and torchft's wrapped calls (sync_breakdown), at the steps that have them.
+    parts: dict[int, dict[str, float]] = {}
+    for k, s in enumerate(steps):
+        keys = set()
+        for r in ranks:
+            rec = r["records"][k]
+            keys |= set(rec.get("sync_breakdown", {})) | (
+                {"comm_time"} if "comm_time" in rec else set()
+            )
+        for key in keys:
+            vals = [
+                r["records"][k].get("sync_breakdown", {}).get(key, r["records"][k].get(key, 0.0))
+                for r in ranks
+            ]
+            parts.setdefault(s, {})[key] = statistics.fmean(vals)
     sent = [r["bytes_sent"] for r in ranks]
     return {
         "evals": evals,
         "train": train_curve,
         "step_time": step_time,
+        "parts": parts,
         "bytes_sent_per_worker": statistics.fmean(sent),
         "sync_bytes_per_worker": statistics.fmean(b - i for b, i in zip(sent, init_bytes)),
         "init_bytes_per_worker": statistics.fmean(init_bytes),
@@ -326,6 +351,18 @@ def main() -> None:
     st = {k: avg(sts["torchft"], k) for k in ("mean", "median", "inner", "outer", "first_outer")}
     so["window"] = st["window"] = sts["lowband"][0]["window"]
     lw = {n: statistics.fmean(r[n]["loop_wall"] for r in reps) for n in ("lowband", "torchft")}
+
+    def outer_parts(name: str) -> dict[str, float]:
+        """Mean seconds per outer step (the first excluded) of each part, over the repeats."""
+        acc: dict[str, list[float]] = {}
+        for r in reps:
+            for s_, d in r[name]["parts"].items():
+                if int(s_) % H == 0 and int(s_) != H:
+                    for key, v in d.items():
+                        acc.setdefault(key, []).append(v)
+        return {k: statistics.fmean(v) for k, v in acc.items()}
+
+    po, pt = outer_parts("lowband"), outer_parts("torchft")
     jw = {n: statistics.fmean(r[n]["job_wall"] for r in reps) for n in ("lowband", "torchft")}
 
     eval_steps = sorted(set(ours["evals"]) & set(theirs["evals"]))
@@ -345,7 +382,7 @@ def main() -> None:
         (f"final eval loss (step {final})", f"{ours['evals'][final]:.4f}", f"{theirs['evals'][final]:.4f}"),
         ("final train loss (mean of workers)", f"{ours['train'][args.steps]:.4f}", f"{theirs['train'][args.steps]:.4f}"),
         ("MB sent per worker, outer steps", mb(ours["sync_bytes_per_worker"]), mb(theirs["sync_bytes_per_worker"])),
-        ("MB sent per worker, initial broadcast", mb(ours["init_bytes_per_worker"]), mb(theirs["init_bytes_per_worker"])),
+        ("MB sent per worker, before step 1 (start-up)", mb(ours["init_bytes_per_worker"]), mb(theirs["init_bytes_per_worker"])),
         ("MB sent per worker, total", mb(ours["bytes_sent_per_worker"]), mb(theirs["bytes_sent_per_worker"])),
         (f"ms/step, steady mean (steps {so['window'][0]}-{so['window'][1]})", ms(so["mean"]), ms(st["mean"])),
         ("ms/step, steady median", ms(so["median"]), ms(st["median"])),
@@ -375,6 +412,18 @@ def main() -> None:
         f"commits {theirs['commits']}, process-group configures {theirs['pg_configures']}",
         f"lowband bytes by op (rank 0): {ours['bytes_by_op_rank0']}",
     ]
+    if po and pt:
+        rest_t = (
+            pt.get("perform_sync", 0) - pt.get("should_commit", 0) - pt.get("outer_opt_step", 0)
+        )
+        lines.append(
+            "outer step (mean, first excluded), ms: lowband exposed comm "
+            f"{po.get('comm_time', 0) * 1e3:.1f} of {so['outer'] * 1e3:.1f}; torchft quorum "
+            f"{pt.get('quorum', 0) * 1e3:.1f} + pseudo-grads and all-reduce issue "
+            f"{pt.get('prepare_sync', 0) * 1e3:.1f} + all-reduce wait and parameter copies "
+            f"{rest_t * 1e3:.1f} + should_commit {pt.get('should_commit', 0) * 1e3:.1f} + outer "
+            f"SGD {pt.get('outer_opt_step', 0) * 1e3:.1f} of {st['outer'] * 1e3:.1f}"
+        )
     if noise is not None:
         dn = noise["evals"][final] - ours["evals"][final]
         lines.append(

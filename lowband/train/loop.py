@@ -99,6 +99,7 @@ def train_worker(
         foreach=device.type == "cuda",
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, steps))
+    t_start = time.perf_counter()  # the algorithm's set-up traffic belongs to the run's wall-clock
     algo = build_algorithm(cfg, model, opt, comm)
     sampler = ShardSampler(
         train_tokens,
@@ -142,7 +143,6 @@ def train_worker(
     tokens_per_step = cfg.batch_size * cfg.seq_len * world
     metrics = MetricsWriter(run.metrics_path(rank))
     bar = ProgressBar(steps, start, f"{cfg.algo} x{world} {cfg.model}", enabled=rank == 0)
-    t_start = time.perf_counter()
     wall = lambda: timers.wall_offset + time.perf_counter() - t_start
     eval_loss: float | None = None
     loss_value = float("nan")
