@@ -50,11 +50,11 @@ def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
 
 def validate(cfg: TrainConfig) -> None:
     """Everything that can be checked before a worker starts. Raises LowbandError (one line)."""
-    from lowband.algorithms import check_algo
+    from lowband.algorithms import check_algo_options
     from lowband.comm import LinkSpec
     from lowband.models import PRESETS
 
-    check_algo(cfg.algo)
+    check_algo_options(cfg)
     if cfg.model not in PRESETS:
         raise ConfigError(
             f"unknown model preset {cfg.model!r}; choose one of: {', '.join(PRESETS)}"

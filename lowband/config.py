@@ -68,7 +68,7 @@ class TrainConfig:
     """DDP: gradients are all-reduced in buckets of at most this many megabytes."""
 
     # -- DiLoCo and Streaming DiLoCo ------------------------------------------------------------
-    sync_every: int = 50
+    sync_every: int = 60
     """DiLoCo: inner steps between outer steps (H)."""
     fragments: int | None = None
     """Streaming DiLoCo: fragments P, synchronised one every H/P steps (default 4)."""

@@ -148,6 +148,29 @@ def test_single_worker_runs_in_process(tmp_path):
         (["--schedule", "zigzag"], "unknown --schedule"),
         (["--fail-at", "9:1"], "--fail-at"),
         (["--seq-len", "10000000"], "seq_len"),
+        (
+            ["--algo", "diloco", "--fragments", "4"],
+            "--fragments applies to --algo streaming-diloco only",
+        ),
+        (
+            ["--algo", "streaming-diloco", "--sync-every", "10", "--fragments", "4"],
+            "multiple of --fragments",
+        ),
+        (
+            [
+                "--algo",
+                "streaming-diloco",
+                "--sync-every",
+                "8",
+                "--fragments",
+                "4",
+                "--overlap",
+                "2",
+            ],
+            "--overlap 2",
+        ),
+        (["--algo", "diloco", "--bits", "3"], "bits"),
+        (["--algo", "streaming-diloco", "--mix", "2"], "--mix"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, flags, needle):
