@@ -24,6 +24,8 @@ from _common import append_results, train  # noqa: E402
 
 CONFIGS = {
     "ddp": [],
+    "diloco-h10": ["--algo", "diloco", "--sync-every", "10"],
+    "diloco-h25": ["--algo", "diloco", "--sync-every", "25"],
     "diloco-h50": ["--algo", "diloco", "--sync-every", "50"],
     "diloco-h100": ["--algo", "diloco", "--sync-every", "100"],
     "diloco-h100-4bit": ["--algo", "diloco", "--sync-every", "100", "--bits", "4"],
