@@ -8,12 +8,14 @@ with lowband.DDP(model, optimizer, comm) as algo:
 
 __version__ = "0.1.0"
 
-from lowband.algorithms import DDP, Algorithm, DiLoCo, StreamingDiLoCo  # noqa: E402
+from lowband.algorithms import CO2, DDP, Algorithm, DiLoCo, NoLoCo, StreamingDiLoCo  # noqa: E402
 from lowband.comm import Comm, CommStats, LinkSpec, get_codec, quantized_all_reduce  # noqa: E402
 from lowband.errors import LowbandError  # noqa: E402
 
 __all__ = [
+    "CO2",
     "DDP",
+    "NoLoCo",
     "Algorithm",
     "DiLoCo",
     "StreamingDiLoCo",

@@ -23,7 +23,7 @@ class TrainConfig:
 
     # -- what to train --------------------------------------------------------------------------
     algo: str = "ddp"
-    """Training algorithm: ddp (synchronous data parallel, the baseline), diloco, streaming-diloco."""
+    """Training algorithm: ddp (synchronous data parallel, the baseline), diloco, streaming-diloco, noloco, co2."""
     model: str = "1m"
     """Model preset of the Llama-style decoder: 1m, 10m, 125m, 350m, 1b (see `lowband models`)."""
     data: str = "stdlib"
@@ -76,12 +76,24 @@ class TrainConfig:
     """Streaming DiLoCo: a fragment's reduction starts this many inner steps before it is needed and runs while training goes on (tau, default 1)."""
     mix: float = 0.5
     """Streaming DiLoCo: weight alpha of the local parameters when an overlapped fragment lands (0 replaces them)."""
-    outer_lr: float = 0.7
-    """DiLoCo: learning rate of the outer Nesterov SGD."""
-    outer_momentum: float = 0.9
-    """DiLoCo: momentum of the outer Nesterov SGD."""
+    outer_lr: float | None = None
+    """Outer learning rate: DiLoCo's Nesterov SGD lr (default 0.7), NoLoCo's gamma (0.7), CO2's eta (1.0)."""
+    outer_momentum: float | None = None
+    """Outer momentum: DiLoCo's Nesterov momentum (default 0.9), NoLoCo's beta (0.5), CO2's beta (0.5)."""
     bits: int | None = None
-    """DiLoCo: bits per value of the outer gradients on the wire: 32, 16 (bf16), 8 or 4 (blockwise int). Default 32 for diloco, 4 for streaming-diloco."""
+    """DiLoCo family: bits per value on the wire: 32, 16 (bf16), 8 or 4 (blockwise int). Default 32, except 4 for streaming-diloco."""
+
+    # -- NoLoCo and CO2 -------------------------------------------------------------------------
+    group_size: int | None = None
+    """NoLoCo: replicas per averaging group, redrawn every outer step from --seed and the round; the last group takes the remainder, so odd --workers work (default 2)."""
+    co2_delay: int | None = None
+    """CO2: 1 applies the previous round's average while this round's is reduced in the background (full overlap); 0 waits for this round's (default 1)."""
+    co2_lambda: float | None = None
+    """CO2: the outer momentum update is divided by this lambda (default 1.0)."""
+    co2_clip: float | None = None
+    """CO2: clamp the outer momentum to [-c, c] every outer step; 0 turns clipping off (default 1.0)."""
+    co2_gap_penalty: int | None = None
+    """CO2: 1 scales lambda per tensor by 1 + ||staleness gap|| / ||pseudo-gradient|| (our reconstruction, docs/noloco_co2.md; default 0)."""
 
     # -- evaluation, logging, checkpoints -------------------------------------------------------
     eval_every: int = 50

@@ -171,6 +171,10 @@ def test_single_worker_runs_in_process(tmp_path):
         ),
         (["--algo", "diloco", "--bits", "3"], "bits"),
         (["--algo", "streaming-diloco", "--mix", "2"], "--mix"),
+        (["--algo", "noloco", "--group-size", "1"], "--group-size"),
+        (["--algo", "ddp", "--group-size", "2"], "--group-size applies to --algo noloco only"),
+        (["--algo", "co2", "--co2-delay", "3"], "--co2-delay"),
+        (["--outer-lr", "0.5"], "does not apply to --algo ddp"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, flags, needle):

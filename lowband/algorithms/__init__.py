@@ -7,7 +7,9 @@ from torch import nn
 
 from lowband.algorithms.base import Algorithm
 from lowband.algorithms.ddp import DDP
+from lowband.algorithms.co2 import CO2
 from lowband.algorithms.diloco import DiLoCo, StreamingDiLoCo
+from lowband.algorithms.noloco import NoLoCo
 from lowband.comm import Comm
 from lowband.config import TrainConfig
 from lowband.errors import ConfigError
@@ -16,6 +18,8 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
     "ddp": DDP,
     "diloco": DiLoCo,
     "streaming-diloco": StreamingDiLoCo,
+    "noloco": NoLoCo,
+    "co2": CO2,
 }
 
 
@@ -29,15 +33,35 @@ def check_algo_options(cfg: TrainConfig) -> None:
     from lowband.comm import get_codec
 
     check_algo(cfg.algo)
-    if cfg.algo != "streaming-diloco":
-        for flag in ("fragments", "overlap"):
-            if getattr(cfg, flag) is not None:
-                raise ConfigError(f"--{flag} applies to --algo streaming-diloco only")
+    only = {
+        "fragments": "streaming-diloco",
+        "overlap": "streaming-diloco",
+        "group_size": "noloco",
+        "co2_delay": "co2",
+        "co2_lambda": "co2",
+        "co2_clip": "co2",
+        "co2_gap_penalty": "co2",
+    }
+    for flag, algo in only.items():
+        if getattr(cfg, flag) is not None and cfg.algo != algo:
+            raise ConfigError(f"--{flag.replace('_', '-')} applies to --algo {algo} only")
     if cfg.algo == "ddp":
+        for flag in ("outer_lr", "outer_momentum", "bits"):
+            if getattr(cfg, flag) is not None:
+                raise ConfigError(f"--{flag.replace('_', '-')} does not apply to --algo ddp")
         return
     if cfg.sync_every < 1:
         raise ConfigError(f"--sync-every must be at least 1, got {cfg.sync_every}")
     get_codec(cfg.bits or 32)
+    if cfg.algo == "noloco" and cfg.group_size is not None and cfg.group_size < 2:
+        raise ConfigError(f"--group-size must be at least 2, got {cfg.group_size}")
+    if cfg.algo == "co2":
+        if cfg.co2_delay not in (None, 0, 1):
+            raise ConfigError(f"--co2-delay must be 0 or 1, got {cfg.co2_delay}")
+        if cfg.co2_lambda is not None and not cfg.co2_lambda > 0:
+            raise ConfigError(f"--co2-lambda must be positive, got {cfg.co2_lambda}")
+        if cfg.co2_clip is not None and cfg.co2_clip < 0:
+            raise ConfigError(f"--co2-clip must be 0 (off) or positive, got {cfg.co2_clip}")
     if cfg.algo == "streaming-diloco":
         p = cfg.fragments if cfg.fragments is not None else 4
         tau = cfg.overlap if cfg.overlap is not None else 1
@@ -61,8 +85,37 @@ def build_algorithm(
     check_algo_options(cfg)
     if cfg.algo == "ddp":
         return DDP(model, optimizer, comm, bucket_mb=cfg.bucket_mb)
+    d = lambda value, default: value if value is not None else default  # noqa: E731
+    if cfg.algo == "noloco":
+        return NoLoCo(
+            model,
+            optimizer,
+            comm,
+            sync_every=cfg.sync_every,
+            group_size=d(cfg.group_size, 2),
+            gamma=d(cfg.outer_lr, 0.7),
+            beta=d(cfg.outer_momentum, 0.5),
+            bits=cfg.bits or 32,
+            seed=cfg.seed,
+        )
+    if cfg.algo == "co2":
+        return CO2(
+            model,
+            optimizer,
+            comm,
+            sync_every=cfg.sync_every,
+            outer_lr=d(cfg.outer_lr, 1.0),
+            beta=d(cfg.outer_momentum, 0.5),
+            lam=d(cfg.co2_lambda, 1.0),
+            clip=d(cfg.co2_clip, 1.0),
+            delay=d(cfg.co2_delay, 1),
+            gap_penalty=bool(cfg.co2_gap_penalty),
+            bits=cfg.bits or 32,
+        )
     outer = dict(
-        sync_every=cfg.sync_every, outer_lr=cfg.outer_lr, outer_momentum=cfg.outer_momentum
+        sync_every=cfg.sync_every,
+        outer_lr=d(cfg.outer_lr, 0.7),
+        outer_momentum=d(cfg.outer_momentum, 0.9),
     )
     if cfg.algo == "diloco":
         return DiLoCo(model, optimizer, comm, bits=cfg.bits or 32, **outer)
@@ -80,6 +133,8 @@ def build_algorithm(
 
 __all__ = [
     "ALGORITHMS",
+    "CO2",
+    "NoLoCo",
     "Algorithm",
     "DDP",
     "DiLoCo",

@@ -212,9 +212,7 @@ class CO2(Algorithm):
             g = torch.zeros_like(self.theta_old)
         else:
             theta_bar = self.theta_old - gap - g  # the start of g's round, minus its average Delta
-        lam = (
-            staleness_penalty(gap, g, self._sizes, self.lam) if self.gap_penalty else self.lam
-        )
+        lam = staleness_penalty(gap, g, self._sizes, self.lam) if self.gap_penalty else self.lam
         co2_outer_step(
             self.theta_old,
             self.momentum,

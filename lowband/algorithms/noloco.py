@@ -38,7 +38,13 @@ Deadlock-freedom, step by step:
   2. Each member first posts ALL its receives and sends asynchronously (`async_op=True`) and only
      then waits. No operation is waited for before every operation of that member is posted, so
      there is no cycle of "i waits for j to post": every posted send finds its posted recv.
-  3. A member talks only to members of G, so a slow or dead replica outside G can delay nobody in
+  3. The posting order is also safe where operations run strictly one after the other in the
+     order posted (NCCL p2p on one stream): each member takes its peers in ascending order, and
+     per pair the lower rank sends then receives while the higher rank receives then sends. A
+     member's pairs (min, max) then come in the global lexicographic order of pairs, the same
+     order on every member, and the first unfinished pair in that order always has both its
+     members at it with matching operations, so it completes; by induction all do.
+  4. A member talks only to members of G, so a slow or dead replica outside G can delay nobody in
      G (tested with a deliberately slow rank). A dead partner inside G makes the wait raise
      Gloo's timeout (the process group's timeout) as a RuntimeError; it does not hang. Falling
      back to a live partner is elastic membership, a later feature.
@@ -73,7 +79,9 @@ def noloco_groups(world_size: int, group_size: int, seed: int, round_: int) -> l
     Each group is sorted ascending.
     """
     if world_size < 1 or group_size < 1:
-        raise ValueError(f"need world_size >= 1 and group_size >= 1, got {world_size}, {group_size}")
+        raise ValueError(
+            f"need world_size >= 1 and group_size >= 1, got {world_size}, {group_size}"
+        )
     perm = list(range(world_size))
     random.Random(f"noloco:{seed}:{round_}").shuffle(perm)
     n_groups = max(1, world_size // group_size)
@@ -178,9 +186,14 @@ class NoLoCo(Algorithm):
         payload = self.codec.encode(theta)
         peers = [j for j in group if j != self.comm.rank]
         inbox = {j: torch.empty_like(payload) for j in peers}
-        # Post everything, then wait (deadlock-freedom, step 2 of the module docstring).
-        works = [self.comm.recv(inbox[j], src=j, tag=tag, async_op=True) for j in peers]
-        works += [self.comm.send(payload, dst=j, tag=tag, async_op=True) for j in peers]
+        # Post everything, then wait (deadlock-freedom, steps 2-3 of the module docstring).
+        works = []
+        for j in peers:  # ascending; per pair the lower rank sends first
+            for op in ("send", "recv") if self.comm.rank < j else ("recv", "send"):
+                if op == "send":
+                    works.append(self.comm.send(payload, dst=j, tag=tag, async_op=True))
+                else:
+                    works.append(self.comm.recv(inbox[j], src=j, tag=tag, async_op=True))
         for w in works:
             w.wait()
         total = torch.zeros_like(theta)

@@ -116,7 +116,8 @@ class Comm:
         self.rank = group.rank() if group is not None else 0
         self.size = group.size() if group is not None else 1
         self._rng = random.Random(seed * 100_003 + self.rank)
-        self._link_free = 0.0
+        self._link_free = 0.0  # emulated end of the last operation on this worker's uplink
+        self._down_free = 0.0  # ... and of the last pure receive on its downlink
         self._thread_state = threading.local()
 
     # -- background threads -------------------------------------------------------------------
@@ -138,10 +139,17 @@ class Comm:
     def _sleep_for_link(self, t_done: float, traffic: Traffic) -> None:
         if self.link is None or traffic.rounds == 0:
             return
-        end = max(t_done, self._link_free) + self.link.sample_time(
+        # A pure receive arrives over the sender's uplink, not ours: it queues on our downlink,
+        # so a pair exchange (send + recv) overlaps as on a full-duplex link.
+        downlink = traffic.sent == 0 and traffic.recv > 0
+        free = self._down_free if downlink else self._link_free
+        end = max(t_done, free) + self.link.sample_time(
             traffic.critical_bytes, traffic.rounds, self._rng
         )
-        self._link_free = end
+        if downlink:
+            self._down_free = end
+        else:
+            self._link_free = end
         delay = end - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
