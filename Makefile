@@ -32,6 +32,10 @@ $(STAMP): pyproject.toml
 	  fi; \
 	fi
 	$(PY) -m pip install -q -e '.[test]'
+	@# byzfl is the reference the robust aggregators are tested against. Its own requirements
+	@# would replace the CPU torch with a CUDA build and add torchvision; the tests import only
+	@# its aggregators and attacks, which need numpy and torch alone.
+	$(PY) -m pip install -q --no-deps byzfl==0.0.11
 	@touch $(STAMP)
 
 demo: install

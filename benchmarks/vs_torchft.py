@@ -34,6 +34,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shlex
 import statistics
 import subprocess
@@ -58,9 +59,9 @@ def run_lowband(args, out: Path, seed: int) -> dict:
         "--outer-momentum", str(args.outer_momentum), "--eval-every", str(args.eval_every),
         "--eval-batches", str(args.eval_batches), "--log-every", "1", "--ckpt-every", "-1",
     ]  # fmt: skip
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _children_cpu()
     train(out, flags)
-    job_wall = time.perf_counter() - t0
+    job_wall, job_cpu = time.perf_counter() - t0, _children_cpu() - cpu0
     summary = json.loads((out / "summary.json").read_text())
     n = args.workers
     ranks, init = [], []
@@ -98,6 +99,7 @@ def run_lowband(args, out: Path, seed: int) -> dict:
         init_bytes=init,
         loop_wall=summary["wall_time"],
         job_wall=job_wall,
+        job_cpu=job_cpu,
         extra={"bytes_by_op_rank0": summary["bytes_by_op"], "num_params": num_params},
     )
 
@@ -107,7 +109,7 @@ def run_torchft(args, out: Path, seed: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     n = args.workers
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _children_cpu()
     log = open(out / "lighthouse.log", "w")
     lighthouse = subprocess.Popen(
         [sys.executable, str(WORKER), "lighthouse", "--min-replicas", str(n)],
@@ -155,7 +157,7 @@ def run_torchft(args, out: Path, seed: int) -> dict:
             lighthouse.kill()
         for f in logs:
             f.close()
-    job_wall = time.perf_counter() - t0
+    job_wall, job_cpu = time.perf_counter() - t0, _children_cpu() - cpu0
     ranks = []
     for i in range(n):
         d = json.loads((out / f"torchft_rank{i}.json").read_text())
@@ -173,6 +175,7 @@ def run_torchft(args, out: Path, seed: int) -> dict:
         init_bytes=[0] * n,  # init_sync=False: identical seeded init, nothing sent
         loop_wall=max(r["wall"] for r in ranks),
         job_wall=job_wall,
+        job_cpu=job_cpu,
         extra={
             "calls_by_op_rank0": d0["calls_by_op"],
             "allreduce_numels": d0["allreduce_numels"],
@@ -185,7 +188,17 @@ def run_torchft(args, out: Path, seed: int) -> dict:
 
 
 # -- shared -------------------------------------------------------------------------------------
-def _common_view(ranks, *, init_bytes, loop_wall, job_wall, extra) -> dict:
+def _children_cpu() -> float:
+    """User + system CPU seconds of all finished child processes (and theirs) so far.
+
+    A job's CPU seconds hardly depend on what else the machine runs, unlike its wall time: the
+    figure to compare when the machine is shared.
+    """
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _common_view(ranks, *, init_bytes, loop_wall, job_wall, job_cpu, extra) -> dict:
     steps = [r["step"] for r in ranks[0]["records"]]
     train_curve = {
         s: statistics.fmean(r["records"][k]["train_loss"] for r in ranks)
@@ -223,6 +236,7 @@ def _common_view(ranks, *, init_bytes, loop_wall, job_wall, extra) -> dict:
         "init_bytes_per_worker": statistics.fmean(init_bytes),
         "loop_wall": loop_wall,
         "job_wall": job_wall,
+        "job_cpu": job_cpu,
         **extra,
     }
 
@@ -364,6 +378,7 @@ def main() -> None:
 
     po, pt = outer_parts("lowband"), outer_parts("torchft")
     jw = {n: statistics.fmean(r[n]["job_wall"] for r in reps) for n in ("lowband", "torchft")}
+    jc = {n: statistics.fmean(r[n]["job_cpu"] for r in reps) for n in ("lowband", "torchft")}
 
     eval_steps = sorted(set(ours["evals"]) & set(theirs["evals"]))
     final = max(eval_steps)
@@ -391,6 +406,7 @@ def main() -> None:
         (f"ms, first outer step (step {H})", ms(so["first_outer"]), ms(st["first_outer"])),
         ("training loop wall (s, incl. evals)", f"{lw['lowband']:.1f}", f"{lw['torchft']:.1f}"),
         ("job wall (s, incl. start-up)", f"{jw['lowband']:.1f}", f"{jw['torchft']:.1f}"),
+        ("job CPU seconds, all processes (user + sys)", f"{jc['lowband']:.1f}", f"{jc['torchft']:.1f}"),
     ]  # fmt: skip
     table = "| | lowband DiLoCo | torchft DiLoCo |\n|---|---|---|\n" + "".join(
         f"| {a} | {b} | {c} |\n" for a, b, c in rows
@@ -403,6 +419,14 @@ def main() -> None:
         f"step time ratio lowband/torchft (steady mean): {ratio:.3f}"
         + (f" (per repeat: {per_rep})" if args.repeats > 1 else "")
         + f"; of medians: {so['median'] / st['median']:.3f}",
+        f"job CPU seconds ratio lowband/torchft: {jc['lowband'] / jc['torchft']:.3f}"
+        + (
+            " (per repeat: "
+            + ", ".join(f"{r['lowband']['job_cpu'] / r['torchft']['job_cpu']:.3f}" for r in reps)
+            + ")"
+            if args.repeats > 1
+            else ""
+        ),
         f"final eval loss lowband - torchft: {d_final:+.5f} ({100 * rel_final:+.3f}%)",
         f"max |eval loss difference| over steps {eval_steps}: {max_abs:.2e}"
         + (" (bit-identical at every eval)" if identical else ""),
@@ -441,7 +465,7 @@ def main() -> None:
         "lowband": ours,
         "torchft": theirs,
         "repeats": [
-            {n: {k: r[n][k] for k in ("step_time", "loop_wall", "job_wall")} for n in r}
+            {n: {k: r[n][k] for k in ("step_time", "loop_wall", "job_wall", "job_cpu")} for n in r}
             for r in reps[1:]
         ],
         **({"lowband_seed+1": noise} if noise is not None else {}),

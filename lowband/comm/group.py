@@ -46,6 +46,7 @@ class Work:
         works: Sequence,
         traffic: Traffic,
         finish: Callable[[], None] | None = None,
+        t_issue: float | None = None,
     ) -> None:
         self._comm, self._op, self._works, self._traffic, self._finish = (
             comm,
@@ -55,6 +56,7 @@ class Work:
             finish,
         )
         self._t_done: float | None = None
+        self._t_issue = time.perf_counter() if t_issue is None else t_issue
         self._done = False
         for w in self._works:
             try:
@@ -82,9 +84,11 @@ class Work:
         if self._finish is not None:
             self._finish()
         self._done = True
-        self._comm.stats.add(
-            self._op, seconds=time.perf_counter() - t0, background=self._comm.in_background
-        )
+        seconds = time.perf_counter() - t0
+        background = self._comm.in_background
+        self._comm.stats.add(self._op, seconds=seconds, background=background)
+        for observe in self._comm.observers:
+            observe(self._op, self._t_issue, seconds, background)
 
 
 class _DoneWork:
@@ -118,7 +122,11 @@ class Comm:
         self._rng = random.Random(seed * 100_003 + self.rank)
         self._link_free = 0.0  # emulated end of the last operation on this worker's uplink
         self._down_free = 0.0  # ... and of the last pure receive on its downlink
+        self._link_lock = threading.Lock()
         self._thread_state = threading.local()
+        self.observers: list[Callable[[str, float, float, bool], None]] = []
+        """Called after every wait with (op, issue time, seconds blocked, background), e.g. by the
+        C4-style detector (lowband.fault.detector). Observers must not issue operations."""
 
     # -- background threads -------------------------------------------------------------------
     @property
@@ -160,7 +168,7 @@ class Comm:
         t0 = time.perf_counter()
         works = launch() if self.size > 1 else [_DoneWork()]
         self.stats.add(op, traffic, seconds=time.perf_counter() - t0, background=self.in_background)
-        work = Work(self, op, works, traffic, finish)
+        work = Work(self, op, works, traffic, finish, t_issue=t0)
         if not async_op:
             work.wait()
         return work

@@ -1,0 +1,62 @@
+"""`robust_all_reduce`: every rank gathers every rank's update and aggregates them robustly.
+
+A Byzantine-robust rule needs the individual updates, not their sum, so this is an all-gather
+(ring, (n-1) payloads sent and received per rank) instead of an all-reduce (2(n-1)/n of one):
+
+    1. encode x with the codec (fp32 when None): one uint8 payload of P bytes;
+    2. comm.all_gather the payloads: rank r receives everybody's;
+    3. decode every payload, our own included, so each rank works from the same bytes;
+    4. (simulation only) replace the attacker ranks' rows with attack(honest rows);
+    5. run the aggregator on the stacked (n, V) tensor.
+
+Steps 3-5 are deterministic functions of the same bytes, so the result is identical on every
+rank, bit for bit (the attack's generator must be seeded the same on every rank). Bytes per rank:
+(n - 1) * P sent and received, P = codec.payload_bytes(numel) (robust_all_reduce_bytes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from lowband.comm import Codec, Comm, get_codec
+from lowband.robust.attacks import apply_attack
+
+__all__ = ["robust_all_reduce", "robust_all_reduce_bytes"]
+
+
+def robust_all_reduce_bytes(numel: int, world_size: int, codec: Codec | None = None) -> int:
+    """Bytes one rank sends (and receives) in robust_all_reduce: (n - 1) * payload."""
+    codec = codec if codec is not None else get_codec("fp32")
+    return (world_size - 1) * codec.payload_bytes(numel)
+
+
+def robust_all_reduce(
+    comm: Comm,
+    x: Tensor,
+    aggregator: Callable[[Tensor], Tensor],
+    codec: Codec | None = None,
+    *,
+    attack: Callable[..., Tensor] | None = None,
+    attackers: Sequence[int] = (),
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Aggregate a 1-D fp32 tensor over comm's group with `aggregator` (steps in the docstring).
+
+    Returns a new fp32 tensor, identical on every rank. attack/attackers simulate omniscient
+    Byzantine ranks (lowband.robust.attacks): the wire still carries their real updates, and every
+    rank replaces their rows before aggregating.
+    """
+    if x.dim() != 1 or x.dtype != torch.float32:
+        raise ValueError(f"robust_all_reduce takes a 1-D float32 tensor, got {x.dim()}-D {x.dtype}")
+    codec = codec if codec is not None else get_codec("fp32")
+    numel = x.numel()
+    payload = codec.encode(x)
+    gathered = [torch.empty_like(payload) for _ in range(comm.size)]
+    comm.all_gather(gathered, payload)
+    updates_NV = torch.stack([codec.decode(p, numel) for p in gathered])
+    if attack is not None and attackers:
+        updates_NV = apply_attack(updates_NV, attackers, attack, generator)
+    return aggregator(updates_NV).to(torch.float32)
