@@ -80,7 +80,13 @@ class Work:
         t_done = (
             time.perf_counter() if self._t_done is None else min(self._t_done, time.perf_counter())
         )
-        self._comm._sleep_for_link(t_done, self._traffic)
+        if self._op in ("send", "recv"):
+            # Gloo completes a send or receive only inside wait(), so t_done says when we
+            # *asked*, not when the bytes moved. Charge the link from the issue time instead; a
+            # peer that is later than that still shows, through t_done, as a floor.
+            self._comm._sleep_for_link(self._t_issue, self._traffic, floor=t_done)
+        else:
+            self._comm._sleep_for_link(t_done, self._traffic)
         if self._finish is not None:
             self._finish()
         self._done = True
@@ -144,7 +150,7 @@ class Comm:
             self._thread_state.background = False
 
     # -- emulated link ------------------------------------------------------------------------
-    def _sleep_for_link(self, t_done: float, traffic: Traffic) -> None:
+    def _sleep_for_link(self, t_done: float, traffic: Traffic, floor: float = 0.0) -> None:
         if self.link is None or traffic.rounds == 0:
             return
         # A pure receive arrives over the sender's uplink, not ours: it queues on our downlink,
