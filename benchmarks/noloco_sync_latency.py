@@ -68,7 +68,7 @@ def main() -> None:
     link = LinkSpec.parse(args.link)
     params = build_model(TINY).num_params()
     table = (
-        f"| ranks | NoLoCo sync (s) | DiLoCo sync (s) | ring all-reduce (s) | all-reduce / NoLoCo |\n"
+        "| ranks | NoLoCo sync (s) | DiLoCo sync (s) | ring all-reduce (s) | all-reduce / NoLoCo |\n"
         "|---|---|---|---|---|\n"
     )
     for n in (int(x) for x in args.ranks.split(",")):

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from lowband.algorithms.base import Algorithm
-from lowband.algorithms.ddp import DDP
 from lowband.algorithms.co2 import CO2
+from lowband.algorithms.ddp import DDP
 from lowband.algorithms.diloco import DiLoCo, StreamingDiLoCo
 from lowband.algorithms.noloco import NoLoCo
 from lowband.comm import Comm
