@@ -21,7 +21,7 @@ opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_d
 algo = lowband.StreamingDiLoCo(model, opt, comm, sync_every=40, fragments=4, overlap=8, bits=4)
 gen = torch.Generator().manual_seed(comm.rank)
 
-for step in range(120):
+for _ in range(120):
     tokens = torch.randint(0, 256, (8, 65), generator=gen)
     loss = model.loss(tokens[:, :-1], tokens[:, 1:])
     loss.backward()
