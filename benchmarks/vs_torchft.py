@@ -19,6 +19,11 @@ rank). lowband counts its own collectives; torchft's process group is wrapped an
 of every collective it issues (see _torchft_worker.py). Control-plane gRPC (quorum, should_commit,
 heartbeats) is not counted.
 
+On a shared machine, load that comes and goes between the two sequential runs skews their
+wall-clock times; two figures resist it: the jobs' CPU seconds (user + sys of all their
+processes), and --race, which runs both jobs at the same time so that any other load slows both
+alike (each then gets about half the machine, so absolute times double).
+
 Step time is the time of a training step (batch, forward, backward, clip, inner step, outer step
 when due), without evaluation and logging: lowband's compute_time + exposed comm_time per step
 from its metrics, torchft's measured around the same code. "Steady state" is the mean over steps
@@ -31,6 +36,7 @@ temporary folder by default), prints the comparison table and a markdown block f
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
 import os
@@ -315,6 +321,12 @@ def main() -> None:
         help="run the pair this many times, alternating the order; step times are averaged",
     )
     p.add_argument(
+        "--race",
+        action="store_true",
+        help="run the two jobs at the same time (each gets half the machine); use on a shared "
+        "machine, where load that comes and goes between sequential runs skews their times",
+    )
+    p.add_argument(
         "--noise",
         action="store_true",
         help="also run lowband with seed+1: the seed-to-seed spread of the eval loss, for scale",
@@ -337,15 +349,28 @@ def main() -> None:
     first = ["lowband", "torchft"] if args.order == "lowband-first" else ["torchft", "lowband"]
     reps: list[dict[str, dict]] = []
     for rep in range(args.repeats):
-        order = first if rep % 2 == 0 else first[::-1]  # alternate, so drift hits both alike
         res = {}
-        for name in order:
-            print(f"[{rep + 1}/{args.repeats}] running {name} ({args.workers} workers, "
-                  f"{args.steps} steps) ...", flush=True)  # fmt: skip
-            fn = run_lowband if name == "lowband" else run_torchft
-            res[name] = fn(args, out / f"{name}-{rep}", args.seed)
+        if args.race:  # both jobs at once: whatever else runs on the machine slows both alike
+            print(f"[{rep + 1}/{args.repeats}] running lowband and torchft at the same time "
+                  f"({args.workers} workers each, {args.steps} steps) ...", flush=True)  # fmt: skip
+            with concurrent.futures.ThreadPoolExecutor(2) as ex:
+                futs = {
+                    "lowband": ex.submit(run_lowband, args, out / f"lowband-{rep}", args.seed),
+                    "torchft": ex.submit(run_torchft, args, out / f"torchft-{rep}", args.seed),
+                }
+                res = {name: f.result() for name, f in futs.items()}
+            for r_ in res.values():  # CPU seconds of two overlapping jobs cannot be told apart
+                r_["job_cpu"] = float("nan")
+        else:
+            order = first if rep % 2 == 0 else first[::-1]  # alternate: drift hits both alike
+            for name in order:
+                print(f"[{rep + 1}/{args.repeats}] running {name} ({args.workers} workers, "
+                      f"{args.steps} steps) ...", flush=True)  # fmt: skip
+                fn = run_lowband if name == "lowband" else run_torchft
+                res[name] = fn(args, out / f"{name}-{rep}", args.seed)
+        for name in ("lowband", "torchft"):
             s_ = steady(res[name], args.steps, H)
-            print(f"  done: {s_['mean'] * 1e3:.1f} ms/step steady, job wall "
+            print(f"  {name}: {s_['mean'] * 1e3:.1f} ms/step steady, job wall "
                   f"{res[name]['job_wall']:.1f} s", flush=True)  # fmt: skip
         reps.append(res)
     noise = None
@@ -367,11 +392,12 @@ def main() -> None:
     lw = {n: statistics.fmean(r[n]["loop_wall"] for r in reps) for n in ("lowband", "torchft")}
 
     def outer_parts(name: str) -> dict[str, float]:
-        """Mean seconds per outer step (the first excluded) of each part, over the repeats."""
+        """Mean seconds per outer step of each part, over the repeats (steady window as above)."""
+        lo = so["window"][0]
         acc: dict[str, list[float]] = {}
         for r in reps:
             for s_, d in r[name]["parts"].items():
-                if int(s_) % H == 0 and int(s_) != H:
+                if int(s_) % H == 0 and int(s_) != H and lo <= int(s_) < args.steps:
                     for key, v in d.items():
                         acc.setdefault(key, []).append(v)
         return {k: statistics.fmean(v) for k, v in acc.items()}
@@ -408,6 +434,8 @@ def main() -> None:
         ("job wall (s, incl. start-up)", f"{jw['lowband']:.1f}", f"{jw['torchft']:.1f}"),
         ("job CPU seconds, all processes (user + sys)", f"{jc['lowband']:.1f}", f"{jc['torchft']:.1f}"),
     ]  # fmt: skip
+    if math.isnan(jc["lowband"]):  # --race: the two jobs' CPU seconds cannot be told apart
+        rows.pop()
     table = "| | lowband DiLoCo | torchft DiLoCo |\n|---|---|---|\n" + "".join(
         f"| {a} | {b} | {c} |\n" for a, b, c in rows
     )
@@ -419,14 +447,6 @@ def main() -> None:
         f"step time ratio lowband/torchft (steady mean): {ratio:.3f}"
         + (f" (per repeat: {per_rep})" if args.repeats > 1 else "")
         + f"; of medians: {so['median'] / st['median']:.3f}",
-        f"job CPU seconds ratio lowband/torchft: {jc['lowband'] / jc['torchft']:.3f}"
-        + (
-            " (per repeat: "
-            + ", ".join(f"{r['lowband']['job_cpu'] / r['torchft']['job_cpu']:.3f}" for r in reps)
-            + ")"
-            if args.repeats > 1
-            else ""
-        ),
         f"final eval loss lowband - torchft: {d_final:+.5f} ({100 * rel_final:+.3f}%)",
         f"max |eval loss difference| over steps {eval_steps}: {max_abs:.2e}"
         + (" (bit-identical at every eval)" if identical else ""),
@@ -436,6 +456,20 @@ def main() -> None:
         f"commits {theirs['commits']}, process-group configures {theirs['pg_configures']}",
         f"lowband bytes by op (rank 0): {ours['bytes_by_op_rank0']}",
     ]
+    if not math.isnan(jc["lowband"]):
+        lines.insert(
+            1,
+            f"job CPU seconds ratio lowband/torchft: {jc['lowband'] / jc['torchft']:.3f}"
+            + (
+                " (per repeat: "
+                + ", ".join(
+                    f"{r['lowband']['job_cpu'] / r['torchft']['job_cpu']:.3f}" for r in reps
+                )
+                + ")"
+                if args.repeats > 1
+                else ""
+            ),
+        )
     if po and pt:
         rest_t = (
             pt.get("perform_sync", 0) - pt.get("should_commit", 0) - pt.get("outer_opt_step", 0)
