@@ -1,6 +1,8 @@
 """Question: does lowband's DiLoCo match torchft's DiLoCo in loss, bytes and step time on CPU?
 
     python benchmarks/vs_torchft.py                        # 4 workers, 300 steps, H = 50
+    python benchmarks/vs_torchft.py --repeats 2 --noise    # as in RESULTS.md (about 7 min)
+    python benchmarks/vs_torchft.py --race --repeats 2     # on a busy shared machine
     python benchmarks/vs_torchft.py --workers 2 --steps 100 --plot-dir /tmp/vs_torchft
 
 Runs one job twice, one after the other, on the same model preset, corpus, seed, worker count,
@@ -269,6 +271,12 @@ def steady(res: dict, steps: int, H: int) -> dict:
     }
 
 
+def _report(name: str, res: dict, steps: int, H: int) -> None:
+    s = steady(res, steps, H)
+    print(f"  {name}: {s['mean'] * 1e3:.1f} ms/step steady, job wall {res['job_wall']:.1f} s",
+          flush=True)  # fmt: skip
+
+
 def plot(ours: dict, theirs: dict, path: Path, title: str) -> None:
     from matplotlib.figure import Figure
 
@@ -359,8 +367,9 @@ def main() -> None:
                     "torchft": ex.submit(run_torchft, args, out / f"torchft-{rep}", args.seed),
                 }
                 res = {name: f.result() for name, f in futs.items()}
-            for r_ in res.values():  # CPU seconds of two overlapping jobs cannot be told apart
+            for name, r_ in res.items():  # CPU seconds of two overlapping jobs can't be told apart
                 r_["job_cpu"] = float("nan")
+                _report(name, r_, args.steps, H)
         else:
             order = first if rep % 2 == 0 else first[::-1]  # alternate: drift hits both alike
             for name in order:
@@ -368,10 +377,7 @@ def main() -> None:
                       f"{args.steps} steps) ...", flush=True)  # fmt: skip
                 fn = run_lowband if name == "lowband" else run_torchft
                 res[name] = fn(args, out / f"{name}-{rep}", args.seed)
-        for name in ("lowband", "torchft"):
-            s_ = steady(res[name], args.steps, H)
-            print(f"  {name}: {s_['mean'] * 1e3:.1f} ms/step steady, job wall "
-                  f"{res[name]['job_wall']:.1f} s", flush=True)  # fmt: skip
+                _report(name, res[name], args.steps, H)
         reps.append(res)
     noise = None
     if args.noise:
@@ -447,7 +453,7 @@ def main() -> None:
         f"step time ratio lowband/torchft (steady mean): {ratio:.3f}"
         + (f" (per repeat: {per_rep})" if args.repeats > 1 else "")
         + f"; of medians: {so['median'] / st['median']:.3f}",
-        f"final eval loss lowband - torchft: {d_final:+.5f} ({100 * rel_final:+.3f}%)",
+        f"final eval loss lowband - torchft: {d_final:+.2e} ({100 * rel_final:+.5f}%)",
         f"max |eval loss difference| over steps {eval_steps}: {max_abs:.2e}"
         + (" (bit-identical at every eval)" if identical else ""),
         f"max |train loss difference| (mean of workers, every step): {train_max:.2e}",
