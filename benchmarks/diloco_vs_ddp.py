@@ -29,6 +29,8 @@ CONFIGS = {
     "diloco-h50": ["--algo", "diloco", "--sync-every", "50"],
     "diloco-h100": ["--algo", "diloco", "--sync-every", "100"],
     "diloco-h100-4bit": ["--algo", "diloco", "--sync-every", "100", "--bits", "4"],
+    "noloco-h50": ["--algo", "noloco", "--sync-every", "50"],
+    "co2-h50": ["--algo", "co2", "--sync-every", "50"],
     "streaming-h100-p4-4bit": [
         "--algo", "streaming-diloco", "--sync-every", "100", "--fragments", "4", "--bits", "4",
     ],
