@@ -51,8 +51,6 @@ group's timeout; the error surfaces from the next outer step (or close), it does
 
 from __future__ import annotations
 
-import concurrent.futures
-import time
 from typing import Any
 
 import torch
@@ -60,7 +58,8 @@ from torch import nn
 
 from lowband.algorithms.base import Algorithm, ensure_same_start
 from lowband.algorithms.noloco import flat_params, write_flat
-from lowband.comm import Codec, Comm, get_codec, quantized_all_reduce
+from lowband.algorithms.overlap import BackgroundReducer
+from lowband.comm import Comm, get_codec, quantized_all_reduce
 from lowband.comm.quantized import quantized_all_reduce_bytes
 from lowband.errors import ConfigError
 
@@ -96,44 +95,6 @@ def staleness_penalty(
     )
     lam_k = lam * (1.0 + ratio)
     return lam_k.repeat_interleave(torch.tensor(sizes, device=lam_k.device))
-
-
-class BackgroundReducer:
-    """quantized_all_reduce on one background thread, results waited for in submission order.
-
-    The pattern of StreamingDiLoCo._start/_reduce_in_background/_result, as a reusable object:
-    the wait is counted as `outer_wait` (the exposed part), the reduction as background time.
-    """
-
-    def __init__(self, comm: Comm, codec: Codec) -> None:
-        self.comm, self.codec = comm, codec
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-
-    def submit(self, x: torch.Tensor) -> concurrent.futures.Future:
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix="lowband-outer"
-            )
-        return self._executor.submit(self._reduce, x)
-
-    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:  # a new thread starts on GPU 0: use the worker's GPU
-            torch.cuda.set_device(x.device)
-        with self.comm.background():
-            return quantized_all_reduce(self.comm, x, self.codec, op="avg")
-
-    def result(self, work: concurrent.futures.Future | torch.Tensor) -> torch.Tensor:
-        if not isinstance(work, concurrent.futures.Future):
-            return work
-        t0 = time.perf_counter()
-        out = work.result()
-        self.comm.stats.add("outer_wait", seconds=time.perf_counter() - t0)
-        return out
-
-    def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
 
 
 class CO2(Algorithm):

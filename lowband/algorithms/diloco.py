@@ -34,14 +34,13 @@ therefore issues the same collectives in the same order on the one process group
 
 from __future__ import annotations
 
-import concurrent.futures
-import time
 from typing import Any
 
 import torch
 from torch import nn
 
 from lowband.algorithms.base import Algorithm, ensure_same_start
+from lowband.algorithms.overlap import BackgroundReducer
 from lowband.comm import Comm, get_codec, quantized_all_reduce
 from lowband.comm.quantized import quantized_all_reduce_bytes
 from lowband.errors import ConfigError
@@ -151,7 +150,7 @@ class StreamingDiLoCo(Algorithm):
         self.outer_steps = 0  # fragment syncs completed
         self.sync_history: list[tuple[int, int]] = []  # (local step, fragment) of every sync
         self.peak_sync_bytes = 0
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._reducer = BackgroundReducer(comm, self.codec)
         self._pending: tuple[int, int, Any] | None = None  # (fragment, due step, future or result)
 
     # -- schedule -------------------------------------------------------------------------------
@@ -196,26 +195,12 @@ class StreamingDiLoCo(Algorithm):
                 quantized_all_reduce(self.comm, delta, self.codec, op="avg"),
             )
             return
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix="lowband-outer"
-            )
-        self._pending = (fragment, due, self._executor.submit(self._reduce_in_background, delta))
-
-    def _reduce_in_background(self, delta: torch.Tensor) -> torch.Tensor:
-        if delta.is_cuda:  # a new thread starts on GPU 0: use the worker's GPU
-            torch.cuda.set_device(delta.device)
-        with self.comm.background():
-            return quantized_all_reduce(self.comm, delta, self.codec, op="avg")
+        self._pending = (fragment, due, self._reducer.submit(delta))
 
     def _result(self) -> torch.Tensor:
         fragment, due, work = self._pending
-        if isinstance(work, concurrent.futures.Future):
-            t0 = time.perf_counter()
-            work = work.result()
-            # Only the wait is exposed; the reduction itself ran while training went on.
-            self.comm.stats.add("outer_wait", seconds=time.perf_counter() - t0)
-            self._pending = (fragment, due, work)
+        work = self._reducer.result(work)  # only this wait is exposed
+        self._pending = (fragment, due, work)
         return work
 
     @torch.no_grad()
@@ -245,9 +230,7 @@ class StreamingDiLoCo(Algorithm):
     def close(self) -> None:
         if self._pending is not None:
             self._result()  # let the in-flight reduction land; its result stays pending
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        self._reducer.close()
 
     def metrics(self) -> dict[str, Any]:
         return {"outer_step": self.outer_steps, "peak_sync_bytes": self.peak_sync_bytes}
