@@ -103,7 +103,7 @@ def plot_loss(
     fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
 
-    handles, plotted_y = [], []
+    handles, plotted_y, first_eval_x = [], [], []
     for run, colour in zip(runs, colours):
         tx, ty = _finite_x(axis.train_x(run), ema(run.train_loss), axis.log)
         # After smoothing, ~2000 points are more than the 960 px width can show; fewer points
@@ -115,6 +115,8 @@ def plot_loss(
         marker_size = 5 if len(ex) <= 40 else 3
         ax.plot(ex / scale, ey, "o-", color=colour, lw=1.8, ms=marker_size, zorder=3)
         plotted_y += [ty, ey]
+        if ex.size:
+            first_eval_x.append(ex[0] / scale)
         label = run.label + _label_note(run, tx.size + ex.size > 0, axis.log)
         if _diverged(run) and np.isfinite(ey).any():
             last = np.flatnonzero(np.isfinite(ey))[-1]
@@ -127,6 +129,10 @@ def plot_loss(
     ax.grid(True, which="major", alpha=0.35)
     if axis.log:
         ax.set_xscale("log")
+        if first_eval_x:
+            # Start a little left of the first evaluation: a few setup bytes (an 8-byte digest per
+            # worker before the first sync) would otherwise stretch the axis over many decades.
+            ax.set_xlim(left=0.3 * min(first_eval_x))
         ax.grid(True, which="minor", alpha=0.12)
         ax.xaxis.set_major_formatter(ticker.FuncFormatter(_plain_number))
         ax.xaxis.set_minor_formatter(
