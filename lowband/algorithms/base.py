@@ -27,6 +27,20 @@ from torch import nn
 from lowband.comm import Comm
 
 
+def flat_params(params: list[torch.Tensor]) -> torch.Tensor:
+    """The parameters as one new fp32 vector."""
+    return torch.cat([p.detach().reshape(-1).float() for p in params])
+
+
+@torch.no_grad()
+def write_flat(params: list[torch.Tensor], flat: torch.Tensor) -> None:
+    """Copy a flat vector back into the parameters (cast to each parameter's dtype)."""
+    offset = 0
+    for p in params:
+        p.copy_(flat[offset : offset + p.numel()].view_as(p).to(p.dtype))
+        offset += p.numel()
+
+
 def parameter_digest(tensors: list[torch.Tensor]) -> int:
     """A 63-bit digest of the tensors' exact bytes (sha256), equal only for bit-identical values."""
     h = hashlib.sha256()
@@ -55,10 +69,7 @@ def ensure_same_start(comm: Comm, groups: list[list[torch.Tensor]]) -> bool:
     for group in groups:
         flat = torch.cat([t.detach().reshape(-1) for t in group])
         comm.broadcast(flat, src=0)
-        offset = 0
-        for t in group:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
+        write_flat(group, flat)
     return True
 
 

@@ -56,8 +56,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowband.algorithms.base import Algorithm, ensure_same_start
-from lowband.algorithms.noloco import flat_params, write_flat
+from lowband.algorithms.base import Algorithm, ensure_same_start, flat_params, write_flat
 from lowband.algorithms.overlap import BackgroundReducer
 from lowband.comm import Comm, get_codec, quantized_all_reduce
 from lowband.comm.quantized import quantized_all_reduce_bytes

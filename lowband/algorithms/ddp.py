@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowband.algorithms.base import Algorithm, ensure_same_start
+from lowband.algorithms.base import Algorithm, ensure_same_start, write_flat
 from lowband.comm import Comm
 
 
@@ -78,12 +78,4 @@ class DDP(Algorithm):
             for p in bucket:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            _unflatten_into(flat, [p.grad for p in bucket])
-
-
-def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset : offset + n].view_as(t))
-        offset += n
+            write_flat([p.grad for p in bucket], flat)

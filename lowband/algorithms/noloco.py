@@ -63,7 +63,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowband.algorithms.base import Algorithm, ensure_same_start
+from lowband.algorithms.base import Algorithm, ensure_same_start, flat_params, write_flat
 from lowband.comm import Comm, get_codec
 from lowband.errors import ConfigError
 
@@ -106,20 +106,6 @@ def noloco_outer_step_reference(
     delta_bar = torch.stack([t - o for t, o in zip(group_theta, group_theta_old)]).mean(0)
     momentum_i.mul_(beta).add_(gamma * delta_bar + gamma * (phi_bar - theta_old_i))
     theta_old_i.add_(momentum_i)
-
-
-def flat_params(params: list[nn.Parameter]) -> torch.Tensor:
-    """The parameters as one new fp32 vector."""
-    return torch.cat([p.detach().reshape(-1).float() for p in params])
-
-
-@torch.no_grad()
-def write_flat(params: list[nn.Parameter], flat: torch.Tensor) -> None:
-    """Copy a flat vector back into the parameters (cast to each parameter's dtype)."""
-    offset = 0
-    for p in params:
-        p.copy_(flat[offset : offset + p.numel()].view_as(p).to(p.dtype))
-        offset += p.numel()
 
 
 class NoLoCo(Algorithm):
