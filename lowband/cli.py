@@ -28,7 +28,7 @@ def _flag(name: str) -> str:
 
 def _type_of(annotation: str):
     base = annotation.replace(" | None", "").strip()
-    return {"int": int, "float": float, "str": str}[base]
+    return {"int": int, "float": float, "str": str, "bool": bool}[base]
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
@@ -37,6 +37,12 @@ def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
     for f in dataclasses.fields(cls):
         default = getattr(defaults, f.name)
         help_text = docs.get(f.name, "").replace("%", "%%")
+        if _type_of(f.type) is bool:  # an on/off switch
+            parser.add_argument(
+                _flag(f.name), dest=f.name, action="store_true", default=argparse.SUPPRESS,
+                help=help_text,
+            )  # fmt: skip
+            continue
         if default is not None:
             help_text += f" (default: {default})"
         parser.add_argument(
@@ -84,12 +90,35 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.bucket_mb <= 0:
         raise ConfigError(f"--bucket-mb must be positive, got {cfg.bucket_mb}")
     LinkSpec.parse(cfg.link)
-    if cfg.fail_at is not None:
-        parts = cfg.fail_at.split(":")
-        if len(parts) != 2 or not all(p.isdigit() for p in parts) or int(parts[0]) >= cfg.workers:
-            raise ConfigError(
-                f"--fail-at must be RANK:STEP with RANK < --workers, got {cfg.fail_at!r}"
-            )
+    from lowband.train.chaos import parse_chaos
+
+    parse_chaos(cfg)
+    _validate_elastic(cfg)
+
+
+def _validate_elastic(cfg: TrainConfig) -> None:
+    if not cfg.elastic:
+        for name in ("restarts", "lighthouse", "stall_at", "throttle_at"):
+            if getattr(cfg, name) != getattr(TrainConfig(), name):
+                raise ConfigError(f"{_flag(name)} needs --elastic")
+        return
+    if cfg.algo not in ("ddp", "diloco", "streaming-diloco"):
+        raise ConfigError(
+            f"--elastic supports --algo ddp, diloco and streaming-diloco, not {cfg.algo!r}"
+        )
+    if not 1 <= cfg.min_workers <= cfg.workers:
+        raise ConfigError(
+            f"--min-workers must be between 1 and --workers ({cfg.workers}), got {cfg.min_workers}"
+        )
+    if cfg.restarts < 0:
+        raise ConfigError(f"--restarts must be 0 or more, got {cfg.restarts}")
+    for name in ("timeout", "quorum_timeout", "heartbeat_timeout", "join_timeout"):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"{_flag(name)} must be positive, got {getattr(cfg, name)}")
+    if cfg.parity_every < 0 or cfg.detect_every < 0:
+        raise ConfigError("--parity-every and --detect-every must be 0 (never) or more")
+    if cfg.device == "cuda":
+        raise ConfigError("--elastic runs on Gloo (CPU tensors) for now; drop --device cuda")
 
 
 def _check_data(cfg: TrainConfig, world: int):
@@ -143,8 +172,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = TrainConfig(**given)
         run = RunDir(args.out or default_run_name(cfg))
     if torchrun:
+        if cfg.elastic:
+            raise ConfigError(
+                "--elastic starts its own workers; add workers on other hosts with `lowband join`"
+            )
         cfg = dataclasses.replace(cfg, workers=int(os.environ["WORLD_SIZE"]))
     validate(cfg)
+    if cfg.elastic and args.resume:
+        raise ConfigError(
+            "an elastic run keeps its state in its live workers; add workers with `lowband join`"
+        )
     world = cfg.workers
     corpus = _check_data(cfg, world)
 
@@ -166,6 +203,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if torchrun:
         launch_torchrun(cfg, run.path, bool(args.resume))
+    elif cfg.elastic:
+        from lowband.launch import launch_elastic
+
+        launch_elastic(cfg, run)
     else:
         launch_local(cfg, run, bool(args.resume))
     if rank0:
@@ -253,6 +294,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_join(args: argparse.Namespace) -> int:
+    """Add one worker to a running elastic job, after proving the run's secret."""
+    import json
+    import socket
+
+    from lowband.fault.admission import load_secret, request_admission
+    from lowband.launch import join_job
+
+    addr = args.admission
+    if addr is None:
+        if args.run is None:
+            raise ConfigError("lowband join needs RUN (a run folder) or --admission HOST:PORT")
+        info = Path(args.run) / "elastic.json"
+        if not info.exists():
+            raise ConfigError(f"{args.run} is not a running elastic job (no elastic.json)")
+        addr = json.loads(info.read_text())["admission"]
+    token = args.token or os.environ.get("LOWBAND_TOKEN")
+    secret_file = args.token_file
+    if token is None and secret_file is None and args.run is not None:
+        secret_file = Path(args.run) / "secret"
+    secret = load_secret(token, secret_file)
+    joiner = f"{socket.gethostname()}-{os.getpid()}"
+    payload = json.loads(request_admission(addr, secret, joiner, timeout=args.timeout))
+    print(
+        f"admitted to {payload['run']} as worker {payload['index']}; joining at the next synchronisation",
+        file=sys.stderr,
+    )
+    join_job(payload)
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from lowband.models import describe_presets
 
@@ -298,6 +370,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="demo folder (default: runs/demo-TIMESTAMP), one run folder per algorithm inside",
     )
     d.set_defaults(fn=cmd_demo)
+
+    j = sub.add_parser(
+        "join",
+        help="add a worker to a running elastic job (lowband train --elastic)",
+        description="Prove the run's secret to its admission server, then join the job: the new "
+        "worker receives the model and optimizer state from a live peer at the next synchronisation.",
+    )
+    j.add_argument("run", nargs="?", metavar="RUN", help="the job's run folder (same host)")
+    j.add_argument(
+        "--admission", metavar="HOST:PORT", help="the job's admission address (printed at start)"
+    )
+    j.add_argument("--token", help="the run's secret (or set LOWBAND_TOKEN; default: RUN/secret)")
+    j.add_argument("--token-file", help="a file holding the run's secret")
+    j.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for admission")
+    j.set_defaults(fn=cmd_join)
 
     m = sub.add_parser("models", help="list the model presets")
     m.set_defaults(fn=cmd_models)

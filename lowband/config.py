@@ -107,9 +107,35 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """How many recent checkpoints to keep."""
 
+    # -- elastic training (#4) -------------------------------------------------------------------
+    elastic: bool = False
+    """Elastic training on torchft (ddp, diloco, streaming-diloco): workers may die, hang or join without stopping the others (docs/elastic.md)."""
+    min_workers: int = 1
+    """Elastic: the fewest live workers a synchronisation may commit with (torchft's min_replica_size)."""
+    restarts: int = 0
+    """Elastic, local launch: restart a worker that died, up to this many times in all; it rejoins with a live peer's state."""
+    lighthouse: str | None = None
+    """Elastic: address of a running torchft Lighthouse (http://HOST:PORT); default: start one in this command."""
+    timeout: float = 60.0
+    """Elastic: seconds before a collective or a state transfer is given up (a hung peer is dropped after this)."""
+    quorum_timeout: float = 600.0
+    """Elastic: seconds a worker waits for a quorum (longer than the time between synchronisations)."""
+    heartbeat_timeout: float = 5.0
+    """Elastic: a worker silent for this many seconds is left out of the next quorum."""
+    join_timeout: float = 60.0
+    """Elastic: seconds a quorum waits for live (heartbeating) workers that have not asked yet."""
+    parity_every: int = 1
+    """Elastic: check bit-parity of the shared state every this many committed synchronisations (0 never)."""
+    detect_every: int = 10
+    """Elastic: exchange collective timings and flag slow ranks every this many synchronisations (0 never)."""
+
     # -- testing aids ---------------------------------------------------------------------------
     fail_at: str | None = None
-    """Fault injection for testing recovery: RANK:STEP makes that worker die (exit 1) right after that step."""
+    """Fault injection: RANK:STEP[,RANK:STEP...] kills that worker (SIGKILL, as kill -9) right after that step."""
+    stall_at: str | None = None
+    """Fault injection: RANK:STEP:SECONDS stops that worker (SIGSTOP) for that long after that step, then SIGCONT."""
+    throttle_at: str | None = None
+    """Fault injection: RANK:STEP:FACTOR divides that worker's emulated link bandwidth by FACTOR from that step on."""
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR.get(self.model, 1e-3)

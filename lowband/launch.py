@@ -182,3 +182,205 @@ def launch_torchrun(cfg: TrainConfig, run_path: Path, resume: bool) -> None:
     run = RunDir(run_path)
     train_worker(cfg, comm, run, device, resume=resume)
     _shutdown()
+
+
+# -- elastic training (lowband.fault.elastic) ------------------------------------------------------
+def quiet_torchft() -> None:
+    """torchft logs every quorum at INFO (Rust and Python): keep its warnings and errors only."""
+    import logging
+
+    os.environ.setdefault("RUST_LOG", "warn")
+    logging.getLogger("torchft").setLevel(logging.ERROR)
+
+
+def _elastic_worker_main(index, cfg_dict, run_path, lighthouse, joining, errors) -> None:
+    from lowband.train.loop import Seat
+
+    cfg = TrainConfig.from_dict(cfg_dict)
+    torch.set_num_threads(cfg.threads)
+    quiet_torchft()
+    try:
+        train_worker(
+            cfg,
+            Comm(None, LinkSpec.parse(cfg.link), seed=cfg.seed),
+            RunDir(run_path),
+            torch.device("cpu"),
+            seat=Seat(index=index, lighthouse=lighthouse, joining=joining),
+        )
+    except LowbandError as e:
+        errors.put((index, 2, str(e)))
+        sys.exit(2)
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        errors.put((index, 1, f"{type(e).__name__}: {e}".splitlines()[0]))
+        sys.exit(1)
+    # torchft's threads (heartbeats, gRPC) can keep a finished interpreter alive: leave now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def launch_elastic(cfg: TrainConfig, run: RunDir) -> None:
+    """N local workers under a Lighthouse in this process; dead workers restart up to --restarts.
+
+    The job goes on while at least --min-workers are alive. The parent serves admission for
+    `lowband join` (the run's secret is in RUN/secret, readable by its owner only), logs worker
+    deaths and restarts to RUN/metrics/events.jsonl, and merges the workers' summaries at the end.
+    """
+    import json
+
+    from lowband.fault.admission import AdmissionServer, generate_secret
+    from lowband.fault.elastic import start_lighthouse
+    from lowband.train.loop import summary_from_rows, total_steps
+    from lowband.train.rundir import write_json_atomic
+
+    quiet_torchft()
+    lighthouse = None
+    if cfg.lighthouse:
+        address = cfg.lighthouse
+    else:
+        lighthouse = start_lighthouse(
+            cfg.min_workers,
+            join_timeout_s=cfg.join_timeout,
+            heartbeat_timeout_s=cfg.heartbeat_timeout,
+        )
+        address = lighthouse.address()
+    events_path = run.path / "metrics" / "events.jsonl"
+    events_path.parent.mkdir(parents=True, exist_ok=True)
+    events = open(events_path, "a", buffering=1)
+    t_start = time.perf_counter()
+
+    def event(kind: str, **fields) -> None:
+        events.write(
+            json.dumps({"event": kind, "wall_time": time.perf_counter() - t_start, **fields}) + "\n"
+        )
+
+    secret = generate_secret()
+    secret_path = run.path / "secret"
+    fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    next_index = [cfg.workers]
+
+    def payload(joiner: str) -> bytes:
+        index, next_index[0] = next_index[0], next_index[0] + 1
+        event("admitted", joiner=joiner, index=index)
+        return json.dumps(
+            {"lighthouse": address, "config": cfg.to_dict(), "run": str(run.path), "index": index}
+        ).encode()
+
+    admission = AdmissionServer(
+        secret,
+        host="0.0.0.0",
+        run_id=run.path.name,
+        payload=payload,
+        on_event=lambda e: (
+            None
+            if e.get("accepted")
+            else event("admission_refused", **{k: v for k, v in e.items() if k != "event"})
+        ),
+    ).start()
+    host = socket.gethostname()
+    write_json_atomic(
+        run.path / "elastic.json",
+        {"admission": f"{host}:{admission.address[1]}", "workers": cfg.workers},
+    )
+    print(
+        f"elastic job: {cfg.workers} workers, lighthouse {address}; add a worker with\n"
+        f"  lowband join {run.path}            (same host)\n"
+        f"  lowband join --admission {host}:{admission.address[1]} --token-file SECRET_FILE"
+        f"   (another host; SECRET_FILE holds {secret_path}'s line)",
+        file=sys.stderr,
+    )
+
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+
+    def spawn(index: int, joining: bool):
+        p = ctx.Process(
+            target=_elastic_worker_main,
+            args=(index, cfg.to_dict(), str(run.path), address, joining, errors),
+            name=f"lowband-worker-{index}",
+        )
+        p.start()
+        return p
+
+    procs = {i: spawn(i, False) for i in range(cfg.workers)}
+    restarts_left = cfg.restarts
+    finished: set[int] = set()
+    failed: dict[int, int] = {}
+    try:
+        while procs:
+            time.sleep(0.05)
+            for i, p in list(procs.items()):
+                if p.exitcode is None:
+                    continue
+                del procs[i]
+                if p.exitcode == 0:
+                    finished.add(i)
+                    continue
+                event("worker_died", index=i, exitcode=p.exitcode)
+                if restarts_left > 0 and not finished:
+                    restarts_left -= 1
+                    event("worker_restarted", index=i)
+                    procs[i] = spawn(i, True)
+                else:
+                    failed[i] = p.exitcode
+    finally:
+        for p in procs.values():
+            p.kill()
+        admission.close()
+        if lighthouse is not None:
+            lighthouse.shutdown()
+        events.close()
+    messages = {}
+    try:
+        while True:
+            r, code, msg = errors.get(timeout=0.2)
+            messages[r] = (code, msg)
+    except queue.Empty:
+        pass
+    for r, (code, msg) in sorted(messages.items()):
+        if code == 2:
+            raise WorkerFailed(r, 2, msg)
+    if not finished:
+        r = min(failed) if failed else 0
+        detail = messages.get(r, (1, f"exited with code {failed.get(r)}"))[1]
+        raise WorkerFailed(r, 1, f"every worker failed; worker {r}: {detail}")
+    rows, by_op, evals = [], {}, []
+    for f in sorted((run.path / "summaries").glob("rank*.json")):
+        s = json.loads(f.read_text())
+        rows.append(s["row"])
+        evals.append(s["eval_loss"])
+        for op, v in s["by_op"].items():
+            by_op.setdefault(op, {"bytes_sent": 0.0})
+            by_op[op]["bytes_sent"] += v["bytes_sent"]
+    steps = total_steps(cfg, cfg.workers)
+    first = json.loads(sorted((run.path / "summaries").glob("rank*.json"))[0].read_text())
+    summary = summary_from_rows(
+        rows,
+        {k: {"bytes_sent": v["bytes_sent"] / len(rows)} for k, v in by_op.items()},  # per worker
+        steps,
+        cfg.batch_size * cfg.seq_len * cfg.workers,
+        first["eval_loss"],
+        first["train_loss"],
+    )
+    summary["elastic"] = {"finished": sorted(finished), "failed": sorted(failed)}
+    write_json_atomic(run.summary_path, summary)
+
+
+def join_job(payload: dict, device: str = "cpu") -> None:
+    """Run one newcomer worker in this process (after `lowband join` was admitted)."""
+    from lowband.train.loop import Seat
+
+    cfg = TrainConfig.from_dict(payload["config"])
+    torch.set_num_threads(cfg.threads)
+    quiet_torchft()
+    run = RunDir(payload["run"])
+    train_worker(
+        cfg,
+        Comm(None, LinkSpec.parse(cfg.link), seed=cfg.seed),
+        run,
+        torch.device(device),
+        seat=Seat(index=int(payload["index"]), lighthouse=payload["lighthouse"], joining=True),
+    )

@@ -83,6 +83,8 @@ def build_algorithm(
 ) -> Algorithm:
     """The algorithm named by cfg.algo, with its options taken from the config."""
     check_algo_options(cfg)
+    if cfg.elastic:
+        return _build_elastic(cfg, model, optimizer, comm)
     if cfg.algo == "ddp":
         return DDP(model, optimizer, comm, bucket_mb=cfg.bucket_mb)
     d = lambda value, default: value if value is not None else default  # noqa: E731
@@ -128,6 +130,26 @@ def build_algorithm(
         mix=cfg.mix,
         bits=cfg.bits or 4,
         **outer,
+    )
+
+
+def _build_elastic(cfg, model, optimizer, comm) -> Algorithm:
+    from lowband.algorithms.elastic import ElasticDDP, ElasticStreamingDiLoCo
+
+    if cfg.algo == "ddp":
+        return ElasticDDP(model, optimizer, comm, bucket_mb=cfg.bucket_mb)
+    streaming = cfg.algo == "streaming-diloco"
+    return ElasticStreamingDiLoCo(
+        model,
+        optimizer,
+        comm,
+        sync_every=cfg.sync_every,
+        fragments=(cfg.fragments if cfg.fragments is not None else 4) if streaming else 1,
+        overlap=(cfg.overlap if cfg.overlap is not None else 1) if streaming else 0,
+        mix=cfg.mix if streaming else 0.0,
+        bits=cfg.bits or (4 if streaming else 32),
+        outer_lr=cfg.outer_lr if cfg.outer_lr is not None else 0.7,
+        outer_momentum=cfg.outer_momentum if cfg.outer_momentum is not None else 0.9,
     )
 
 

@@ -84,7 +84,9 @@ def load_secret(secret: str | None = None, secret_file: str | Path | None = None
     accepted with a warning.
     """
     if (secret is None) == (secret_file is None):
-        raise ConfigError("give the run secret either as --secret or as --secret-file, not both")
+        raise ConfigError(
+            "give the run secret either as a value (--token) or as a file (--token-file), not both"
+        )
     if secret_file is not None:
         path = Path(secret_file)
         try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -17,11 +16,12 @@ from typing import Any
 import torch
 
 from lowband.algorithms import build_algorithm
-from lowband.comm import Comm
+from lowband.comm import Comm, LinkSpec
 from lowband.config import TrainConfig
 from lowband.data import ShardSampler, eval_batches, load_corpus, split_eval
 from lowband.models import build_model
 from lowband.train import checkpoint
+from lowband.train.chaos import Chaos, kill_self, parse_chaos, stall_self
 from lowband.train.meta import run_meta
 from lowband.train.progress import ProgressBar
 from lowband.train.rundir import RunDir, fingerprint, write_json_atomic
@@ -80,11 +80,31 @@ class MetricsWriter:
         self._f.close()
 
 
+@dataclass
+class Seat:
+    """An elastic worker's place in the job (lowband.fault.elastic): fixed for its lifetime."""
+
+    index: int
+    """The worker's number: its metrics file and data shard (index % --workers)."""
+    lighthouse: str
+    joining: bool = False
+    """True for a newcomer or a restarted worker: it heals from a live peer before training."""
+
+
 def train_worker(
-    cfg: TrainConfig, comm: Comm, run: RunDir, device: torch.device, resume: bool = False
+    cfg: TrainConfig,
+    comm: Comm,
+    run: RunDir,
+    device: torch.device,
+    resume: bool = False,
+    seat: Seat | None = None,
 ) -> dict:
-    """Train on this worker until cfg's last step; returns the run's summary (on every rank)."""
-    rank, world = comm.rank, comm.size
+    """Train on this worker until cfg's last step; returns the run's summary (on every rank).
+
+    With a `seat` (elastic training) `comm` is only a placeholder: every synchronisation gets the
+    Comm of its quorum from the worker's Membership.
+    """
+    rank, world = (seat.index, cfg.workers) if seat else (comm.rank, comm.size)
     corpus = load_corpus(cfg.data)
     train_tokens, eval_tokens = split_eval(corpus)
     steps = total_steps(cfg, world)
@@ -103,11 +123,12 @@ def train_worker(
     algo = build_algorithm(cfg, model, opt, comm)
     sampler = ShardSampler(
         train_tokens,
-        rank=rank,
+        rank=rank % world,
         world_size=world,
         batch_size=cfg.batch_size,
         seq_len=cfg.seq_len,
-        seed=cfg.seed,
+        seed=cfg.seed
+        + 7919 * (rank // world),  # a worker beyond --workers shares a shard, not its batches
     )
     evals = eval_batches(
         eval_tokens, batch_size=cfg.batch_size, seq_len=cfg.seq_len, num_batches=cfg.eval_batches
@@ -126,8 +147,9 @@ def train_worker(
         comm.stats.load_state_dict(state["comm_stats"])
         timers = Timers(**state["timers"])
         start = state["step"]
-    run.truncate_metrics(rank, start)
-    if rank == 0 and not resume:
+    if seat is None:
+        run.truncate_metrics(rank, start)
+    if rank == 0 and not resume and not (seat and seat.joining):
         write_json_atomic(
             run.meta_path,
             run_meta(
@@ -139,7 +161,7 @@ def train_worker(
             ),
         )
 
-    fail_rank, fail_step = (int(v) for v in cfg.fail_at.split(":")) if cfg.fail_at else (-1, -1)
+    chaos = parse_chaos(cfg) if not (seat and seat.joining) else Chaos()
     tokens_per_step = cfg.batch_size * cfg.seq_len * world
     metrics = MetricsWriter(run.metrics_path(rank))
     bar = ProgressBar(steps, start, f"{cfg.algo} x{world} {cfg.model}", enabled=rank == 0)
@@ -157,13 +179,69 @@ def train_worker(
             "timers": {"compute": timers.compute, "wall_offset": wall()},
         }
 
+    membership = None
+    healed_to: list[int] = []  # the step a heal jumped to, set by the membership's callback
+    position = {"step": start}
+    if seat is not None:
+        from lowband.fault.elastic import Membership
+
+        def live_state() -> dict[str, Any]:  # what a newcomer receives from this worker
+            return {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "algo": algo.state_dict(),
+                "step": position["step"],
+            }
+
+        def load_live_state(state: dict[str, Any]) -> None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            algo.load_state_dict(state["algo"])
+            healed_to.append(int(state["step"]))
+            position["step"] = int(state["step"])
+
+        def write_event(event: dict[str, Any]) -> None:
+            metrics.write({**event, "step": position["step"], "wall_time": wall(), "rank": rank})
+
+        membership = Membership(
+            replica_id=f"replica_{seat.index}",
+            lighthouse=seat.lighthouse,
+            min_workers=cfg.min_workers,
+            state_dict=live_state,
+            load_state_dict=load_live_state,
+            link=LinkSpec.parse(cfg.link),
+            stats=comm.stats,
+            seed=cfg.seed,
+            timeout_s=cfg.timeout,
+            quorum_timeout_s=cfg.quorum_timeout,
+            joining=seat.joining,
+            on_event=write_event,
+        )
+        algo.attach(
+            membership,
+            join=seat.joining,
+            on_event=write_event,
+            parity_every=cfg.parity_every,
+            detect_every=cfg.detect_every,
+        )
+        if seat.joining:
+            write_event({"event": "joined", "replica": membership.replica_id})
+
     try:
-        for step in range(start + 1, steps + 1):
+        step = start
+        while step < steps:
+            step += 1
+            position["step"] = step
             t0, comm0 = time.perf_counter(), comm.stats.seconds
-            x, y = (t.to(device, non_blocking=True) for t in sampler.batch(step))
-            with autocast():
-                loss = model.loss(x, y)
-            loss.backward()
+            if not getattr(algo, "joining", False):
+                x, y = (t.to(device, non_blocking=True) for t in sampler.batch(step))
+                with autocast():
+                    loss = model.loss(x, y)
+                loss.backward()
+            else:  # a newcomer heals inside the algorithm's hook before it trains
+                loss = torch.tensor(float("nan"))
             algo.sync_gradients()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -171,6 +249,9 @@ def train_worker(
             sched.step()
             opt.zero_grad(set_to_none=True)
             algo.step()
+            if healed_to:  # this worker now holds a live peer's state, at the peer's step
+                step = position["step"] = healed_to.pop()
+                start = step - 1  # tokens/s of this worker count from here
             loss_value = loss.item()  # also waits for the device
             timers.compute += (time.perf_counter() - t0) - (comm.stats.seconds - comm0)
 
@@ -195,8 +276,10 @@ def train_worker(
                 if do_eval:
                     record["eval_loss"] = eval_loss
                 metrics.write(record)
-            if cfg.ckpt_every >= 0 and (
-                last or (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0)
+            if (
+                cfg.ckpt_every >= 0
+                and seat is None
+                and (last or (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0))
             ):
                 checkpoint.save(run, step, rank, world, fp, checkpoint_state())
                 if rank == 0:
@@ -211,15 +294,48 @@ def train_worker(
                 exposed_comm_s=comm.stats.seconds,
                 extra=algo.metrics(),
             )
-            if rank == fail_rank and step == fail_step:
-                metrics.close()
-                os._exit(1)  # injected fault: die without cleanup, as a killed process would
+            if chaos:
+                _inject(chaos, rank, step, metrics, membership)
         algo.close()
     finally:
         bar.close()
         metrics.close()
+        if membership is not None:
+            membership.shutdown()
 
+    if seat is not None:  # no collective over a group that may have changed: the launcher merges
+        row = _summary_row(comm, timers, wall())
+        write_json_atomic(
+            run.path / "summaries" / f"rank{rank}.json",
+            {
+                "row": row,
+                "by_op": comm.stats.by_op(),
+                "eval_loss": eval_loss,
+                "train_loss": loss_value,
+            },
+        )
+        return {}
     return _summarise(cfg, comm, run, steps, tokens_per_step, eval_loss, loss_value, timers, wall())
+
+
+def _inject(chaos: Chaos, rank: int, step: int, metrics: MetricsWriter, membership) -> None:
+    if (rank, step) in chaos.kills:
+        metrics.close()
+        kill_self()  # injected fault: SIGKILL, no cleanup, as `kill -9` would
+    if (rank, step) in chaos.stalls:
+        stall_self(chaos.stalls[(rank, step)])
+    if (rank, step) in chaos.throttles and membership is not None:
+        membership.throttle(chaos.throttles[(rank, step)])
+
+
+def _summary_row(comm: Comm, timers: Timers, wall_time: float) -> list[float]:
+    return [
+        float(comm.stats.bytes_sent),
+        float(comm.stats.bytes_recv),
+        timers.compute,
+        comm.stats.seconds,
+        wall_time,
+    ]
 
 
 def _summarise(
@@ -227,20 +343,22 @@ def _summarise(
 ) -> dict:
     """Gather every worker's totals (a few numbers, counted as 'summary' traffic) and write summary.json."""
     mine = torch.tensor(
-        [
-            comm.stats.bytes_sent,
-            comm.stats.bytes_recv,
-            timers.compute,
-            comm.stats.seconds,
-            wall_time,
-        ],
-        dtype=torch.float64,
-        device=comm.device,
+        _summary_row(comm, timers, wall_time), dtype=torch.float64, device=comm.device
     )
     rows = [torch.empty_like(mine) for _ in range(comm.size)]
     by_op = comm.stats.by_op()
     comm.all_gather(rows, mine)
-    table = torch.stack(rows).cpu()
+    summary = summary_from_rows(
+        torch.stack(rows).cpu(), by_op, steps, tokens_per_step, eval_loss, loss_value
+    )
+    if comm.rank == 0:
+        write_json_atomic(run.summary_path, summary)
+    return summary
+
+
+def summary_from_rows(table, by_op, steps, tokens_per_step, eval_loss, loss_value) -> dict:
+    """summary.json from one row per worker (bytes sent, bytes received, compute, comm, wall)."""
+    table = torch.as_tensor(table, dtype=torch.float64)
     summary = {
         "final_eval_loss": eval_loss,
         "final_train_loss": loss_value,
@@ -255,8 +373,6 @@ def _summarise(
         "comm_time_per_worker": float(table[:, 3].mean()),
         "compute_utilisation": float(table[:, 2].sum() / table[:, 4].sum()),
         "bytes_by_op": {k: v["bytes_sent"] for k, v in by_op.items()},
-        "world_size": comm.size,
+        "world_size": int(table.shape[0]),
     }
-    if comm.rank == 0:
-        write_json_atomic(run.summary_path, summary)
     return summary

@@ -1,0 +1,267 @@
+"""The elastic forms of DDP, DiLoCo and Streaming DiLoCo (`lowband train --elastic`).
+
+Each subclass keeps its parent's update rule and changes only what happens around a
+synchronisation (lowband.fault.elastic describes the protocol):
+
+  * before it: `membership.quorum()` picks the participants and may *heal* this worker (load a
+    live peer's whole state); the reduction then runs over the quorum's Comm;
+  * the reduction: a worker that has just healed contributes zeros, and every contribution is
+    scaled by (participants / contributors), so the average is over the workers that really
+    trained;
+  * after it: `membership.commit()`; a failed or uncommitted synchronisation is discarded
+    (DDP: no optimizer step; DiLoCo: the fragment returns to the last global parameters, as
+    torchft's DiLoCo does) and never applied twice;
+  * after a committed outer step: a bit-parity check of the shared state over the quorum
+    (lowband.fault.parity), repairing a rank that disagrees with the majority.
+
+A newcomer (`join=True`) calls the same hook on its first iteration without having trained: its
+quorum heals it to its source's state at the source's synchronisation point, and it then takes
+part in that synchronisation like everybody else.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from lowband.algorithms.base import write_flat
+from lowband.algorithms.ddp import DDP
+from lowband.algorithms.diloco import StreamingDiLoCo
+from lowband.comm import quantized_all_reduce, quantized_all_reduce_bytes
+from lowband.fault.detector import Detector
+from lowband.fault.parity import check_parity, shared_state_of
+
+
+class _Elastic:
+    """What the elastic algorithms share: the membership, events and a parity check."""
+
+    membership: Any = None
+    joining = False
+    parity_every = 1
+
+    def attach(
+        self, membership, *, join: bool, on_event, parity_every: int = 1, detect_every: int = 10
+    ) -> None:
+        self.membership = membership
+        self.joining = join
+        self.on_event = on_event
+        self.parity_every = parity_every
+        self.detect_every = detect_every
+        # Every participant computes the same verdict; only the flagged worker logs it (once).
+        self.detector = Detector(
+            membership.comm,
+            on_event=lambda e: on_event(e) if e.get("rank") == self.comm.rank else None,
+        )
+        self.failed_syncs = 0
+        self.parity_repairs = 0
+        self.last_sync_s = 0.0
+        self._t_sync = 0.0
+        self._new_quorum = False
+        self._commits = 0
+
+    def _quorum(self):
+        self._t_sync = time.perf_counter()
+        before = self.membership.comm
+        comm = self.membership.quorum()
+        self._new_quorum = comm is not before
+        if self.detector.comm is not comm:  # a new quorum: time its collectives too
+            self.detector.comm = comm
+            comm.observers.append(self.detector.record)
+        self.comm = comm
+        return comm
+
+    def _scale(self) -> float:
+        m = self.membership
+        return 0.0 if m.healed else self.comm.size / m.contributors
+
+    def _failed(self, kind: str, reason: str) -> None:
+        self.failed_syncs += 1
+        self.on_event(
+            {
+                "event": "sync_discarded",
+                "kind": kind,
+                "local_step": self.local_step,
+                "reason": reason,
+            }
+        )
+
+    def _synced(self, committed: bool) -> None:
+        """Time one synchronisation (quorum to commit); a new quorum becomes an event."""
+        seconds = time.perf_counter() - self._t_sync
+        self.last_sync_s = seconds
+        if self._new_quorum:
+            self.on_event(
+                {
+                    "event": "quorum",
+                    "participants": self.comm.size,
+                    "contributors": self.membership.contributors,
+                    "sync_s": seconds,
+                    "committed": committed,
+                }
+            )
+
+    def _after_commit(self, step: int) -> None:
+        """Parity of the shared state, and now and then the slow-rank exchange (both collectives
+        over the quorum, at the same point on every participant)."""
+        self._commits += 1
+        try:
+            if self.parity_every > 0 and self._commits % self.parity_every == 0:
+                report = check_parity(self.comm, shared_state_of(self), step=step)
+                if report.event:
+                    self.parity_repairs += 1
+                    self.on_event(report.event)
+            if self.detect_every > 0 and self._commits % self.detect_every == 0:
+                self.detector.exchange()  # slow_rank events go to on_event
+        except Exception as e:  # noqa: BLE001 - a peer lost during the check: the next quorum copes
+            self.membership.report_error(e)
+
+    def elastic_metrics(self) -> dict[str, Any]:
+        m = self.membership
+        return {
+            "participants": self.comm.size,
+            "committed": m.step,
+            "failed_syncs": self.failed_syncs,
+            "quorum_s": m.quorum_seconds,
+            "sync_s": self.last_sync_s,
+        }
+
+
+class ElasticDDP(_Elastic, DDP):
+    """DDP whose every step is a quorum, a reduction and a commit."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, broadcast_init=False, **kwargs)
+
+    def shared_state(self) -> list[torch.Tensor]:
+        return [p.data for p in self.params]
+
+    @torch.no_grad()
+    def sync_gradients(self) -> None:
+        self.joining = False
+        comm = self._quorum()
+        scale = self._scale()
+        self.membership.healed = False
+        try:
+            flats, works = [], []
+            for bucket in self.buckets:
+                flat = torch.cat(
+                    [
+                        (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                        for p in bucket
+                    ]
+                ).mul_(scale)
+                flats.append(flat)
+                works.append(comm.all_reduce(flat, op="avg", async_op=True))
+            for w in works:
+                w.wait()
+        except Exception as e:  # noqa: BLE001 - a peer died or hung mid-reduction
+            self.membership.report_error(e)
+        committed = self.membership.commit()
+        self._synced(committed)
+        if not committed:
+            for p in self.params:
+                p.grad = None  # the optimizer skips parameters without gradients
+            self._failed("ddp", "not committed")
+            return
+        for bucket, flat in zip(self.buckets, flats):
+            for p in bucket:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            write_flat([p.grad for p in bucket], flat)
+        self._after_commit(self.local_step + 1)
+
+    def metrics(self) -> dict[str, Any]:
+        return {**super().metrics(), **self.elastic_metrics()}
+
+
+class ElasticStreamingDiLoCo(_Elastic, StreamingDiLoCo):
+    """Streaming DiLoCo (and DiLoCo, P = 1) with a quorum and a commit per fragment sync."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, broadcast_init=False, **kwargs)
+        self._syncing: tuple[int, int] | None = None
+
+    def step(self) -> None:
+        if not self.joining:
+            super().step()
+            return
+        self.joining = False  # a newcomer's first call: heal, then join the sync under way
+        self._syncing = None
+        self._quorum()
+        if self._syncing is None:
+            raise RuntimeError(
+                f"{self.membership.replica_id} joined, but no live peer had state to give it"
+            )
+        fragment, due = self._syncing
+        self._launch(fragment, due)
+        if due == self.local_step:
+            self._finish(fragment, due)
+
+    @torch.no_grad()
+    def _start(self, fragment: int, due: int) -> None:
+        self._syncing = (fragment, due)
+        self._quorum()
+        self._launch(*self._syncing)
+
+    @torch.no_grad()
+    def _launch(self, fragment: int, due: int) -> None:
+        assert self._pending is None, "two fragment reductions in flight"
+        self._reducer.comm = self.comm
+        scale = self._scale()
+        self.membership.healed = False
+        delta = torch.cat(
+            [
+                (g - p.detach().float()).reshape(-1)
+                for g, p in zip(self.global_params[fragment], self.fragments[fragment])
+            ]
+        ).mul_(scale)
+        sent = quantized_all_reduce_bytes(delta.numel(), self.comm.size, self.codec)
+        self.peak_sync_bytes = max(self.peak_sync_bytes, sent)
+        try:
+            if self.tau == 0:
+                result = quantized_all_reduce(self.comm, delta, self.codec, op="avg")
+            else:
+                result = self._reducer.submit(delta)
+        except Exception as e:  # noqa: BLE001
+            self.membership.report_error(e)
+            result = e
+        self._pending = (fragment, due, result)
+
+    @torch.no_grad()
+    def _finish(self, fragment: int, t: int) -> None:
+        _, _, work = self._pending
+        if not isinstance(work, Exception):
+            try:
+                self._result()
+            except Exception as e:  # noqa: BLE001 - a peer died or hung mid-reduction
+                self.membership.report_error(e)
+                work = e
+        committed = self.membership.commit()
+        self._synced(committed and not isinstance(work, Exception))
+        if isinstance(work, Exception) or not committed:
+            self._pending = None
+            self._syncing = None
+            for g, p in zip(self.global_params[fragment], self.fragments[fragment]):
+                p.copy_(g.to(p.dtype))  # drop this fragment's local steps, as torchft does
+            self._failed(
+                f"fragment {fragment}",
+                str(work) if isinstance(work, Exception) else "not committed",
+            )
+            return
+        super()._finish(fragment, t)
+        self._syncing = None
+        self._after_commit(t)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "syncing": self._syncing}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._syncing = state.get("syncing")
+        if self._syncing is not None:
+            self._syncing = tuple(self._syncing)
+
+    def metrics(self) -> dict[str, Any]:
+        return {**super().metrics(), **self.elastic_metrics()}
