@@ -12,6 +12,7 @@ many hosts (the run folder should be on a shared filesystem for checkpoints).
 from __future__ import annotations
 
 import datetime
+import math
 import multiprocessing as mp
 import os
 import queue
@@ -187,13 +188,18 @@ def launch_torchrun(cfg: TrainConfig, run_path: Path, resume: bool) -> None:
 # -- elastic training (lowband.fault.elastic) ------------------------------------------------------
 def quiet_torchft() -> None:
     """torchft logs every quorum at INFO (Rust and Python): keep its warnings and errors only."""
+    import http.server
     import logging
+    import warnings
 
     os.environ.setdefault("RUST_LOG", "warn")
     logging.getLogger("torchft").setLevel(logging.ERROR)
+    # A state transfer is one HTTP GET served by torchft inside the worker: no access log line.
+    http.server.BaseHTTPRequestHandler.log_message = lambda *_: None
+    warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 
-def _elastic_worker_main(index, cfg_dict, run_path, lighthouse, joining, errors) -> None:
+def _elastic_worker_main(index, cfg_dict, run_path, lighthouse, joining, store, errors) -> None:
     from lowband.train.loop import Seat
 
     cfg = TrainConfig.from_dict(cfg_dict)
@@ -205,7 +211,7 @@ def _elastic_worker_main(index, cfg_dict, run_path, lighthouse, joining, errors)
             Comm(None, LinkSpec.parse(cfg.link), seed=cfg.seed),
             RunDir(run_path),
             torch.device("cpu"),
-            seat=Seat(index=index, lighthouse=lighthouse, joining=joining),
+            seat=Seat(index=index, lighthouse=lighthouse, joining=joining, store=store),
         )
     except LowbandError as e:
         errors.put((index, 2, str(e)))
@@ -261,12 +267,21 @@ def launch_elastic(cfg: TrainConfig, run: RunDir) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(secret + "\n")
     next_index = [cfg.workers]
+    host = socket.gethostname()
+    store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False)
+    store_address = f"{host}:{store.port}"
 
     def payload(joiner: str) -> bytes:
         index, next_index[0] = next_index[0], next_index[0] + 1
         event("admitted", joiner=joiner, index=index)
         return json.dumps(
-            {"lighthouse": address, "config": cfg.to_dict(), "run": str(run.path), "index": index}
+            {
+                "lighthouse": address,
+                "store": store_address,
+                "config": cfg.to_dict(),
+                "run": str(run.path),
+                "index": index,
+            }
         ).encode()
 
     admission = AdmissionServer(
@@ -280,7 +295,6 @@ def launch_elastic(cfg: TrainConfig, run: RunDir) -> None:
             else event("admission_refused", **{k: v for k, v in e.items() if k != "event"})
         ),
     ).start()
-    host = socket.gethostname()
     write_json_atomic(
         run.path / "elastic.json",
         {"admission": f"{host}:{admission.address[1]}", "workers": cfg.workers},
@@ -299,7 +313,15 @@ def launch_elastic(cfg: TrainConfig, run: RunDir) -> None:
     def spawn(index: int, joining: bool):
         p = ctx.Process(
             target=_elastic_worker_main,
-            args=(index, cfg.to_dict(), str(run.path), address, joining, errors),
+            args=(
+                index,
+                cfg.to_dict(),
+                str(run.path),
+                address,
+                joining,
+                store_address,
+                errors,
+            ),  # fmt: skip
             name=f"lowband-worker-{index}",
         )
         p.start()
@@ -309,15 +331,28 @@ def launch_elastic(cfg: TrainConfig, run: RunDir) -> None:
     restarts_left = cfg.restarts
     finished: set[int] = set()
     failed: dict[int, int] = {}
+    give_up_at = math.inf  # once a worker has finished, the others get this long to finish too
     try:
         while procs:
             time.sleep(0.05)
+            if time.monotonic() > give_up_at:
+                for i, p in procs.items():
+                    p.kill()
+                    event(
+                        "worker_stopped",
+                        index=i,
+                        reason="still running long after the job finished",
+                    )
+                    failed[i] = -9
+                procs.clear()
+                break
             for i, p in list(procs.items()):
                 if p.exitcode is None:
                     continue
                 del procs[i]
                 if p.exitcode == 0:
                     finished.add(i)
+                    give_up_at = min(give_up_at, time.monotonic() + cfg.timeout + cfg.join_timeout)
                     continue
                 event("worker_died", index=i, exitcode=p.exitcode)
                 if restarts_left > 0 and not finished:
@@ -382,5 +417,10 @@ def join_job(payload: dict, device: str = "cpu") -> None:
         Comm(None, LinkSpec.parse(cfg.link), seed=cfg.seed),
         run,
         torch.device(device),
-        seat=Seat(index=int(payload["index"]), lighthouse=payload["lighthouse"], joining=True),
+        seat=Seat(
+            index=int(payload["index"]),
+            lighthouse=payload["lighthouse"],
+            joining=True,
+            store=payload.get("store"),
+        ),
     )

@@ -26,12 +26,12 @@ from typing import Any
 
 import torch
 
-from lowband.algorithms.base import write_flat
+from lowband.algorithms.base import Algorithm, write_flat
 from lowband.algorithms.ddp import DDP
 from lowband.algorithms.diloco import StreamingDiLoCo
 from lowband.comm import quantized_all_reduce, quantized_all_reduce_bytes
 from lowband.fault.detector import Detector
-from lowband.fault.parity import check_parity, shared_state_of
+from lowband.fault.parity import check_parity, shared_state_of, state_digest
 
 
 class _Elastic:
@@ -57,9 +57,10 @@ class _Elastic:
         self.failed_syncs = 0
         self.parity_repairs = 0
         self.last_sync_s = 0.0
+        self.shared_digest: str | None = None
+        """This rank's digest of its shared state at the last parity check (before any repair)."""
         self._t_sync = 0.0
         self._new_quorum = False
-        self._commits = 0
 
     def _quorum(self):
         self._t_sync = time.perf_counter()
@@ -105,14 +106,19 @@ class _Elastic:
     def _after_commit(self, step: int) -> None:
         """Parity of the shared state, and now and then the slow-rank exchange (both collectives
         over the quorum, at the same point on every participant)."""
-        self._commits += 1
+        # The cadence must be the same on every participant, a newcomer included: use the
+        # committed-step counter (identical after a commit), never a count kept by this process.
+        n = self.membership.step
         try:
-            if self.parity_every > 0 and self._commits % self.parity_every == 0:
-                report = check_parity(self.comm, shared_state_of(self), step=step)
+            if self.parity_every > 0 and n % self.parity_every == 0:
+                shared = shared_state_of(self)
+                # This rank's own digest, before any repair: what the tests compare across ranks.
+                self.shared_digest = f"{state_digest(shared.shared_state()):016x}"
+                report = check_parity(self.comm, shared, step=step)
                 if report.event:
                     self.parity_repairs += 1
                     self.on_event(report.event)
-            if self.detect_every > 0 and self._commits % self.detect_every == 0:
+            if self.detect_every > 0 and n % self.detect_every == 0:
                 self.detector.exchange()  # slow_rank events go to on_event
         except Exception as e:  # noqa: BLE001 - a peer lost during the check: the next quorum copes
             self.membership.report_error(e)
@@ -125,6 +131,7 @@ class _Elastic:
             "failed_syncs": self.failed_syncs,
             "quorum_s": m.quorum_seconds,
             "sync_s": self.last_sync_s,
+            "shared_digest": self.shared_digest,
         }
 
 
@@ -185,7 +192,15 @@ class ElasticStreamingDiLoCo(_Elastic, StreamingDiLoCo):
 
     def step(self) -> None:
         if not self.joining:
-            super().step()
+            # The parent's schedule, except that a quorum inside _start may heal this worker and
+            # move it to its source's step: finish whatever is due at the step it is now at.
+            Algorithm.step(self)
+            t = self.local_step
+            fragment = self._fragment_due_at(t + self.tau)
+            if fragment is not None:
+                self._start(fragment, due=t + self.tau)
+            if self._pending is not None and self._pending[1] == self.local_step:
+                self._finish(self._pending[0], self.local_step)
             return
         self.joining = False  # a newcomer's first call: heal, then join the sync under way
         self._syncing = None

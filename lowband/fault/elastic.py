@@ -48,7 +48,7 @@ import torch
 
 from lowband.comm import Comm, CommStats, LinkSpec
 from lowband.comm.accounting import Traffic
-from lowband.errors import ConfigError
+from lowband.errors import ConfigError, LowbandError
 
 log = logging.getLogger("lowband.fault")
 
@@ -83,6 +83,10 @@ def start_lighthouse(
         quorum_tick_ms=50,
         heartbeat_timeout_ms=int(heartbeat_timeout_s * 1000),
     )
+
+
+class JobFinished(LowbandError):
+    """The job finished while this worker was behind (e.g. stopped): it leaves, it does not go on alone."""
 
 
 class Membership:
@@ -137,6 +141,8 @@ class Membership:
         if not joining:  # the initial state exists: a newcomer (step 0) will always heal from us
             self.manager.load_state_dict({"step": 1, "batches_committed": 0})
         self.comm = Comm(None, link, stats=stats, seed=seed)
+        self.job_finished: Callable[[], bool] = lambda: False
+        """Set by the launcher's worker: True once the first worker has finished the run."""
         self.healed = False
         """Set by a quorum in which this worker loaded a peer's state; the caller clears it."""
         self.contributors = 1
@@ -172,6 +178,8 @@ class Membership:
     def quorum(self) -> Comm:
         """Block until a quorum exists; heal if behind; return the Comm to reduce over."""
         t0 = self._t_quorum = time.perf_counter()
+        if self.job_finished():
+            raise JobFinished(f"{self.replica_id}: the job finished while this worker was behind")
         for attempt in range(3):
             try:
                 self.manager.start_quorum(timeout=self.quorum_timeout)

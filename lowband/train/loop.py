@@ -19,6 +19,7 @@ from lowband.algorithms import build_algorithm
 from lowband.comm import Comm, LinkSpec
 from lowband.config import TrainConfig
 from lowband.data import ShardSampler, eval_batches, load_corpus, split_eval
+from lowband.fault.elastic import JobFinished
 from lowband.models import build_model
 from lowband.train import checkpoint
 from lowband.train.chaos import Chaos, kill_self, parse_chaos, stall_self
@@ -89,6 +90,10 @@ class Seat:
     lighthouse: str
     joining: bool = False
     """True for a newcomer or a restarted worker: it heals from a live peer before training."""
+    store: str | None = None
+    """HOST:PORT of the launcher's TCPStore: the first workers start together there, and the
+    first worker to finish says so there (a worker still behind then leaves instead of going on
+    alone)."""
 
 
 def train_worker(
@@ -179,7 +184,7 @@ def train_worker(
             "timers": {"compute": timers.compute, "wall_offset": wall()},
         }
 
-    membership = None
+    membership = job_store = None
     healed_to: list[int] = []  # the step a heal jumped to, set by the membership's callback
     position = {"step": start}
     if seat is not None:
@@ -228,7 +233,13 @@ def train_worker(
         )
         if seat.joining:
             write_event({"event": "joined", "replica": membership.replica_id})
+        job_store = _job_store(seat.store, cfg.quorum_timeout) if seat.store else None
+        if job_store is not None:
+            membership.job_finished = lambda: job_store.check(["lowband/finished"])
+            if not seat.joining:
+                _start_together(job_store, cfg.workers, cfg.quorum_timeout)
 
+    left = False
     try:
         step = start
         while step < steps:
@@ -297,13 +308,22 @@ def train_worker(
             if chaos:
                 _inject(chaos, rank, step, metrics, membership)
         algo.close()
+    except JobFinished:
+        left = True
+        write_event({"event": "left", "reason": "the job finished while this worker was behind"})
     finally:
         bar.close()
         metrics.close()
         if membership is not None:
             membership.shutdown()
 
-    if seat is not None:  # no collective over a group that may have changed: the launcher merges
+    if seat is not None and left:
+        return {}
+    if seat is not None:
+        if job_store is not None:
+            job_store.set(
+                "lowband/finished", str(step)
+            )  # no collective over a group that may have changed: the launcher merges
         row = _summary_row(comm, timers, wall())
         write_json_atomic(
             run.path / "summaries" / f"rank{rank}.json",
@@ -316,6 +336,28 @@ def train_worker(
         )
         return {}
     return _summarise(cfg, comm, run, steps, tokens_per_step, eval_loss, loss_value, timers, wall())
+
+
+def _job_store(address: str, timeout_s: float):
+    import datetime
+
+    import torch.distributed as dist
+
+    host, port = address.rsplit(":", 1)
+    return dist.TCPStore(
+        host, int(port), is_master=False, timeout=datetime.timedelta(seconds=timeout_s)
+    )
+
+
+def _start_together(store, workers: int, timeout_s: float) -> None:
+    """Wait until every first worker heartbeats to the Lighthouse, so the first quorum has them
+    all (otherwise the quickest would start alone and the others would heal from it)."""
+    store.add("lowband/ready", 1)
+    deadline = time.monotonic() + timeout_s
+    while store.add("lowband/ready", 0) < workers:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the first {workers} workers did not all start in {timeout_s:g}s")
+        time.sleep(0.05)
 
 
 def _inject(chaos: Chaos, rank: int, step: int, metrics: MetricsWriter, membership) -> None:
