@@ -34,6 +34,7 @@ therefore issues the same collectives in the same order on the one process group
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ from lowband.algorithms.overlap import BackgroundReducer
 from lowband.comm import Comm, get_codec, quantized_all_reduce
 from lowband.comm.quantized import quantized_all_reduce_bytes
 from lowband.errors import ConfigError
+from lowband.robust import RobustReducer
 
 
 def strided_fragments(model: nn.Module, num_fragments: int) -> list[list[nn.Parameter]]:
@@ -118,6 +120,7 @@ class StreamingDiLoCo(Algorithm):
         bits: int | str = 32,
         block_size: int = 64,
         broadcast_init: bool = True,
+        reducer: RobustReducer | None = None,
     ) -> None:
         super().__init__(model, optimizer, comm)
         if sync_every < 1:
@@ -136,6 +139,9 @@ class StreamingDiLoCo(Algorithm):
         self.H, self.P, self.tau, self.alpha = sync_every, fragments, overlap, mix
         self.codec = get_codec(bits, block_size)
         self.fragments = strided_fragments(model, fragments)
+        # --aggregate/--attack: pseudo-gradients are all-gathered and aggregated robustly instead
+        # of averaged by the quantized all-reduce (lowband.robust; one aggregator per fragment).
+        self.reducer = reducer
 
         if broadcast_init:  # every worker starts from rank 0's parameters
             ensure_same_start(comm, [[p.data for p in frag] for frag in self.fragments])
@@ -186,6 +192,13 @@ class StreamingDiLoCo(Algorithm):
                 for g, p in zip(self.global_params[fragment], self.fragments[fragment])
             ]
         )
+        if self.reducer is not None:
+            sent = self.reducer.bytes_per_round(delta.numel())
+            self.peak_sync_bytes = max(self.peak_sync_bytes, sent)
+            reduce = functools.partial(self.reducer, round_=due, key=fragment)
+            work = reduce(delta) if self.tau == 0 else self._reducer.submit(delta, reduce)
+            self._pending = (fragment, due, work)
+            return
         sent = quantized_all_reduce_bytes(delta.numel(), self.comm.size, self.codec)
         self.peak_sync_bytes = max(self.peak_sync_bytes, sent)
         if self.tau == 0:
@@ -281,6 +294,7 @@ class DiLoCo(StreamingDiLoCo):
         bits: int | str = 32,
         block_size: int = 64,
         broadcast_init: bool = True,
+        reducer: RobustReducer | None = None,
     ) -> None:
         super().__init__(
             model,
@@ -296,4 +310,5 @@ class DiLoCo(StreamingDiLoCo):
             bits=bits,
             block_size=block_size,
             broadcast_init=broadcast_init,
+            reducer=reducer,
         )

@@ -33,6 +33,7 @@ from lowband.errors import ConfigError
 
 __all__ = [
     "ATTACKS",
+    "LabelFlipSampler",
     "alie",
     "alie_z_max",
     "apply_attack",
@@ -108,6 +109,24 @@ def flip_labels(targets: Tensor, num_classes: int) -> Tensor:
     return num_classes - 1 - targets
 
 
+class LabelFlipSampler:
+    """A sampler whose batches carry flipped targets: the loader hook of the label_flip attack.
+
+    Wraps anything with `batch(step) -> (x, y)` (lowband.data.ShardSampler); every other
+    attribute is the wrapped sampler's.
+    """
+
+    def __init__(self, sampler: Any, num_classes: int) -> None:
+        self.sampler, self.num_classes = sampler, num_classes
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        x, y = self.sampler.batch(step)
+        return x, flip_labels(y, self.num_classes)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sampler, name)
+
+
 ATTACKS: dict[str, Attack] = {
     "sign_flip": sign_flip,
     "ipm": ipm,
@@ -122,7 +141,7 @@ _ALIASES = {"signflip": "sign_flip", "sf": "sign_flip", "noise": "gaussian"}
 
 def get_attack(name: str, **kwargs: Any) -> Attack:
     """The attack `name` with its options bound; ConfigError for unknown names or options."""
-    key = name.strip().lower()
+    key = name.strip().lower().replace("-", "_")  # CLI spelling: sign-flip
     key = _ALIASES.get(key, key)
     if key == "label_flip":
         raise ConfigError(

@@ -109,6 +109,7 @@ def train_worker(
         seq_len=cfg.seq_len,
         seed=cfg.seed,
     )
+    sampler = algo.wrap_sampler(sampler)  # label-flip attackers, gradient coding's parts (#7)
     evals = eval_batches(
         eval_tokens, batch_size=cfg.batch_size, seq_len=cfg.seq_len, num_batches=cfg.eval_batches
     )
