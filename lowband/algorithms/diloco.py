@@ -23,6 +23,10 @@ Streaming DiLoCo (Douillard et al. 2025) changes three things:
     `quantized_all_reduce`: an all-to-all of codec bytes, an fp32 sum, an all-gather of codec
     bytes. Every rank decodes the same bytes, so theta_g stays bit-identical on every worker.
 
+With a `reducer` (--aggregate other than mean, or --attack; lowband.robust.RobustReducer) the
+pseudo-gradient of a fragment is all-gathered and aggregated by a Byzantine-robust rule instead of
+averaged, in the background thread as well when TAU > 0; without one nothing above changes.
+
 DiLoCo is Streaming DiLoCo with P = 1 and TAU = 0. With H = 1, outer lr 1, no momentum and a
 plain-SGD inner optimizer, it is synchronous data parallel on parameters (tests/test_diloco.py).
 
