@@ -355,3 +355,34 @@ def test_bits_apply_to_ddp_once_gradients_are_gathered():
 
     validate(TrainConfig(aggregate="median", bits=8))
     validate(dataclasses.replace(TrainConfig(), attack="ipm", attackers=1, bits=4))
+
+
+def test_robust_ddp_resumes_centered_clipping_state():
+    """A checkpoint keeps centered clipping's reference: 2 + 2 steps == 4 steps."""
+
+    def body(comm, split):
+        def fresh():
+            model = build_model(CFG, seed=1)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            return model, opt, DDP(model, opt, comm, reducer=RobustReducer(comm, "cc", 0))
+
+        model, opt, algo = fresh()
+        out = []
+        for step in range(4):
+            if step == split:
+                state = (model.state_dict(), opt.state_dict(), algo.state_dict())
+                model, opt, algo = fresh()
+                model.load_state_dict(state[0])
+                opt.load_state_dict(state[1])
+                algo.load_state_dict(state[2])
+            model.loss(*batch(comm.rank, step)).backward()
+            algo.sync_gradients()
+            out.append(grads_of(model).clone())
+            opt.step()
+            opt.zero_grad()
+            algo.step()
+        return out
+
+    straight, resumed = run_ranks(3, body, -1), run_ranks(3, body, 2)
+    for a, b in zip(straight[0], resumed[0]):
+        assert torch.equal(a, b)

@@ -112,3 +112,14 @@ class DDP(Algorithm):
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             write_flat([p.grad for p in bucket], flat)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.reducer is not None:
+            state["robust"] = self.reducer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self.reducer is not None:
+            self.reducer.load_state_dict(state.get("robust", {}))

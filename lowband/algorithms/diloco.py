@@ -264,6 +264,7 @@ class StreamingDiLoCo(Algorithm):
             "outer_steps": self.outer_steps,
             "peak_sync_bytes": self.peak_sync_bytes,
             "pending": pending,
+            **({"robust": self.reducer.state_dict()} if self.reducer is not None else {}),
         }
 
     @torch.no_grad()
@@ -275,6 +276,8 @@ class StreamingDiLoCo(Algorithm):
         self.outer_opt.load_state_dict(state["outer_opt"])
         self.outer_steps = int(state["outer_steps"])
         self.peak_sync_bytes = int(state["peak_sync_bytes"])
+        if self.reducer is not None:
+            self.reducer.load_state_dict(state.get("robust", {}))
         p = state["pending"]
         device = self.global_params[0][0].device
         self._pending = None if p is None else (p["fragment"], p["due"], p["delta"].to(device))

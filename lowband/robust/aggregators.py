@@ -228,7 +228,7 @@ def centered_clipping(
     v = (
         torch.zeros(d, dtype=updates_NV.dtype, device=updates_NV.device)
         if reference is None
-        else reference.to(updates_NV.dtype).clone()
+        else reference.to(updates_NV.device, updates_NV.dtype).clone()
     )
     if tau is None:
         dists = torch.linalg.vector_norm(updates_NV - v, dim=1)

@@ -107,6 +107,19 @@ class RobustReducer:
             generator=gen,
         )
 
+    def state_dict(self) -> dict[int, Tensor]:
+        """Centered clipping's reference per key (the other rules keep no state)."""
+        return {
+            k: a.reference.clone()
+            for k, a in self._aggregators.items()
+            if getattr(a, "reference", None) is not None
+        }
+
+    def load_state_dict(self, state: dict[int, Tensor]) -> None:
+        for k, ref in state.items():
+            agg = self._aggregators.setdefault(k, self._make())
+            agg.reference = ref.clone()
+
     def bytes_per_round(self, numel: int) -> int:
         """Bytes this rank sends for one call on `numel` values."""
         return robust_all_reduce_bytes(numel, self.comm.size, self.codec)
