@@ -78,7 +78,7 @@ def check_robust_options(cfg: TrainConfig) -> None:
             raise ConfigError(f"--attack {cfg.attack} needs --attackers 1 or more")
     if a < 0 or (a > 0 and cfg.attack is None):
         raise ConfigError(f"--attackers {a} needs an --attack (and must be 0 or more)")
-    if a >= n:
+    if a > 0 and a >= n:
         raise ConfigError(
             f"--attackers {a} must be fewer than --workers {n} (one honest worker at least)"
         )
