@@ -79,8 +79,10 @@ def alie(
     h = honest_HV.shape[0]
     if tau is None:
         tau = alie_z_max(h + f, f)
-    std = honest_HV.std(dim=0, correction=1) if h > 1 else torch.zeros_like(honest_HV[0])
-    return _repeat(honest_HV.mean(dim=0) + tau * std, f)
+    mu = honest_HV.mean(dim=0)
+    # Two-pass sample std: torch's std(dim=0) over the short axis is ~7x slower on CPU at d = 1M.
+    std = ((honest_HV - mu).square().sum(dim=0) / (h - 1)).sqrt() if h > 1 else torch.zeros_like(mu)
+    return _repeat(mu + tau * std, f)
 
 
 def gaussian(
