@@ -106,6 +106,10 @@ def _validate_elastic(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"--elastic supports --algo ddp, diloco and streaming-diloco, not {cfg.algo!r}"
         )
+    if cfg.aggregate != "mean" or cfg.attack or cfg.stragglers:
+        raise ConfigError(
+            "--elastic does not combine with --aggregate, --attack or --stragglers yet"
+        )
     if not 1 <= cfg.min_workers <= cfg.workers:
         raise ConfigError(
             f"--min-workers must be between 1 and --workers ({cfg.workers}), got {cfg.min_workers}"

@@ -95,6 +95,24 @@ class TrainConfig:
     co2_gap_penalty: int | None = None
     """CO2: 1 scales lambda per tensor by 1 + ||staleness gap|| / ||pseudo-gradient|| (our reconstruction, docs/noloco_co2.md; default 0)."""
 
+    # -- robust aggregation / gradient coding (#7) -----------------------------------------------
+    aggregate: str = "mean"
+    """How workers' updates are combined: mean (the all-reduce) or a Byzantine-robust rule over all-gathered updates (fp32, or --bits): median, trimmed-mean, krum, multi-krum, bulyan, geomed, centered-clipping, flag. ddp: gradients; diloco, streaming-diloco: pseudo-gradients."""
+    byzantine_tolerance: int = 0
+    """f, the Byzantine workers the --aggregate rule is set to tolerate (2f < workers; trimmed-mean drops f each side, krum needs workers > 2f + 2, bulyan workers >= 4f + 3)."""
+    attack: str | None = None
+    """Testing aid: the last --attackers ranks misbehave: sign-flip, ipm, alie, gaussian, random (their update is replaced; they see the honest updates) or label-flip (they train on flipped targets)."""
+    attackers: int = 0
+    """Testing aid: how many workers run --attack: always the LAST ranks, so rank 0's logs stay honest."""
+    stragglers: int = 0
+    """DDP gradient coding: tolerate s stragglers. Every worker computes the gradients of s + 1 data parts (s + 1 times the compute) and each step finishes on the first workers - s arrivals, with the exact average."""
+    gradient_code: str | None = None
+    """Code for --stragglers: fr (fractional repetition, needs s + 1 to divide --workers) or cyclic (cyclic MDS, any s); default fr where it fits, else cyclic."""
+    slow_workers: int | None = None
+    """Testing aid (ddp): workers made slow every step, drawn from --seed and the step (default: --stragglers)."""
+    straggler_delay: float = 0.0
+    """Testing aid (ddp): seconds a slow worker is late every step; 0 injects none. Without --stragglers everybody waits for it."""
+
     # -- evaluation, logging, checkpoints -------------------------------------------------------
     eval_every: int = 50
     """Evaluate the held-out split every this many steps (and at the last step)."""

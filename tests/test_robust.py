@@ -420,13 +420,19 @@ def _problem(n=10, m=500, d=10, noise=1.0):
     return x, y
 
 
-def _train(x, y, agg, attack=None, f=0, steps=15, lr=2.0):
-    """Full-batch gradient descent; workers 0..f-1 are Byzantine. Returns the global loss."""
+def _train(x, y, agg, attack=None, f=0, steps=15, lr=2.0, batch=None):
+    """Gradient descent, full batch or `batch` samples per worker per step; workers 0..f-1 are
+    Byzantine. Returns the global loss."""
     n, m, d = x.shape
     w = torch.zeros(d, dtype=f64)
     gen = torch.Generator().manual_seed(1)
+    draw = torch.Generator().manual_seed(2)
     for _ in range(steps):
-        grads = torch.einsum("nb,nbd->nd", torch.sigmoid(x @ w) - y, x) / m
+        xb, yb = x, y
+        if batch is not None:
+            idx = torch.randint(0, m, (n, batch), generator=draw)
+            xb, yb = x.gather(1, idx[..., None].expand(-1, -1, d)), y.gather(1, idx)
+        grads = torch.einsum("nb,nbd->nd", torch.sigmoid(xb @ w) - yb, xb) / xb.shape[1]
         if attack is not None:
             grads = apply_attack(grads, range(f), attack, gen)
         w = w - lr * agg(grads)
@@ -448,7 +454,31 @@ def test_robust_aggregators_survive_attacks_that_hurt_the_mean(attack):
             # ALIE shifts each coordinate by tau * std; with honest full-batch gradients that
             # agree closely the mean moves by (f/n) * 1.5 std and hardly notices (measured:
             # within 2% of clean). It is built to fool robust rules, which also stay within 10%.
+            # Where ALIE does hurt the mean: test_alie_hurts_the_mean_once_gradients_are_noisy.
             assert plain <= 1.05 * clean
             continue
         assert plain > max(robust.values()), (attack, f)
         assert plain > (1.03 if f == 1 else 1.10) * clean, (attack, f, plain / clean)
+
+
+def test_alie_hurts_the_mean_once_gradients_are_noisy():
+    """ALIE against the mean needs noisy honest gradients (a large std) and many attackers.
+
+    Minibatches of 50, 60 steps at lr 1, f = 3 of 10 (measured, relative to clean: mean 1.029,
+    median 1.070, trimmed mean 1.080, geomed 1.031, CC 1.035, Multi-Krum 1.120, Krum 1.280). The
+    mean is measurably worse than clean while the coordinate-wise rules, geomed and CC stay within
+    10%; ALIE is designed against selection rules, and Krum and Multi-Krum do worse than the mean.
+    At f = 1, 2 the mean moves by 0.15 and 0.3 std per coordinate and is within 1% of clean: the
+    issue's "mean measurably worse" holds under ALIE only from f = 3 here (docs/robust_and_coding.md).
+    """
+    x, y = _problem()
+    kw = dict(steps=60, lr=1.0, batch=50)
+    clean = _train(x, y, mean, **kw)
+    atk, f = get_attack("alie"), 3
+    plain = _train(x, y, mean, atk, f, **kw)
+    assert plain > 1.02 * clean, plain / clean
+    for name in ("coordinate_median", "trimmed_mean", "geometric_median", "centered_clipping"):
+        loss = _train(x, y, get_aggregator(name, f=f), atk, f, **kw)
+        assert loss <= 1.10 * clean, (name, loss / clean)
+    for name in ("krum", "multi_krum"):
+        assert _train(x, y, get_aggregator(name, f=f), atk, f, **kw) > plain, name

@@ -7,9 +7,18 @@ from torch import nn
 
 from lowband.algorithms.base import Algorithm
 from lowband.algorithms.co2 import CO2
+from lowband.algorithms.coded import CodedDDP
 from lowband.algorithms.ddp import DDP
 from lowband.algorithms.diloco import DiLoCo, StreamingDiLoCo
 from lowband.algorithms.noloco import NoLoCo
+from lowband.algorithms.robust import (
+    build_code,
+    build_injector,
+    build_reducer,
+    check_robust_options,
+    gathers_updates,
+    label_flip_classes,
+)
 from lowband.comm import Comm
 from lowband.config import TrainConfig
 from lowband.errors import ConfigError
@@ -33,6 +42,7 @@ def check_algo_options(cfg: TrainConfig) -> None:
     from lowband.comm import get_codec
 
     check_algo(cfg.algo)
+    check_robust_options(cfg)
     only = {
         "fragments": "streaming-diloco",
         "overlap": "streaming-diloco",
@@ -48,7 +58,10 @@ def check_algo_options(cfg: TrainConfig) -> None:
     if cfg.algo == "ddp":
         for flag in ("outer_lr", "outer_momentum", "bits"):
             if getattr(cfg, flag) is not None:
+                if flag == "bits" and gathers_updates(cfg):
+                    continue  # the all-gathered gradients travel at --bits
                 raise ConfigError(f"--{flag.replace('_', '-')} does not apply to --algo ddp")
+        get_codec(cfg.bits or 32)
         return
     if cfg.sync_every < 1:
         raise ConfigError(f"--sync-every must be at least 1, got {cfg.sync_every}")
@@ -85,8 +98,25 @@ def build_algorithm(
     check_algo_options(cfg)
     if cfg.elastic:
         return _build_elastic(cfg, model, optimizer, comm)
+    algo = _build(cfg, model, optimizer, comm)
+    algo.flip_labels = label_flip_classes(cfg, model, comm.rank, comm.size)
+    return algo
+
+
+def _build(
+    cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, comm: Comm
+) -> Algorithm:
+    from lowband.comm import get_codec
+
+    injector = build_injector(cfg, comm.size)
+    if cfg.algo == "ddp" and cfg.stragglers > 0:
+        code = build_code(cfg, comm.size)
+        return CodedDDP(model, optimizer, comm, code=code, injector=injector)
     if cfg.algo == "ddp":
-        return DDP(model, optimizer, comm, bucket_mb=cfg.bucket_mb)
+        reducer = build_reducer(cfg, comm, get_codec(cfg.bits or 32))
+        return DDP(
+            model, optimizer, comm, bucket_mb=cfg.bucket_mb, reducer=reducer, injector=injector
+        )
     d = lambda value, default: value if value is not None else default  # noqa: E731
     if cfg.algo == "noloco":
         return NoLoCo(
@@ -120,7 +150,8 @@ def build_algorithm(
         outer_momentum=d(cfg.outer_momentum, 0.9),
     )
     if cfg.algo == "diloco":
-        return DiLoCo(model, optimizer, comm, bits=cfg.bits or 32, **outer)
+        reducer = build_reducer(cfg, comm, get_codec(cfg.bits or 32))
+        return DiLoCo(model, optimizer, comm, bits=cfg.bits or 32, reducer=reducer, **outer)
     return StreamingDiLoCo(
         model,
         optimizer,
@@ -129,6 +160,7 @@ def build_algorithm(
         overlap=cfg.overlap if cfg.overlap is not None else 1,
         mix=cfg.mix,
         bits=cfg.bits or 4,
+        reducer=build_reducer(cfg, comm, get_codec(cfg.bits or 4)),
         **outer,
     )
 
@@ -158,6 +190,7 @@ __all__ = [
     "CO2",
     "NoLoCo",
     "Algorithm",
+    "CodedDDP",
     "DDP",
     "DiLoCo",
     "StreamingDiLoCo",

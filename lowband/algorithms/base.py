@@ -83,6 +83,9 @@ class Algorithm:
         self.optimizer = optimizer
         self.comm = comm
         self.local_step = 0
+        self.flip_labels: int | None = None
+        """Label-flip attacker (--attack label-flip): the number of classes whose targets
+        wrap_sampler flips; None on honest workers."""
         self._hooks: list[Any] = []
 
     # -- the two hooks of the loop --------------------------------------------------------------
@@ -92,6 +95,18 @@ class Algorithm:
     def step(self) -> None:
         """Runs after the inner optimizer's step."""
         self.local_step += 1
+
+    def wrap_sampler(self, sampler: Any) -> Any:
+        """The loop's training batches go through this: the sampler, or a wrapper around it.
+
+        A label-flip attacker's batches get flipped targets; gradient coding (CodedDDP) also
+        takes the sampler's settings to draw the other data parts it computes.
+        """
+        if self.flip_labels is not None:
+            from lowband.robust import LabelFlipSampler
+
+            return LabelFlipSampler(sampler, self.flip_labels)
+        return sampler
 
     def close(self) -> None:
         """Finish any communication still in flight."""

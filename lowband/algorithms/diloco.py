@@ -23,6 +23,10 @@ Streaming DiLoCo (Douillard et al. 2025) changes three things:
     `quantized_all_reduce`: an all-to-all of codec bytes, an fp32 sum, an all-gather of codec
     bytes. Every rank decodes the same bytes, so theta_g stays bit-identical on every worker.
 
+With a `reducer` (--aggregate other than mean, or --attack; lowband.robust.RobustReducer) the
+pseudo-gradient of a fragment is all-gathered and aggregated by a Byzantine-robust rule instead of
+averaged, in the background thread as well when TAU > 0; without one nothing above changes.
+
 DiLoCo is Streaming DiLoCo with P = 1 and TAU = 0. With H = 1, outer lr 1, no momentum and a
 plain-SGD inner optimizer, it is synchronous data parallel on parameters (tests/test_diloco.py).
 
@@ -34,6 +38,7 @@ therefore issues the same collectives in the same order on the one process group
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -44,6 +49,7 @@ from lowband.algorithms.overlap import BackgroundReducer
 from lowband.comm import Comm, get_codec, quantized_all_reduce
 from lowband.comm.quantized import quantized_all_reduce_bytes
 from lowband.errors import ConfigError
+from lowband.robust import RobustReducer
 
 
 def strided_fragments(model: nn.Module, num_fragments: int) -> list[list[nn.Parameter]]:
@@ -118,6 +124,7 @@ class StreamingDiLoCo(Algorithm):
         bits: int | str = 32,
         block_size: int = 64,
         broadcast_init: bool = True,
+        reducer: RobustReducer | None = None,
     ) -> None:
         super().__init__(model, optimizer, comm)
         if sync_every < 1:
@@ -136,6 +143,9 @@ class StreamingDiLoCo(Algorithm):
         self.H, self.P, self.tau, self.alpha = sync_every, fragments, overlap, mix
         self.codec = get_codec(bits, block_size)
         self.fragments = strided_fragments(model, fragments)
+        # --aggregate/--attack: pseudo-gradients are all-gathered and aggregated robustly instead
+        # of averaged by the quantized all-reduce (lowband.robust; one aggregator per fragment).
+        self.reducer = reducer
 
         if broadcast_init:  # every worker starts from rank 0's parameters
             ensure_same_start(comm, [[p.data for p in frag] for frag in self.fragments])
@@ -186,6 +196,13 @@ class StreamingDiLoCo(Algorithm):
                 for g, p in zip(self.global_params[fragment], self.fragments[fragment])
             ]
         )
+        if self.reducer is not None:
+            sent = self.reducer.bytes_per_round(delta.numel())
+            self.peak_sync_bytes = max(self.peak_sync_bytes, sent)
+            reduce = functools.partial(self.reducer, round_=due, key=fragment)
+            work = reduce(delta) if self.tau == 0 else self._reducer.submit(delta, reduce)
+            self._pending = (fragment, due, work)
+            return
         sent = quantized_all_reduce_bytes(delta.numel(), self.comm.size, self.codec)
         self.peak_sync_bytes = max(self.peak_sync_bytes, sent)
         if self.tau == 0:
@@ -247,6 +264,7 @@ class StreamingDiLoCo(Algorithm):
             "outer_steps": self.outer_steps,
             "peak_sync_bytes": self.peak_sync_bytes,
             "pending": pending,
+            **({"robust": self.reducer.state_dict()} if self.reducer is not None else {}),
         }
 
     @torch.no_grad()
@@ -258,6 +276,8 @@ class StreamingDiLoCo(Algorithm):
         self.outer_opt.load_state_dict(state["outer_opt"])
         self.outer_steps = int(state["outer_steps"])
         self.peak_sync_bytes = int(state["peak_sync_bytes"])
+        if self.reducer is not None:
+            self.reducer.load_state_dict(state.get("robust", {}))
         p = state["pending"]
         device = self.global_params[0][0].device
         self._pending = None if p is None else (p["fragment"], p["due"], p["delta"].to(device))
@@ -281,6 +301,7 @@ class DiLoCo(StreamingDiLoCo):
         bits: int | str = 32,
         block_size: int = 64,
         broadcast_init: bool = True,
+        reducer: RobustReducer | None = None,
     ) -> None:
         super().__init__(
             model,
@@ -296,4 +317,5 @@ class DiLoCo(StreamingDiLoCo):
             bits=bits,
             block_size=block_size,
             broadcast_init=broadcast_init,
+            reducer=reducer,
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -22,17 +23,23 @@ class BackgroundReducer:
         self.comm, self.codec = comm, codec
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
-    def submit(self, x: torch.Tensor) -> concurrent.futures.Future:
+    def submit(
+        self, x: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> concurrent.futures.Future:
+        """Reduce x in the background: the averaging quantized all-reduce, or `reduce(x)` (a
+        robust all-gather, lowband.robust.RobustReducer)."""
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 1, thread_name_prefix="lowband-outer"
             )
-        return self._executor.submit(self._reduce, x)
+        return self._executor.submit(self._reduce, x, reduce)
 
-    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+    def _reduce(self, x: torch.Tensor, reduce) -> torch.Tensor:
         if x.is_cuda:  # a new thread starts on GPU 0: use the worker's GPU
             torch.cuda.set_device(x.device)
         with self.comm.background():
+            if reduce is not None:
+                return reduce(x)
             return quantized_all_reduce(self.comm, x, self.codec, op="avg")
 
     def result(self, work: concurrent.futures.Future | torch.Tensor) -> torch.Tensor:

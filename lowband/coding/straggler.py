@@ -7,7 +7,7 @@ round and by how much, so every rank computes the same table without talking.
 
     1. every rank encodes its parts' gradients: f_i = sum_j B[i, j] g_j (lowband.coding.encoders);
     2. every rank but root sleeps its injected delay (a slow worker), then sends f_i to root
-       (tag 2 * round);
+       (tag 2 * round); with abandon=True the delay ends early once root's result has arrived;
     3. root posts a receive for every other rank (one waiter thread each); its own f_root counts as
        arriving `delay` seconds after the round started (its compute delay is simulated, not
        slept). As soon as n - s have arrived it decodes sum_j g_j from them, in arrival order
@@ -120,11 +120,16 @@ def coded_round(
     root: int = 0,
     delay_s: float = 0.0,
     timeout_s: float = 60.0,
+    abandon: bool = False,
 ) -> CodedRound:
     """One gradient-coding round over comm (steps in the module docstring).
 
     partial_grads: {part: gradient} for this rank's parts, code.parts(comm.rank) (1-D tensors of
     one dtype and length). delay_s: this rank's injected compute delay (StragglerInjector.delay).
+    abandon: a slow rank stops its delay as soon as root's result arrives (root decoded without
+    it), as a straggler whose work is no longer needed would; it still sends its message, which
+    root has a receive posted for. Training uses this, so a straggler does not carry its delay
+    into the next round.
     """
     if comm.size != code.n:
         raise ConfigError(
@@ -136,10 +141,27 @@ def coded_round(
     tag_in, tag_out = 2 * round_, 2 * round_ + 1
 
     if rank != root:
+        out = torch.empty_like(coded)
+        if abandon and delay_s > 0:
+            # Root sends the result only after n - s arrivals, so posting its receive before our
+            # send cannot deadlock: either it comes without us, or it waits for our send.
+            result = comm.recv(out, root, tag=tag_out, async_op=True)
+            landed = threading.Event()
+
+            def wait_result() -> None:
+                with comm.background():
+                    result.wait()
+                landed.set()
+
+            waiter = threading.Thread(target=wait_result, daemon=True)
+            waiter.start()
+            landed.wait(delay_s)  # the injected compute delay, cut short once it is moot
+            comm.send(coded, root, tag=tag_in)
+            waiter.join()
+            return CodedRound(out, [], time.perf_counter() - t0)
         if delay_s > 0:
             time.sleep(delay_s)
         comm.send(coded, root, tag=tag_in)
-        out = torch.empty_like(coded)
         comm.recv(out, root, tag=tag_out)
         return CodedRound(out, [], time.perf_counter() - t0)
 

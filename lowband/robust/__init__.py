@@ -14,14 +14,16 @@ from lowband.robust.aggregators import (
     multi_krum,
     trimmed_mean,
 )
-from lowband.robust.attacks import ATTACKS, apply_attack, flip_labels, get_attack
-from lowband.robust.collective import robust_all_reduce, robust_all_reduce_bytes
+from lowband.robust.attacks import ATTACKS, LabelFlipSampler, apply_attack, flip_labels, get_attack
+from lowband.robust.collective import RobustReducer, robust_all_reduce, robust_all_reduce_bytes
 from lowband.robust.flag import flag_aggregator
 
 __all__ = [
     "AGGREGATORS",
     "ATTACKS",
     "CenteredClipping",
+    "LabelFlipSampler",
+    "RobustReducer",
     "apply_attack",
     "bulyan",
     "centered_clipping",

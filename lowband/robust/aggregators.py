@@ -228,7 +228,7 @@ def centered_clipping(
     v = (
         torch.zeros(d, dtype=updates_NV.dtype, device=updates_NV.device)
         if reference is None
-        else reference.to(updates_NV.dtype).clone()
+        else reference.to(updates_NV.device, updates_NV.dtype).clone()
     )
     if tau is None:
         dists = torch.linalg.vector_norm(updates_NV - v, dim=1)
@@ -271,6 +271,7 @@ _PRECONDITIONS: dict[str, tuple[Callable[[int, int], bool], str]] = {
 
 def check_tolerance(name: str, n: int, f: int) -> None:
     """Raise ConfigError if rule `name` cannot tolerate f Byzantine workers out of n."""
+    name = name.strip().lower().replace("-", "_")
     name = _ALIASES.get(name, name)
     pre = _PRECONDITIONS.get(name)
     if pre is not None and not pre[0](n, f):
@@ -331,7 +332,8 @@ def get_aggregator(
     "centered_clipping" returns a CenteredClipping object that carries its reference from call to
     call (unless reference= is passed). Unknown names or keyword arguments raise ConfigError.
     """
-    key = _ALIASES.get(name.strip().lower(), name.strip().lower())
+    key = name.strip().lower().replace("-", "_")  # CLI spelling: trimmed-mean
+    key = _ALIASES.get(key, key)
     if key not in AGGREGATORS:
         raise ConfigError(
             f"unknown aggregator {name!r}: expected one of {', '.join(sorted(AGGREGATORS))}"

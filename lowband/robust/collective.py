@@ -24,7 +24,7 @@ from torch import Tensor
 from lowband.comm import Codec, Comm, get_codec
 from lowband.robust.attacks import apply_attack
 
-__all__ = ["robust_all_reduce", "robust_all_reduce_bytes"]
+__all__ = ["RobustReducer", "robust_all_reduce", "robust_all_reduce_bytes"]
 
 
 def robust_all_reduce_bytes(numel: int, world_size: int, codec: Codec | None = None) -> int:
@@ -60,3 +60,66 @@ def robust_all_reduce(
     if attack is not None and attackers:
         updates_NV = apply_attack(updates_NV, attackers, attack, generator)
     return aggregator(updates_NV).to(torch.float32)
+
+
+class RobustReducer:
+    """robust_all_reduce with its options bound, for an algorithm that reduces once a round.
+
+    DDP calls it on every step's gradient, DiLoCo on every fragment's pseudo-gradient. It keeps
+    one aggregator per `key` (a fragment), since centered clipping carries its previous output from
+    round to round. Simulated attackers (attack, attackers) draw their noise from a generator seeded
+    by (seed, round, key), the same on every rank, so the aggregate stays identical everywhere.
+    """
+
+    def __init__(
+        self,
+        comm: Comm,
+        aggregate: str = "mean",
+        f: int = 0,
+        codec: Codec | None = None,
+        *,
+        attack: str | None = None,
+        attackers: Sequence[int] = (),
+        seed: int = 0,
+    ) -> None:
+        from lowband.robust.aggregators import get_aggregator
+        from lowband.robust.attacks import get_attack
+
+        self.comm, self.aggregate, self.f, self.seed = comm, aggregate, f, seed
+        self.codec = codec if codec is not None else get_codec("fp32")
+        self._make = lambda: get_aggregator(aggregate, f=f, n=comm.size)
+        self._make()  # the rule's precondition on (n, f), checked now
+        self._aggregators: dict[int, Callable[[Tensor], Tensor]] = {}
+        self.attack = get_attack(attack) if attack is not None else None
+        self.attackers = tuple(attackers) if attack is not None else ()
+
+    def __call__(self, x: Tensor, round_: int, key: int = 0) -> Tensor:
+        if key not in self._aggregators:
+            self._aggregators[key] = self._make()
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + round_) * 1_009 + key)
+        return robust_all_reduce(
+            self.comm,
+            x,
+            self._aggregators[key],
+            self.codec,
+            attack=self.attack,
+            attackers=self.attackers,
+            generator=gen,
+        )
+
+    def state_dict(self) -> dict[int, Tensor]:
+        """Centered clipping's reference per key (the other rules keep no state)."""
+        return {
+            k: a.reference.clone()
+            for k, a in self._aggregators.items()
+            if getattr(a, "reference", None) is not None
+        }
+
+    def load_state_dict(self, state: dict[int, Tensor]) -> None:
+        for k, ref in state.items():
+            agg = self._aggregators.setdefault(k, self._make())
+            agg.reference = ref.clone()
+
+    def bytes_per_round(self, numel: int) -> int:
+        """Bytes this rank sends for one call on `numel` values."""
+        return robust_all_reduce_bytes(numel, self.comm.size, self.codec)

@@ -135,6 +135,7 @@ def train_worker(
         seed=cfg.seed
         + 7919 * (rank // world),  # a worker beyond --workers shares a shard, not its batches
     )
+    sampler = algo.wrap_sampler(sampler)  # label-flip attackers, gradient coding's parts (#7)
     evals = eval_batches(
         eval_tokens, batch_size=cfg.batch_size, seq_len=cfg.seq_len, num_batches=cfg.eval_batches
     )
