@@ -147,8 +147,8 @@ class FinetuneConfig:
     """Sequences per batch (one batch per worker, or per pair with --perturb-parallel)."""
     seq_len: int = 128
     """Tokens per sequence."""
-    lr: float = 2e-4
-    """Learning rate of the ZO-SGD step theta -= lr (mean_k g_k z_k + wd theta); constant."""
+    lr: float = 3e-4
+    """Learning rate of the ZO-SGD step theta -= lr (mean_k g_k z_k + wd theta); constant. The default suits the 1m preset (benchmarks/RESULTS.md); larger models want less."""
     eps: float = 1e-3
     """Perturbation scale: losses at theta +- eps z."""
     weight_decay: float = 0.0
