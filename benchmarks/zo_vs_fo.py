@@ -119,6 +119,12 @@ def finetune_fo(out: Path, init: Path, args) -> Path:
     run.metrics_dir.mkdir(parents=True)
     write_json_atomic(run.config_path, cfg)
     run_ranks(args.workers, _fo_worker, out, init, args, timeout_s=3600)
+    last = _lines(out)[-1]
+    summary = {
+        "final_eval_loss": last["eval_loss"], "steps": args.steps, "tokens": last["tokens"],
+        "bytes_sent_per_worker": last["bytes_sent"], "world_size": args.workers,
+    }  # fmt: skip
+    write_json_atomic(run.summary_path, summary)
     return out
 
 
