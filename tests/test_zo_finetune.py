@@ -152,3 +152,15 @@ def test_hf_model_learns(tmp_path):
     lines = [json.loads(x) for x in open(run.metrics_path(0))]
     first, last = lines[0]["train_loss"], out[0]["final_eval_loss"]
     assert last < first - 0.05, (first, last)
+
+
+@pytest.mark.slow
+def test_cli_two_processes_perturbation_parallel(tmp_path, pretrained):
+    """The real launch: 2 worker processes on Gloo, a +eps/-eps pair, from --init."""
+    out = tmp_path / "pp"
+    argv = ["finetune", "--init", str(pretrained), "--workers", "2", "--perturb-parallel"]
+    assert main([*argv, "--steps", "3", "--out", str(out), *TINY]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["replicas_identical"] and summary["mode"] == "zo-pp"
+    # Per step: one 1-byte code in the all-gather, a 4-byte loss each way within the pair.
+    assert summary["bytes_by_op"] == {"all_gather": 3, "send": 12, "recv": 0}  # bytes sent
