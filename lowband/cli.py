@@ -281,12 +281,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     validate_finetune(cfg)
     groups = cfg.workers // 2 if cfg.perturb_parallel else cfg.workers
     corpus = _check_data(cfg, groups)
-    if cfg.init is not None:  # weights that do not fit fail here, in one line, not in a worker
+    ckpt, last = (
+        resume_point(run, cfg, fingerprint(cfg, corpus.sha256)) if args.resume else (None, 0)
+    )
+    if cfg.init is not None and ckpt is None:  # weights that do not fit fail here, in one line
         shell = models.build(cfg.model, corpus.vocab_size, cfg.seed, "meta")
         models.check_fits(shell, models.load_init_state(models.resolve_init(cfg.init)), cfg.init)
 
     if args.resume:
-        ckpt, last = resume_point(run, cfg, fingerprint(cfg, corpus.sha256))
         if last >= cfg.steps:
             print(f"{run.path} is already complete ({last} steps); nothing to do", file=sys.stderr)
             return 0

@@ -77,6 +77,11 @@ def test_finetune_from_init_writes_a_reportable_run(tmp_path, pretrained):
     assert [len(e["entries"]) for e in map(json.loads, open(run.path / "zo_log.jsonl"))] == [1] * 3
     assert json.loads(run.summary_path.read_text())["replicas_identical"] is True
 
+    # --resume: flags that change the update rule are refused; more steps continue the run.
+    assert main(["finetune", "--resume", str(run.path), "--lr", "1.0"]) == 2
+    assert main(["finetune", "--resume", str(run.path), "--steps", "5", "--workers", "1"]) == 0
+    assert read_log(run, FinetuneConfig(), 0).steps() == [1, 2, 3, 4, 5]
+
 
 def _worker(comm, cfg, run, resume=False):
     return finetune_worker(cfg, comm, run, torch.device("cpu"), resume=resume)

@@ -114,7 +114,10 @@ def finetune_worker(
     corpus = load_corpus(cfg.data)
     train_tokens, eval_tokens = split_eval(corpus)
     fp = fingerprint(cfg, corpus.sha256)
-    model = build_for_finetune(cfg.model, corpus.vocab_size, cfg.seed, device, cfg.init)
+    ckpt = resume_point(run, cfg, fp)[0] if resume else None
+    # A checkpoint holds the weights: --init is read only by a run that has none yet.
+    init = cfg.init if ckpt is None else None
+    model = build_for_finetune(cfg.model, corpus.vocab_size, cfg.seed, device, init)
     model.eval()  # no dropout in the forwards (our models have none; HF configs may)
     t_start = time.perf_counter()
     zo = ZOTrainer(
@@ -150,7 +153,6 @@ def finetune_worker(
 
     timers, start = Timers(), 0
     if resume:
-        ckpt, _ = resume_point(run, cfg, fp)
         if ckpt is not None:
             state = checkpoint.load(ckpt.path, 0, fp)
             model.load_state_dict(state["model"])
