@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import nullcontext
 
 import pytest
 import torch
 
 from lowband.cli import main
 from lowband.config import FinetuneConfig
+from lowband.data import eval_batches, load_corpus, split_eval
 from lowband.report.runs import load_run
 from lowband.testing import run_ranks
+from lowband.train.loop import evaluate
 from lowband.train.rundir import RunDir
 from lowband.zo.loop import finetune_worker, read_log
 from lowband.zo.models import build_for_finetune
@@ -148,14 +151,16 @@ def test_hf_model_learns(tmp_path):
     pytest.importorskip("transformers")
     from lowband.zo.models import HFCausalLM, build
 
-    model = build("hf:llama-tiny", 256, 0, "cpu")
-    assert isinstance(model, HFCausalLM) and type(model.hf).__name__ == "LlamaForCausalLM"
     cfg, run = _cfg(
         tmp_path, model="hf:llama-tiny", steps=30, workers=2, lr=3e-3, eps=1e-2, eval_every=30
     )
+    corpus = load_corpus(cfg.data)
+    model = build("hf:llama-tiny", corpus.vocab_size, cfg.seed, "cpu")  # the run's start
+    assert isinstance(model, HFCausalLM) and type(model.hf).__name__ == "LlamaForCausalLM"
+    evals = eval_batches(split_eval(corpus)[1], batch_size=2, seq_len=32, num_batches=1)
+    first = evaluate(model, evals, torch.device("cpu"), nullcontext)
     out = run_ranks(2, _worker, cfg, run)
-    lines = [json.loads(x) for x in open(run.metrics_path(0))]
-    first, last = lines[0]["train_loss"], out[0]["final_eval_loss"]
+    last = out[0]["final_eval_loss"]
     assert last < first - 0.05, (first, last)
 
 
