@@ -236,7 +236,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     import json
 
     from lowband.config import FinetuneConfig
-    from lowband.launch import launch_local
+    from lowband.launch import launch_local, launch_torchrun, under_torchrun
     from lowband.train.rundir import RunDir
     from lowband.zo import models
     from lowband.zo.loop import ELASTIC_FIELDS, finetune_worker, fingerprint, resume_point
@@ -278,6 +278,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         run = RunDir(
             args.out or time.strftime(f"runs/zo-{cfg.model.replace(':', '-')}-%Y%m%d-%H%M%S")
         )
+    torchrun = under_torchrun()
+    rank0 = not torchrun or os.environ.get("RANK") == "0"
+    if torchrun:
+        cfg = dataclasses.replace(cfg, workers=int(os.environ["WORLD_SIZE"]))
     validate_finetune(cfg)
     groups = cfg.workers // 2 if cfg.perturb_parallel else cfg.workers
     corpus = _check_data(cfg, groups)
@@ -290,19 +294,27 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     if args.resume:
         if last >= cfg.steps:
-            print(f"{run.path} is already complete ({last} steps); nothing to do", file=sys.stderr)
+            if rank0:
+                print(
+                    f"{run.path} is already complete ({last} steps); nothing to do", file=sys.stderr
+                )
             return 0
         base = f"checkpoint {ckpt.step}" if ckpt else "the starting weights"
-        print(
-            f"resuming {run.path}: {base} + {last - (ckpt.step if ckpt else 0)} logged steps "
-            f"replayed, continuing at step {last + 1}",
-            file=sys.stderr,
-        )
-    else:
+        if rank0:
+            print(
+                f"resuming {run.path}: {base} + {last - (ckpt.step if ckpt else 0)} logged "
+                f"steps replayed, continuing at step {last + 1}",
+                file=sys.stderr,
+            )
+    elif rank0:
         run.create(cfg)
     t0 = time.perf_counter()
-    launch_local(cfg, run, bool(args.resume), worker=finetune_worker)
-    _print_summary(run, time.perf_counter() - t0)
+    if torchrun:
+        launch_torchrun(cfg, run.path, bool(args.resume), worker=finetune_worker)
+    else:
+        launch_local(cfg, run, bool(args.resume), worker=finetune_worker)
+    if rank0:
+        _print_summary(run, time.perf_counter() - t0)
     return 0
 
 

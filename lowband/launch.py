@@ -184,8 +184,8 @@ def _lost_peer(e: Exception) -> bool:
     )
 
 
-def launch_torchrun(cfg: TrainConfig, run_path: Path, resume: bool) -> None:
-    """This process is one worker of a torchrun job."""
+def launch_torchrun(cfg: TrainConfig, run_path: Path, resume: bool, worker=train_worker) -> None:
+    """This process is one worker of a torchrun job (running `worker`, as in launch_local)."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
     if use_cuda:
@@ -195,5 +195,5 @@ def launch_torchrun(cfg: TrainConfig, run_path: Path, resume: bool) -> None:
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=_TIMEOUT)
     comm = Comm(dist.group.WORLD, LinkSpec.parse(cfg.link), seed=cfg.seed, device=device)
     run = RunDir(run_path)
-    train_worker(cfg, comm, run, device, resume=resume)
+    worker(cfg, comm, run, device, resume=resume)
     _shutdown()

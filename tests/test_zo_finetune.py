@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from contextlib import nullcontext
 
 import pytest
@@ -174,3 +176,18 @@ def test_cli_two_processes_perturbation_parallel(tmp_path, pretrained):
     assert summary["replicas_identical"] and summary["mode"] == "zo-pp"
     # Per step: one 1-byte code in the all-gather, a 4-byte loss each way within the pair.
     assert summary["bytes_by_op"] == {"all_gather": 3, "send": 12, "recv": 0}  # bytes sent
+
+
+@pytest.mark.slow
+def test_under_torchrun(tmp_path, pretrained):
+    out = tmp_path / "tr"
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "lowband.cli",
+         "finetune", "--init", str(pretrained), "--steps", "3", "--out", str(out), *TINY],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr.count("run folder:") == 1  # only rank 0 speaks
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["replicas_identical"]
+    assert summary["bytes_by_op"] == {"all_gather": 3}
