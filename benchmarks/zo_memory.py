@@ -7,7 +7,9 @@ One question: how much less memory does ZO fine-tuning need? (issue 8 target: <=
        update, for each restore mode: copy (exact, saved copy on the device), host (exact, saved
        copy in host memory), arith (MeZO: re-add z, no copy, drifts by rounding).
 Parameters are kept in --dtype (default fp32, as `lowband train` keeps them); on CUDA the forwards
-run under bf16 autocast, as in `lowband train` and `lowband finetune`.
+run under bf16 autocast, as in `lowband train` and `lowband finetune` (the ZO forwards without
+autocast's weight-cast cache, which would hold a bf16 copy of every weight for a backward that
+never comes).
 
 Measurement:
   cuda  torch.cuda.max_memory_allocated() over the step, after reset_peak_memory_stats (bytes of
@@ -58,9 +60,12 @@ def measure(args) -> dict:
     batch = _batch(args, model.cfg.vocab_size, device)
     param_bytes = _tensor_bytes(params)
 
-    def loss_fn(m, b):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+    def loss_fn(m, b, cache: bool = True):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda, cache_enabled=cache):
             return m.loss(*b)
+
+    def zo_loss_fn(m, b):  # as lowband finetune runs it: no bf16 weight-cast cache
+        return loss_fn(m, b, cache=False)
 
     def peak(step) -> int:
         if not cuda:
@@ -76,7 +81,7 @@ def measure(args) -> dict:
     for i, mode in enumerate(MODES):
 
         def zo_step(mode=mode, i=i) -> int:
-            g = spsa_grad(model, loss_fn, batch, seed=i, eps=1e-3, restore=mode)
+            g = spsa_grad(model, zo_loss_fn, batch, seed=i, eps=1e-3, restore=mode)
             apply_update_(params, i, g, lr=1e-7)
             # What the step held besides theta: on a CPU, "host" keeps its copy in the same memory.
             copy = param_bytes if mode == "copy" or (mode == "host" and not cuda) else 0

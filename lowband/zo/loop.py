@@ -145,7 +145,13 @@ def finetune_worker(
         eval_tokens, batch_size=cfg.batch_size, seq_len=cfg.seq_len, num_batches=cfg.eval_batches
     )
     use_bf16 = device.type == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
+    # No weight-cast cache: it would keep a bf16 copy of every weight alive through each forward,
+    # which only pays off when a backward reuses it, and ZO has none.
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False))
+        if use_bf16
+        else nullcontext
+    )
 
     def loss_fn(m, batch):
         with autocast():
