@@ -1,4 +1,4 @@
-"""`lowband` command line: train, report, demo, models.
+"""`lowband` command line: train, finetune, report, demo, models.
 
 Every `train` flag is generated from lowband.config.TrainConfig; its help is the field's docstring.
 Bad input prints one line on stderr and exits with status 2.
@@ -233,6 +233,152 @@ def _print_summary(run, seconds: float) -> None:
     )
 
 
+# -- finetune: zeroth-order fine-tuning (lowband.zo; docs/zo.md) ---------------------------------
+
+
+def validate_finetune(cfg) -> None:
+    """Everything about a FinetuneConfig that can be checked before a worker starts."""
+    from lowband.comm import LinkSpec
+    from lowband.zo.models import check_model_name
+    from lowband.zo.spsa import RESTORE_MODES
+
+    check_model_name(cfg.model)
+    for name in ("workers", "steps", "batch_size", "seq_len", "samples", "eval_every"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{_flag(name)} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("eval_batches", "log_every", "threads"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{_flag(name)} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.bits not in (8, 32):
+        raise ConfigError(f"--bits must be 8 (one byte, log scale) or 32 (fp32), got {cfg.bits}")
+    for name in ("lr", "eps"):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"{_flag(name)} must be positive, got {getattr(cfg, name)}")
+    if cfg.weight_decay < 0:
+        raise ConfigError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    if not -64 <= cfg.center <= 64:
+        raise ConfigError(f"--center must be in [-64, 64], got {cfg.center}")
+    if cfg.perturb_parallel and cfg.workers % 2:
+        raise ConfigError(
+            f"--perturb-parallel pairs workers (+eps, -eps): --workers must be even, got {cfg.workers}"
+        )
+    if cfg.restore not in RESTORE_MODES or cfg.restore == "arith":
+        raise ConfigError(f"--restore must be copy or host, got {cfg.restore!r}")
+    if cfg.ckpt_every < -1:
+        raise ConfigError(
+            f"--ckpt-every must be -1 (never), 0 (at the end) or more, got {cfg.ckpt_every}"
+        )
+    LinkSpec.parse(cfg.link)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import json
+
+    from lowband.config import FinetuneConfig
+    from lowband.launch import launch_local, launch_torchrun, under_torchrun
+    from lowband.train.rundir import RunDir
+    from lowband.zo import models
+    from lowband.zo.loop import ELASTIC_FIELDS, finetune_worker, fingerprint, resume_point
+
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(FinetuneConfig)
+        if hasattr(args, f.name)
+    }
+    if args.resume:
+        if args.out and Path(args.out) != Path(args.resume):
+            raise ConfigError("--resume continues a run in its own folder; drop --out")
+        run = RunDir(args.resume)
+        if not run.config_path.exists():
+            raise RunDirError(f"--resume {run.path}: not a lowband run folder (no config.json)")
+        saved = json.loads(run.config_path.read_text())
+        if saved.get("algo") != "zo":
+            raise ConfigError(f"--resume {run.path} is not a finetune run; use lowband train")
+        cfg = FinetuneConfig.from_dict(saved)
+        changed = sorted(
+            k for k, v in given.items() if k not in ELASTIC_FIELDS and v != getattr(cfg, k)
+        )
+        if changed:
+            raise ConfigError(
+                f"--resume continues {run.path} with its saved config; these flags would change "
+                "the update rule: " + ", ".join(_flag(k) for k in changed)
+            )
+        cfg = dataclasses.replace(cfg, **given)
+    else:
+        cfg = FinetuneConfig(**given)
+        if cfg.init is not None:
+            found = models.resolve_init(cfg.init)
+            if "model" not in given and found.model is not None:
+                cfg = dataclasses.replace(cfg, model=found.model)
+            elif found.model is not None and found.model != cfg.model:
+                raise ConfigError(
+                    f"--init {cfg.init} holds a {found.model!r} model, --model is {cfg.model!r}"
+                )
+        run = RunDir(
+            args.out or time.strftime(f"runs/zo-{cfg.model.replace(':', '-')}-%Y%m%d-%H%M%S")
+        )
+    torchrun = under_torchrun()
+    rank0 = not torchrun or os.environ.get("RANK") == "0"
+    if torchrun:
+        cfg = dataclasses.replace(cfg, workers=int(os.environ["WORLD_SIZE"]))
+    validate_finetune(cfg)
+    groups = cfg.workers // 2 if cfg.perturb_parallel else cfg.workers
+    corpus = _check_data(cfg, groups)
+    ckpt, last = (
+        resume_point(run, cfg, fingerprint(cfg, corpus.sha256)) if args.resume else (None, 0)
+    )
+    if cfg.init is not None and ckpt is None:  # weights that do not fit fail here, in one line
+        shell = models.build(cfg.model, corpus.vocab_size, cfg.seed, "meta")
+        models.check_fits(shell, models.load_init_state(models.resolve_init(cfg.init)), cfg.init)
+
+    if args.resume:
+        if last >= cfg.steps:
+            if rank0:
+                print(
+                    f"{run.path} is already complete ({last} steps); nothing to do", file=sys.stderr
+                )
+            return 0
+        base = f"checkpoint {ckpt.step}" if ckpt else "the starting weights"
+        if rank0:
+            print(
+                f"resuming {run.path}: {base} + {last - (ckpt.step if ckpt else 0)} logged "
+                f"steps replayed, continuing at step {last + 1}",
+                file=sys.stderr,
+            )
+    elif rank0:
+        run.create(cfg)
+    t0 = time.perf_counter()
+    if torchrun:
+        launch_torchrun(cfg, run.path, bool(args.resume), worker=finetune_worker)
+    else:
+        launch_local(cfg, run, bool(args.resume), worker=finetune_worker)
+    if rank0:
+        _print_summary(run, time.perf_counter() - t0)
+    return 0
+
+
+def _add_finetune_parser(sub) -> None:
+    from lowband.config import FinetuneConfig
+
+    f = sub.add_parser(
+        "finetune",
+        help="zeroth-order fine-tuning: one byte per worker per step (MeZO / Just One Byte / DistZO2)",
+        description="Fine-tune with shared-seed zeroth-order steps: no backward pass, no optimizer "
+        "state; workers exchange one scalar per perturbation (docs/zo.md).",
+    )
+    add_config_flags(f, FinetuneConfig)
+    f.add_argument("--out", help="run folder (default: runs/zo-MODEL-TIMESTAMP); never overwritten")
+    f.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue RUN: its latest checkpoint plus a replay of its (seed, scalar) log",
+    )
+    f.set_defaults(fn=cmd_finetune)
+
+
+# -- end finetune ---------------------------------------------------------------------------------
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from lowband.report import write_report
 
@@ -355,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue RUN from its latest checkpoint with its saved config",
     )
     t.set_defaults(fn=cmd_train)
+    _add_finetune_parser(sub)
 
     r = sub.add_parser("report", help="HTML report and plots comparing runs")
     r.add_argument("runs", nargs="+", metavar="RUN", help="run folders")

@@ -170,6 +170,71 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+# -- zeroth-order fine-tuning (`lowband finetune`, lowband.zo; docs/zo.md) ----------------------
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig:
+    """Everything that decides what `lowband finetune` computes. Saved as config.json in the run folder."""
+
+    init: str | None = None
+    """Start from this lowband run folder (its latest checkpoint), checkpoint folder (RUN/ckpt/step_N) or checkpoint file; its model preset is used unless --model names the same one. Default: a fresh model from --seed."""
+    model: str = "1m"
+    """Model: a preset (1m, 10m, 125m, 350m, 1b) or a Hugging Face causal LM built offline from a config when transformers is installed: hf:llama-tiny, hf:llama-1m."""
+    data: str = "stdlib"
+    """Corpus, as for `lowband train`."""
+    seed: int = 0
+    """Seed of the perturbations (shared by all workers), of a fresh model and of the data order."""
+    steps: int = 300
+    """ZO steps (every worker applies every step's updates)."""
+    batch_size: int = 8
+    """Sequences per batch (one batch per worker, or per pair with --perturb-parallel)."""
+    seq_len: int = 128
+    """Tokens per sequence."""
+    lr: float = 3e-4
+    """Learning rate of the ZO-SGD step theta -= lr (mean_k g_k z_k + wd theta); constant. The default suits the 1m preset (benchmarks/RESULTS.md); larger models want less."""
+    eps: float = 1e-3
+    """Perturbation scale: losses at theta +- eps z."""
+    weight_decay: float = 0.0
+    """Weight decay of the ZO step."""
+    bits: int = 8
+    """Bytes per projected gradient on the wire: 8 = one byte (log scale), 32 = fp32."""
+    center: int = 0
+    """One-byte codec: shift the representable |g| window [e^-3.9, e^3.9] by center/16 nats."""
+    samples: int = 1
+    """Perturbations per worker (per pair with --perturb-parallel) per step."""
+    perturb_parallel: bool = False
+    """DistZO2 perturbation parallelism: ranks 2i, 2i+1 compute the +eps and -eps forward of the same perturbation and swap losses (needs an even --workers; with 4 or more it is 2-D: pairs x data parallel)."""
+    restore: str = "copy"
+    """How theta is restored after a perturbed forward: copy (saved on the device, exact) or host (saved in host memory, exact; the accelerator holds only inference memory)."""
+    workers: int = 2
+    """Local worker processes (Gloo on CPU, one thread each)."""
+    link: str | None = None
+    """Emulated link between workers, as for `lowband train`."""
+    device: str = "auto"
+    """cpu, cuda, or auto (one GPU per worker when there are enough GPUs, else CPU)."""
+    threads: int = 1
+    """CPU threads per worker process."""
+    eval_every: int = 50
+    """Evaluate the held-out split every this many steps (and at the last step)."""
+    eval_batches: int = 8
+    """Batches of the held-out split per evaluation."""
+    log_every: int = 5
+    """Write a metrics line every this many steps (and at every evaluation)."""
+    ckpt_every: int = 100
+    """Save the model every this many steps (and at the last step); 0 only at the end, -1 never. Between checkpoints the (seed, scalar) log, written every step, is what a restarted or new worker replays."""
+    keep_checkpoints: int = 2
+    """How many recent model checkpoints to keep."""
+
+    def to_dict(self) -> dict:
+        return {"algo": "zo", **dataclasses.asdict(self)}  # "algo" labels the run in reports
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FinetuneConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring under each field of a dataclass, read from its source."""
@@ -188,4 +253,4 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-__all__ = ["TrainConfig", "field_docs", "DEFAULT_LR", "field"]
+__all__ = ["TrainConfig", "FinetuneConfig", "field_docs", "DEFAULT_LR", "field"]

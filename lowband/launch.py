@@ -73,8 +73,10 @@ def _shutdown() -> None:
     dist.destroy_process_group()
 
 
-def _worker_main(rank, world, port, cfg_dict, run_path, resume, device_kind, errors) -> None:
-    cfg = TrainConfig.from_dict(cfg_dict)
+def _worker_main(
+    rank, world, port, cfg_dict, run_path, resume, device_kind, errors, worker, cfg_cls
+) -> None:
+    cfg = cfg_cls.from_dict(cfg_dict)
     torch.set_num_threads(cfg.threads)
     try:
         if device_kind == "cuda":
@@ -91,7 +93,7 @@ def _worker_main(rank, world, port, cfg_dict, run_path, resume, device_kind, err
             **({"device_id": device} if device_kind == "cuda" else {}),
         )
         comm = Comm(dist.group.WORLD, LinkSpec.parse(cfg.link), seed=cfg.seed, device=device)
-        train_worker(cfg, comm, RunDir(run_path), device, resume=resume)
+        worker(cfg, comm, RunDir(run_path), device, resume=resume)
         _shutdown()
     except LowbandError as e:
         errors.put((rank, 2, str(e)))
@@ -103,13 +105,15 @@ def _worker_main(rank, world, port, cfg_dict, run_path, resume, device_kind, err
         sys.exit(1)
 
 
-def launch_local(cfg: TrainConfig, run: RunDir, resume: bool) -> None:
+def launch_local(cfg: TrainConfig, run: RunDir, resume: bool, worker=train_worker) -> None:
+    """Run `worker(cfg, comm, run, device, resume=...)` on cfg.workers local processes (train's
+    loop by default; `lowband finetune` passes lowband.zo.loop.finetune_worker and its config)."""
     n = cfg.workers
     device_kind = pick_device(cfg, n)
     if n == 1:
         torch.set_num_threads(cfg.threads)
         device = torch.device("cuda", 0) if device_kind == "cuda" else torch.device("cpu")
-        train_worker(cfg, Comm(None, LinkSpec.parse(cfg.link)), run, device, resume=resume)
+        worker(cfg, Comm(None, LinkSpec.parse(cfg.link)), run, device, resume=resume)
         return
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
@@ -117,7 +121,18 @@ def launch_local(cfg: TrainConfig, run: RunDir, resume: bool) -> None:
     procs = [
         ctx.Process(
             target=_worker_main,
-            args=(r, n, port, cfg.to_dict(), str(run.path), resume, device_kind, errors),
+            args=(
+                r,
+                n,
+                port,
+                cfg.to_dict(),
+                str(run.path),
+                resume,
+                device_kind,
+                errors,
+                worker,
+                type(cfg),
+            ),
             name=f"lowband-worker-{r}",
         )
         for r in range(n)
@@ -170,8 +185,8 @@ def _lost_peer(e: Exception) -> bool:
     )
 
 
-def launch_torchrun(cfg: TrainConfig, run_path: Path, resume: bool) -> None:
-    """This process is one worker of a torchrun job."""
+def launch_torchrun(cfg: TrainConfig, run_path: Path, resume: bool, worker=train_worker) -> None:
+    """This process is one worker of a torchrun job (running `worker`, as in launch_local)."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
     if use_cuda:
@@ -181,7 +196,7 @@ def launch_torchrun(cfg: TrainConfig, run_path: Path, resume: bool) -> None:
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=_TIMEOUT)
     comm = Comm(dist.group.WORLD, LinkSpec.parse(cfg.link), seed=cfg.seed, device=device)
     run = RunDir(run_path)
-    train_worker(cfg, comm, run, device, resume=resume)
+    worker(cfg, comm, run, device, resume=resume)
     _shutdown()
 
 

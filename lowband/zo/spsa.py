@@ -14,23 +14,33 @@ on the 2-layer dim-32 test model (tests/test_zo.py::test_arith_restore_drift), z
   fp32, eps=1e-3 or 1e-2: max |drift| 1.2e-7 (~1 ulp of the weights), ~46-50% of entries move;
   bf16, eps=1e-3: max |drift| 3.9e-3; eps=1e-2: 7.8e-3 (1-2 bf16 ulp), ~46-50% of entries move.
 Element-wise it stays within 2 * finfo(dtype).eps * (|theta| + 2 eps |z|) (three roundings).
-Hence two modes:
-  restore="copy"  (default) saves the parameters once and copies them back: bit exact, one extra
-                  parameter copy (still no gradients, optimizer state or stored activations);
-  restore="arith" re-adds the same z (+eps): MeZO's memory, with the drift above.
-Distributed ZO needs "copy": a rank that drifted would no longer match its peers bit for bit.
+Hence three modes:
+  restore="copy"  (default) saves the parameters and copies them back after each perturbed
+                  forward: bit exact, one extra parameter copy on the parameters' device (still no
+                  gradients, optimizer state or stored activations);
+  restore="host"  the same, but the saved copy lives in host memory: bit exact with the
+                  accelerator holding only what inference needs, at the price of a device->host and
+                  a host->device copy of the parameters per forward;
+  restore="arith" re-adds the same z: MeZO's memory, with the drift above.
+Distributed ZO needs an exact mode: a rank that drifted would no longer match its peers bit for bit.
+
+Exact modes evaluate L- at round(theta - eps z), one rounding from theta, the same point a rank of
+a perturbation-parallel pair reaches (lowband.zo.distributed); "arith" evaluates it at
+round(round(theta + eps z) - 2 eps z), as MeZO does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 """loss_fn(model, batch) -> scalar loss tensor."""
+Restore = Literal["copy", "host", "arith"]
+RESTORE_MODES: tuple[str, ...] = get_args(Restore)
 
 
 def _list(params: nn.Module | Iterable[Tensor]) -> list[Tensor]:
@@ -56,7 +66,73 @@ def perturb_(params: nn.Module | Iterable[Tensor], seed: int, scale: float) -> N
         p.add_(z, alpha=scale)
 
 
+def _check_restore(restore: str) -> None:
+    if restore not in RESTORE_MODES:
+        raise ValueError(f"restore must be one of {', '.join(RESTORE_MODES)}, got {restore!r}")
+
+
+def _save(params: list[Tensor], restore: str) -> list[Tensor]:
+    if restore == "host":
+        return [p.detach().to("cpu", copy=True) for p in params]
+    return [p.detach().clone() for p in params]
+
+
 @torch.no_grad()
+def perturbed_loss(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    seed: int,
+    scale: float,
+    *,
+    restore: Literal["copy", "host"] = "copy",
+) -> float:
+    """L(theta + scale z(seed)) with theta restored exactly afterwards (a saved copy, see above).
+
+    One half of a two-point estimate: a perturbation-parallel rank computes only its sign's half.
+    """
+    if restore not in ("copy", "host"):
+        raise ValueError(f"perturbed_loss restores exactly: 'copy' or 'host', got {restore!r}")
+    params = _list(model)
+    saved = _save(params, restore)
+    perturb_(params, seed, scale)
+    loss = float(loss_fn(model, batch))
+    for p, s in zip(params, saved, strict=True):
+        p.copy_(s)
+    return loss
+
+
+def two_point(loss_plus: float, loss_minus: float, eps: float) -> float:
+    """g = (L+ - L-) / (2 eps): the one formula every mode uses, so they round alike."""
+    return (loss_plus - loss_minus) / (2.0 * eps)
+
+
+@torch.no_grad()
+def spsa_losses(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    seed: int,
+    eps: float,
+    *,
+    restore: Restore = "copy",
+) -> tuple[float, float]:
+    """(L(theta + eps z), L(theta - eps z)) on the same batch, theta restored (see `restore`)."""
+    _check_restore(restore)
+    if restore != "arith":
+        return (
+            perturbed_loss(model, loss_fn, batch, seed, eps, restore=restore),
+            perturbed_loss(model, loss_fn, batch, seed, -eps, restore=restore),
+        )
+    params = _list(model)
+    perturb_(params, seed, eps)
+    loss_plus = float(loss_fn(model, batch))
+    perturb_(params, seed, -2.0 * eps)
+    loss_minus = float(loss_fn(model, batch))
+    perturb_(params, seed, eps)
+    return loss_plus, loss_minus
+
+
 def spsa_grad(
     model: nn.Module,
     loss_fn: LossFn,
@@ -64,30 +140,15 @@ def spsa_grad(
     seed: int,
     eps: float,
     *,
-    restore: Literal["copy", "arith"] = "copy",
+    restore: Restore = "copy",
 ) -> float:
     """Two-point projected gradient g = (L(theta + eps z) - L(theta - eps z)) / (2 eps).
 
-    Steps (same batch for both losses):
-      1. theta += eps z;  L+ = loss_fn(model, batch)
-      2. theta -= 2 eps z; L- = loss_fn(model, batch)
-      3. restore theta: copy back the saved parameters ("copy", exact) or theta += eps z
-         ("arith", drifts by rounding; see the module docstring).
+    Same batch for both losses. Exact modes ("copy", "host"): theta + eps z, L+, restore;
+    theta - eps z, L-, restore. "arith": theta += eps z, L+; theta -= 2 eps z, L-; theta += eps z
+    (drifts by rounding; see the module docstring).
     """
-    params = _list(model)
-    saved = [p.detach().clone() for p in params] if restore == "copy" else None
-    if restore not in ("copy", "arith"):
-        raise ValueError(f"restore must be 'copy' or 'arith', got {restore!r}")
-    perturb_(params, seed, eps)
-    loss_plus = float(loss_fn(model, batch))
-    perturb_(params, seed, -2.0 * eps)
-    loss_minus = float(loss_fn(model, batch))
-    if saved is not None:
-        for p, s in zip(params, saved, strict=True):
-            p.copy_(s)
-    else:
-        perturb_(params, seed, eps)
-    return (loss_plus - loss_minus) / (2.0 * eps)
+    return two_point(*spsa_losses(model, loss_fn, batch, seed, eps, restore=restore), eps)
 
 
 @torch.no_grad()
