@@ -53,8 +53,10 @@ def validate(cfg: TrainConfig) -> None:
     from lowband.algorithms import check_algo_options
     from lowband.comm import LinkSpec
     from lowband.models import PRESETS
+    from lowband.seqpar.train import check_options as check_seqpar_options
 
     check_algo_options(cfg)
+    check_seqpar_options(cfg)
     if cfg.model not in PRESETS:
         raise ConfigError(
             f"unknown model preset {cfg.model!r}; choose one of: {', '.join(PRESETS)}"

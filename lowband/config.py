@@ -95,6 +95,14 @@ class TrainConfig:
     co2_gap_penalty: int | None = None
     """CO2: 1 scales lambda per tensor by 1 + ||staleness gap|| / ||pseudo-gradient|| (our reconstruction, docs/noloco_co2.md; default 0)."""
 
+    # -- sequence parallelism (#6) -------------------------------------------------------------
+    seq_parallel: str | None = None
+    """Shard every sequence over --cp ranks and run attention across them: ulysses, ring (zigzag), tokenring, or hybrid (Ulysses inside x ring across). Needs --algo ddp; see docs/seqpar.md."""
+    cp: int = 1
+    """Context-parallel degree: consecutive ranks sharing each sequence; data parallel runs across the --workers/--cp groups."""
+    cp_ulysses: int | None = None
+    """Hybrid: Ulysses degree inside each cp group (default 2); the ring runs across --cp/--cp-ulysses."""
+
     # -- evaluation, logging, checkpoints -------------------------------------------------------
     eval_every: int = 50
     """Evaluate the held-out split every this many steps (and at the last step)."""

@@ -46,8 +46,10 @@ _TAG_KV, _TAG_OUT, _TAG_LSE, _TAG_GRAD = 0, 1, 2, 3
 
 def _forward_calls(calls, q, k, v, out, lse, scale, backend) -> None:
     for ql, qh, kl, kh, causal in calls:
-        o, l = block_forward(q[:, :, ql:qh], k[:, :, kl:kh], v[:, :, kl:kh], causal, scale, backend)
-        merge_(out[:, :, ql:qh], lse[:, :, ql:qh], o, l.to(lse.dtype))
+        o, lse_o = block_forward(
+            q[:, :, ql:qh], k[:, :, kl:kh], v[:, :, kl:kh], causal, scale, backend
+        )
+        merge_(out[:, :, ql:qh], lse[:, :, ql:qh], o, lse_o.to(lse.dtype))
 
 
 def _backward_calls(calls, dout, q, k, v, out, lse, dq, dk, dv, scale, backend) -> None:
@@ -98,6 +100,7 @@ class _Ring(Function):
         dq = torch.zeros_like(q, dtype=ct)
         kv = torch.stack([k, v]).contiguous()
         pend_d: Pending | None = None
+        d_recv = kv  # replaced by the first receive buffer before it is read
         for s in range(W):
             if s + 1 < W:
                 kv_next = torch.empty_like(kv)
@@ -139,12 +142,12 @@ class _TokenRing(Function):
             if s == 0:
                 _forward_calls(calls, q_cur, k, v, out, lse, scale, backend)
             else:
-                o, l = _empty_acc(q_cur)
-                _forward_calls(calls, q_cur, k, v, o, l, scale, backend)
-                sends = [(o.to(_wire(q)), j, _TAG_OUT), (l, j, _TAG_LSE)] if calls else []
+                o, lse_o = _empty_acc(q_cur)
+                _forward_calls(calls, q_cur, k, v, o, lse_o, scale, backend)
+                sends = [(o.to(_wire(q)), j, _TAG_OUT), (lse_o, j, _TAG_LSE)] if calls else []
                 recvs = []
                 if plan(pieces[r], pieces[src], mask):
-                    ob, lb = torch.empty_like(o, dtype=_wire(q)), torch.empty_like(l)
+                    ob, lb = torch.empty_like(o, dtype=_wire(q)), torch.empty_like(lse_o)
                     recvs = [(ob, src, _TAG_OUT), (lb, src, _TAG_LSE)]
                 pend = exchange(comm, sends, recvs)
                 _drain(pending, lambda ob, lb: merge_(out, lse, ob, lb))

@@ -21,6 +21,7 @@ from lowband.comm import Comm
 from lowband.config import TrainConfig
 from lowband.data import ShardSampler, eval_batches, load_corpus, split_eval
 from lowband.models import build_model
+from lowband.seqpar.train import SeqParallel
 from lowband.train import checkpoint
 from lowband.train.meta import run_meta
 from lowband.train.progress import ProgressBar
@@ -52,12 +53,15 @@ def lr_lambda(cfg: TrainConfig, steps: int):
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches, device: torch.device, autocast) -> float:
+def evaluate(
+    model: torch.nn.Module, batches, device: torch.device, autocast, loss_fn=None
+) -> float:
     model.eval()
     total = 0.0
     for x, y in batches:
         with autocast():
-            total += model.loss(x.to(device), y.to(device)).item()
+            x, y = x.to(device), y.to(device)
+            total += (model.loss(x, y) if loss_fn is None else loss_fn(model, x, y)).item()
     model.train()
     return total / len(batches)
 
@@ -90,7 +94,10 @@ def train_worker(
     steps = total_steps(cfg, world)
     fp = fingerprint(cfg, corpus.sha256)
 
-    model = build_model(cfg.model, vocab_size=corpus.vocab_size, seed=cfg.seed, device=device)
+    sp = SeqParallel.from_config(cfg, comm, device)  # sequence parallelism (#6); off: a no-op
+    model = build_model(
+        cfg.model, vocab_size=corpus.vocab_size, seed=cfg.seed, device=device, attn_fn=sp.attn_fn
+    )
     opt = torch.optim.AdamW(
         model.parameters(),
         lr=cfg.resolved_lr(),
@@ -103,8 +110,8 @@ def train_worker(
     algo = build_algorithm(cfg, model, opt, comm)
     sampler = ShardSampler(
         train_tokens,
-        rank=rank,
-        world_size=world,
+        rank=sp.dp_rank,
+        world_size=sp.dp_size,
         batch_size=cfg.batch_size,
         seq_len=cfg.seq_len,
         seed=cfg.seed,
@@ -162,7 +169,7 @@ def train_worker(
             t0, comm0 = time.perf_counter(), comm.stats.seconds
             x, y = (t.to(device, non_blocking=True) for t in sampler.batch(step))
             with autocast():
-                loss = model.loss(x, y)
+                loss = sp.loss(model, x, y)
             loss.backward()
             algo.sync_gradients()
             if cfg.grad_clip > 0:
@@ -177,7 +184,7 @@ def train_worker(
             last = step == steps
             do_eval = last or step % cfg.eval_every == 0
             if do_eval:
-                eval_loss = evaluate(model, evals, device, autocast)
+                eval_loss = evaluate(model, evals, device, autocast, sp.loss)
             if do_eval or last or step % cfg.log_every == 0:
                 record = {
                     "step": step,
