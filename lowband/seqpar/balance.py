@@ -1,8 +1,10 @@
 """Placing a batch of variable-length sequences on ranks: one rank, or a context-parallel group.
 
 We follow ByteScale's balance scheduler (Ge et al. 2025, "Hybrid Data Parallelism"): a sequence
-that fits a rank's token capacity stays whole on one rank (no attention communication at all);
-a longer one gets the smallest context-parallel group that holds it (data-aware sharding); then
+that fits a rank's token capacity, and whose cost is below a balanced rank's share (total cost /
+ranks), stays whole on one rank (no attention communication at all); a longer or costlier one
+gets the smallest context-parallel group that holds it and brings its share under that target
+(data-aware sharding); then
 sequences are assigned largest-cost first to the least-loaded group of their size, so the
 quadratic attention cost, not the token count, is what gets balanced. Groups are aligned blocks
 of consecutive ranks (sizes dividing the rank count), as a static set of process groups needs.
@@ -60,7 +62,8 @@ class Placement:
 class BalanceReport:
     balanced: Placement
     naive: Placement
-    """Round-robin in arrival order (each sequence on the next group of its size with room)."""
+    """Round-robin in arrival order: each sequence on the next group with room, split only where
+    it exceeds the capacity (may overfill when nothing has room: it is only a baseline)."""
     notes: dict = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -106,7 +109,14 @@ def balance(
     """
     _check(lengths, ranks, capacity)
     lengths = [int(n) for n in lengths]
-    degrees = [_degree(n, ranks, capacity) for n in lengths]
+    costs = [seq_cost(n, a, b) for n in lengths]
+    target = sum(costs) / ranks  # a perfectly balanced rank's cost
+    # A sequence whose cost exceeds the target cannot be balanced on one rank: it gets the
+    # smallest group over which its share fits the target (and its tokens the capacity).
+    degrees = [
+        max(_degree(n, ranks, capacity), next(d for d in _degrees(ranks) if c / d <= target))
+        for n, c in zip(lengths, costs)
+    ]
     order = sorted(range(len(lengths)), key=lambda i: (-seq_cost(lengths[i], a, b), i))
     loads, tokens = [0.0] * ranks, [0] * ranks
     groups: list[tuple[int, ...]] = [()] * len(lengths)
@@ -131,7 +141,9 @@ def balance(
             loads[r] += share
             tokens[r] += need
     _trim(lengths, groups, loads, tokens, capacity, a, b)
-    naive = _round_robin(lengths, degrees, ranks, capacity, a, b)
+    naive = _round_robin(
+        lengths, [_degree(n, ranks, capacity) for n in lengths], ranks, capacity, a, b
+    )
     return BalanceReport(Placement(groups, loads, tokens), naive)
 
 

@@ -1,0 +1,276 @@
+"""Sequence-parallel attention against single-process attention on the full sequence.
+
+Every variant (ring, TokenRing, Ulysses, hybrid) on 2 and 4 Gloo ranks (threads): outputs AND
+dq, dk, dv equal the reference for causal and non-causal masks, GQA, padded lengths, packed
+sequences and fully masked rows; the model with sequence parallel equals the unsharded model's
+loss and gradients (also with data parallel across cp groups); the balancer keeps capacity, is
+deterministic and beats round-robin.
+"""
+
+import threading
+import types
+
+import pytest
+import torch
+
+from lowband.algorithms import DDP
+from lowband.comm import Comm
+from lowband.errors import ConfigError
+from lowband.models import ModelConfig, build_model
+from lowband.seqpar import (
+    Layout,
+    Mask,
+    hybrid_attention,
+    plan,
+    reference_attention,
+    ring_attention,
+    token_ring_attention,
+    ulysses_attention,
+)
+from lowband.seqpar import attention as attn_mod
+from lowband.seqpar.balance import balance, seq_cost, shard_tokens
+from lowband.seqpar.blocks import merge_
+from lowband.seqpar.train import SeqParallel
+from lowband.testing import gloo_groups, run_ranks
+
+torch.set_num_threads(1)
+
+# (name, H, K, S, causal, cu_seqlens, seq_len): S is the full length drawn, seq_len the valid one
+CASES = [
+    ("causal-mha", 4, 4, 16, True, None, None),
+    ("noncausal-gqa", 8, 2, 16, False, None, None),
+    ("causal-gqa-padded", 8, 2, 13, True, None, 13),
+    ("noncausal-padded", 4, 4, 11, False, None, 11),
+    ("packed-causal", 4, 2, 24, True, [0, 5, 13, 20, 24], None),
+    ("packed-masked-rows", 4, 2, 21, False, [0, 7, 7, 17], 21),  # rows 17..20 see nothing
+    ("packed-masked-causal", 8, 2, 19, True, [0, 2, 11], 19),
+]
+LAYOUT = {"ring": "zigzag", "tokenring": "zigzag", "ulysses": "contiguous", "hybrid": "hybrid"}
+
+
+def _tensors(H, K, S, seed):
+    g = torch.Generator().manual_seed(seed)
+    B, D = 2, 8
+    q, dout = (torch.randn(B, H, S, D, generator=g, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(B, K, S, D, generator=g, dtype=torch.float64) for _ in range(2))
+    return q, k, v, dout
+
+
+def _references():
+    out = {}
+    for i, (name, H, K, S, causal, cu, seq_len) in enumerate(CASES):
+        q, k, v, dout = _tensors(H, K, S, i)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref = reference_attention(*leaves, causal=causal, cu_seqlens=cu, seq_len=seq_len)
+        grads = torch.autograd.grad(ref, leaves, dout)
+        out[name] = ((q, k, v, dout), (ref.detach(), *grads))
+    return out
+
+
+def _sharded(comm: Comm, variants, world, refs, extra=None):
+    """On one rank: every case x variant; returns {(case, variant): max abs error vs ref}."""
+    errors = {}
+    if "hybrid" in variants:  # each group is made once per rank, before any case runs
+        ring_rank, u = divmod(comm.rank, 2)
+        uc, rc = Comm(extra["u"][ring_rank](u)), Comm(extra["r"][u](ring_rank))
+    for name, _, _, _, causal, cu, seq_len in CASES:
+        (q, k, v, dout), expected = refs[name]
+        for variant in variants:
+            lay = Layout(LAYOUT[variant], world, 2 if variant == "hybrid" else 1)
+            local = [lay.shard(t, 2, comm.rank).requires_grad_() for t in (q, k, v)]
+            kw = dict(causal=causal, cu_seqlens=cu, seq_len=seq_len)
+            if variant == "hybrid":
+                out = hybrid_attention(*local, uc, rc, **kw)
+            else:
+                fn = {"ring": ring_attention, "tokenring": token_ring_attention}.get(
+                    variant, ulysses_attention
+                )
+                out = fn(*local, comm, **kw)
+            got = (out, *torch.autograd.grad(out, local, lay.shard(dout, 2, comm.rank)))
+            assert all(torch.isfinite(t).all() for t in got), (name, variant)
+            errors[(name, variant)] = max(
+                (a - lay.shard(b, 2, comm.rank)).abs().max().item() for a, b in zip(got, expected)
+            )
+    return errors
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_every_variant_matches_full_attention(world):
+    refs = _references()
+    variants = ["ring", "tokenring", "ulysses"] + (["hybrid"] if world == 4 else [])
+    extra = {
+        "u": [gloo_groups(2, prefix=f"u{i}") for i in range(world // 2)],
+        "r": [gloo_groups(world // 2, prefix=f"r{i}") for i in range(2)],
+    }
+    results = run_ranks(world, _sharded, variants, world, refs, extra)
+    for rank, errors in enumerate(results):
+        assert len(errors) == len(CASES) * len(variants)
+        for key, err in errors.items():
+            assert err < 1e-10, (rank, key, err)
+
+
+def test_fully_masked_rows_are_zero_and_padding_gets_no_gradient():
+    refs = _references()
+    (_, _, _, _), (ref, gq, gk, gv) = refs["packed-masked-rows"]
+    assert ref[:, :, 17:].abs().max() == 0 and ref[:, :, :17].abs().min() > 0
+    assert gk[:, :, 17:].abs().max() == 0 and gq[:, :, 17:].abs().max() == 0
+
+
+def _order_worker(comm):
+    q, k, v, _ = _tensors(4, 2, 16, 0)
+    for fn in (ring_attention, token_ring_attention):
+        fn(*(Layout("zigzag", 2).shard(t, 2, comm.rank) for t in (q, k, v)), comm)
+
+
+def test_next_transfer_is_posted_before_the_current_block(monkeypatch):
+    events: list[tuple[str, str]] = []
+    real_exchange, real_block = attn_mod.exchange, attn_mod.block_forward
+
+    def exchange(comm, sends, recvs):
+        events.append((threading.current_thread().name, "x"))
+        return real_exchange(comm, sends, recvs)
+
+    def block(*a):
+        events.append((threading.current_thread().name, "c"))
+        return real_block(*a)
+
+    monkeypatch.setattr(attn_mod, "exchange", exchange)
+    monkeypatch.setattr(attn_mod, "block_forward", block)
+    run_ranks(2, _order_worker)
+    for thread in {t for t, _ in events}:
+        seq = "".join(e for t, e in events if t == thread)
+        # ring: post (x), own block (c), next block (c); TokenRing: post (x), own block (c),
+        # next block (c), then the partial result goes back (x)
+        assert seq == "xcc" + "xccx", seq
+
+
+def test_plans_use_one_fused_call_per_block_without_packing():
+    lay, S = Layout("zigzag", 4), 64
+    mask = Mask.make(True, S)
+    pieces = [lay.pieces(r, S) for r in range(4)]
+    for r in range(4):
+        assert plan(pieces[r], pieces[r], mask) == ((0, 16, 0, 16, True),)
+        for j in range(4):
+            if j != r:
+                (call,) = plan(pieces[r], pieces[j], mask)
+                assert not call[4] and (call[1] - call[0]) * (call[3] - call[2]) == 8 * 16
+
+
+def test_bad_shapes_and_heads_raise_config_error():
+    four = types.SimpleNamespace(size=4, rank=0)
+    q, k, v = torch.zeros(1, 6, 4, 8), torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ConfigError, match="query heads 6"):
+        ulysses_attention(q, k, v, four)
+    q = torch.zeros(1, 12, 4, 8)
+    k = v = torch.zeros(1, 3, 4, 8)
+    with pytest.raises(ConfigError, match="kv heads 3"):
+        ulysses_attention(q, k, v, four)
+    with pytest.raises(ConfigError, match="pads to"):
+        ring_attention(q, k, v, four, seq_len=7)
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        ring_attention(
+            torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8), four
+        )
+    with pytest.raises(ConfigError, match="cu_seqlens"):
+        ring_attention(q, k, v, four, cu_seqlens=[0, 9, 5])
+
+
+def test_merge_of_two_empty_rows_stays_finite():
+    out, lse = torch.zeros(1, 1, 2, 4), torch.full((1, 1, 2), -torch.inf)
+    merge_(out, lse, torch.ones(1, 1, 2, 4), torch.tensor([[[-torch.inf, 0.0]]]))
+    assert torch.isfinite(out).all() and out[0, 0, 0].abs().max() == 0 and out[0, 0, 1].eq(1).all()
+    assert lse[0, 0, 0] == -torch.inf and lse[0, 0, 1] == 0
+
+
+# -- the model ---------------------------------------------------------------------------------
+
+CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=64)
+
+
+def _batch(seed, B=2, L=16):
+    t = torch.randint(0, CFG.vocab_size, (B, L + 1), generator=torch.Generator().manual_seed(seed))
+    return t[:, :-1], t[:, 1:]
+
+
+def _model_worker(comm: Comm, variant, cp, extra):
+    dp_rank, cp_rank = divmod(comm.rank, cp)
+    cp_comm = Comm(extra["cp"][dp_rank](cp_rank))
+    uc = rc = None
+    if variant == "hybrid":
+        ring_rank, u = divmod(cp_rank, 2)
+        uc, rc = Comm(extra["u"][ring_rank](u)), Comm(extra["r"][u](ring_rank))
+    sp = SeqParallel(
+        variant, cp_comm, dp_rank=dp_rank, dp_size=comm.size // cp, ulysses_comm=uc, ring_comm=rc
+    )
+    model = build_model(CFG, seed=3, attn_fn=sp.attn_fn).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    algo = DDP(model, opt, comm)  # averages over the whole world: cp and dp ranks
+    loss = sp.loss(model, *_batch(dp_rank))
+    loss.backward()
+    algo.sync_gradients()
+    return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize(
+    "variant,world,cp",
+    [("ring", 2, 2), ("tokenring", 2, 2), ("ulysses", 2, 2), ("hybrid", 4, 4), ("ring", 4, 2)],
+)
+def test_model_with_sequence_parallel_equals_unsharded(variant, world, cp):
+    extra = {
+        "cp": [gloo_groups(cp, prefix=f"cp{i}") for i in range(world // cp)],
+        "u": [gloo_groups(2, prefix=f"u{i}") for i in range(2)],
+        "r": [gloo_groups(2, prefix=f"r{i}") for i in range(2)],
+    }
+    results = run_ranks(world, _model_worker, variant, cp, extra)
+    ref = build_model(CFG, seed=3).double()
+    batches = [_batch(d) for d in range(world // cp)]
+    losses = [ref.loss(x, y) for x, y in batches]
+    (sum(losses) / len(losses)).backward()
+    for rank, (loss, grads) in enumerate(results):
+        # model.loss takes its cross entropy in fp32, so agreement is to fp32 rounding
+        assert loss == pytest.approx(losses[rank // cp].item(), rel=1e-6)
+        for g, p in zip(grads, ref.parameters()):
+            torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-8)
+
+
+# -- the balancer ------------------------------------------------------------------------------
+
+
+def _skewed(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [int(2 ** (10 + 7 * torch.rand((), generator=g).item())) for _ in range(n)]
+
+
+def test_balancer_keeps_capacity_and_is_deterministic():
+    lengths = _skewed(20, 0)
+    capacity = 80 * 1024
+    rep = balance(lengths, 8, capacity)
+    assert max(rep.balanced.tokens) <= capacity
+    assert rep.balanced.groups == balance(list(lengths), 8, capacity).balanced.groups
+    assert any(len(g) > 1 for g in rep.balanced.groups)  # the costliest are spread over groups
+    per_rank, loads = [0] * 8, [0.0] * 8
+    for n, g in zip(lengths, rep.balanced.groups):
+        assert g == tuple(range(g[0], g[0] + len(g))) and g[0] % len(g) == 0  # aligned block
+        for r in g:
+            per_rank[r] += shard_tokens(n, len(g))
+            loads[r] += seq_cost(n) / len(g)
+    assert per_rank == rep.balanced.tokens
+    assert loads == pytest.approx(rep.balanced.loads)
+    # a sequence above the capacity is split over the smallest group that holds it
+    rep = balance([100_000, 1000, 2000], 4, 64 * 1024)
+    assert len(rep.balanced.groups[0]) == 2 and max(rep.balanced.tokens) <= 64 * 1024
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_balancer_beats_round_robin_on_skewed_lengths(seed):
+    lengths = _skewed(32, seed)
+    rep = balance(lengths, 8, 160 * 1024)
+    assert rep.balanced.max_load < 0.8 * rep.naive.max_load, rep.summary()
+    assert rep.balanced.imbalance < rep.naive.imbalance
+
+
+def test_balancer_rejects_what_cannot_fit():
+    with pytest.raises(ConfigError, match="does not fit"):
+        balance([1000, 50_000], 4, 10_000)
+    with pytest.raises(ConfigError, match="does not fit"):
+        balance([9000] * 5, 4, 10_000)  # each fits a rank, not all of them together
