@@ -257,7 +257,7 @@ def test_balancer_keeps_capacity_and_is_deterministic():
     assert per_rank == rep.balanced.tokens
     assert loads == pytest.approx(rep.balanced.loads)
     # a sequence above the capacity is split over the smallest group that holds it
-    rep = balance([100_000, 1000, 2000], 4, 64 * 1024)
+    rep = balance([100_000, 30_000, 30_000], 4, 64 * 1024, a=0.0)
     assert len(rep.balanced.groups[0]) == 2 and max(rep.balanced.tokens) <= 64 * 1024
 
 
