@@ -7,8 +7,13 @@ loss and gradients (also with data parallel across cp groups); the balancer keep
 deterministic and beats round-robin.
 """
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -257,7 +262,7 @@ def test_balancer_keeps_capacity_and_is_deterministic():
     assert per_rank == rep.balanced.tokens
     assert loads == pytest.approx(rep.balanced.loads)
     # a sequence above the capacity is split over the smallest group that holds it
-    rep = balance([100_000, 30_000, 30_000], 4, 64 * 1024, a=0.0)
+    rep = balance([100_000, 60_000, 60_000], 4, 64 * 1024, a=0.0)
     assert len(rep.balanced.groups[0]) == 2 and max(rep.balanced.tokens) <= 64 * 1024
 
 
@@ -274,3 +279,46 @@ def test_balancer_rejects_what_cannot_fit():
         balance([1000, 50_000], 4, 10_000)
     with pytest.raises(ConfigError, match="does not fit"):
         balance([9000] * 5, 4, 10_000)  # each fits a rank, not all of them together
+
+
+# -- the benchmark scripts, in their CPU smoke mode (2 Gloo processes) -------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _smoke(script: str, out: Path) -> tuple[str, list[dict]]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout, [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_throughput_benchmark_smoke(tmp_path):
+    stdout, rows = _smoke("seqpar_throughput.py", tmp_path / "t.jsonl")
+    for S in (64, 96):
+        got = {r["variant"]: r for r in rows if r["seq_len"] == S}
+        assert set(got) == {"single", "ring", "tokenring", "ulysses", "hybrid", "torch_cp"}
+        for v in ("single", "ring", "tokenring", "ulysses", "hybrid"):
+            assert got[v]["tflops_per_gpu"] > 0 and "error" not in got[v], got[v]
+        for v in ("ring", "tokenring", "ulysses", "hybrid"):
+            assert got[v]["check_rel_err"] < 1e-5 and got[v]["gpus"] == 2
+        assert got["torch_cp"]["error"].startswith("RuntimeError: skipped on CPU")
+    assert "skipped on CPU" in stdout and "| 96 | hybrid | math |" in stdout
+
+
+def test_balance_benchmark_smoke(tmp_path):
+    stdout, rows = _smoke("seqpar_balance.py", tmp_path / "b.jsonl")
+    naive, balanced = rows
+    assert (naive["placement"], balanced["placement"]) == ("naive", "balanced")
+    assert balanced["model_max_cost"] <= naive["model_max_cost"]
+    assert balanced["max_tokens_per_rank"] <= balanced["capacity"]
+    assert naive["step_seconds"] > 0 and balanced["step_seconds"] > 0
+    assert "| balanced |" in stdout
