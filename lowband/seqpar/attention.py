@@ -44,12 +44,19 @@ from lowband.seqpar.p2p import Pending, all_to_all, exchange
 _TAG_KV, _TAG_OUT, _TAG_LSE, _TAG_GRAD = 0, 1, 2, 3
 
 
-def _forward_calls(calls, q, k, v, out, lse, scale, backend) -> None:
+def _forward_calls(calls, q, k, v, out, lse, scale, backend, written: list) -> None:
+    """Run the calls, folding each into (out, lse). Rows no earlier call wrote (tracked on the
+    host in `written`) are copied, not merged: most blocks of a zigzag ring need no merge."""
     for ql, qh, kl, kh, causal in calls:
         o, lse_o = block_forward(
             q[:, :, ql:qh], k[:, :, kl:kh], v[:, :, kl:kh], causal, scale, backend
         )
-        merge_(out[:, :, ql:qh], lse[:, :, ql:qh], o, lse_o.to(lse.dtype))
+        if any(a < qh and ql < b for a, b in written):
+            merge_(out[:, :, ql:qh], lse[:, :, ql:qh], o, lse_o.to(lse.dtype))
+        else:
+            out[:, :, ql:qh].copy_(o)
+            lse[:, :, ql:qh].copy_(lse_o)
+        written.append((ql, qh))
 
 
 def _backward_calls(calls, dout, q, k, v, out, lse, dq, dk, dv, scale, backend) -> None:
@@ -75,12 +82,13 @@ class _Ring(Function):
         nxt, prv = (r + 1) % W, (r - 1) % W
         out, lse = _empty_acc(q)
         kv = torch.stack([k, v]).contiguous()
+        written: list[tuple[int, int]] = []
         for s in range(W):
             if s + 1 < W:
                 kv_next = torch.empty_like(kv)
                 pend = exchange(comm, [(kv, nxt, _TAG_KV)], [(kv_next, prv, _TAG_KV)])
             calls = plan(pieces[r], pieces[(r - s) % W], mask)
-            _forward_calls(calls, q, kv[0], kv[1], out, lse, scale, backend)
+            _forward_calls(calls, q, kv[0], kv[1], out, lse, scale, backend, written)
             if s + 1 < W:
                 pend.wait()
                 kv = kv_next
@@ -140,10 +148,10 @@ class _TokenRing(Function):
             j, src = (r - s) % W, (r + s) % W  # owner of the queries in hand; who has ours
             calls = plan(pieces[j], pieces[r], mask)
             if s == 0:
-                _forward_calls(calls, q_cur, k, v, out, lse, scale, backend)
+                _forward_calls(calls, q_cur, k, v, out, lse, scale, backend, [])
             else:
                 o, lse_o = _empty_acc(q_cur)
-                _forward_calls(calls, q_cur, k, v, o, lse_o, scale, backend)
+                _forward_calls(calls, q_cur, k, v, o, lse_o, scale, backend, [])
                 sends = [(o.to(_wire(q)), j, _TAG_OUT), (lse_o, j, _TAG_LSE)] if calls else []
                 recvs = []
                 if plan(pieces[r], pieces[src], mask):

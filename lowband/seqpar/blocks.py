@@ -56,6 +56,7 @@ def select_backend(q: Tensor, backend: str = "auto") -> str:
     return _chosen[key]
 
 
+@torch.autocast("cuda", enabled=False)
 def _probe(q: Tensor) -> str:
     g = torch.Generator(device=q.device).manual_seed(0)
     B, H, K, L, D = 1, 2, 1, 128, q.shape[-1]
@@ -96,11 +97,14 @@ def block_forward(
         return _math_forward(q_BHLD, k_BKMD, v_BKMD, causal, scale)
     k, v = _expand(k_BKMD, H), _expand(v_BKMD, H)
     if backend == "cudnn":
+        # Sliced blocks are views with the full sequence's strides: hand cuDNN dense tensors
+        # (a copy of O(L*D), next to the block's O(L*M*D) work).
         r = aten._scaled_dot_product_cudnn_attention(
-            q_BHLD, k, v, None, True, 0.0, causal, False, scale=scale
-        )
+            q_BHLD.contiguous(), k.contiguous(), v.contiguous(), None, True, 0.0, causal, False,
+            scale=scale,
+        )  # fmt: skip
         _aux[(backend, q_BHLD.device)] = (r[2], r[3], r[6], r[7])
-        return r[0], r[1].view(B, H, L).float()
+        return r[0], r[1].reshape(B, H, L).float()
     r = aten._scaled_dot_product_flash_attention(q_BHLD, k, v, 0.0, causal, False, scale=scale)
     _aux[(backend, q_BHLD.device)] = (r[2], r[3], r[6], r[7])
     return r[0], r[1].float()
@@ -135,7 +139,7 @@ def block_backward(
         )  # fmt: skip
     else:
         dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
-            dout, q_BHLD, k, v, out, lse_BHL.float().contiguous(), cum_q, cum_k, L, M, 0.0,
+            dout, q_BHLD.contiguous(), k.contiguous(), v.contiguous(), out, lse_BHL.float().contiguous(), cum_q, cum_k, L, M, 0.0,
             causal, seed, offset, scale=scale,
         )  # fmt: skip
     return dq, _fold(dk, K), _fold(dv, K)
@@ -186,5 +190,5 @@ def merge_(out_acc: Tensor, lse_acc: Tensor, out_b: Tensor, lse_b: Tensor) -> No
     diff = lse_b - lse_acc
     w = torch.sigmoid(torch.where(torch.isnan(diff), torch.zeros_like(diff), diff))
     w = torch.where(torch.isneginf(lse_b), torch.zeros_like(w), w)
-    out_acc.sub_(w.unsqueeze(-1) * (out_acc - out_b.to(out_acc.dtype)))
+    out_acc.lerp_(out_b.to(out_acc.dtype), w.unsqueeze(-1))  # out_a + w * (out_b - out_a)
     lse_acc.copy_(torch.logaddexp(lse_acc, lse_b))

@@ -21,15 +21,16 @@ from lowband.comm import accounting as acc
 
 
 class Pending:
-    """Handles of posted transfers; `wait()` blocks until all are done (idempotent)."""
+    """Handles of posted transfers; `wait()` blocks until all are done (idempotent). Holds the
+    tensors until then, so a temporary handed to a send cannot be freed while on the wire."""
 
-    def __init__(self, works: list) -> None:
-        self._works = works
+    def __init__(self, works: list, tensors: list[Tensor]) -> None:
+        self._works, self._tensors = works, tensors
 
     def wait(self) -> None:
         for w in self._works:
             w.wait()
-        self._works = []
+        self._works, self._tensors = [], []
 
 
 def exchange(
@@ -49,10 +50,10 @@ def exchange(
             comm.stats.add("send", acc.p2p_traffic(t.numel(), t.element_size(), sending=True))
         for t, _, _ in recvs:
             comm.stats.add("recv", acc.p2p_traffic(t.numel(), t.element_size(), sending=False))
-        return Pending(works)
+        return Pending(works, [t for t, _, _ in sends + recvs])
     works = [comm.send(t, r, tag, async_op=True) for t, r, tag in sends]
     works += [comm.recv(t, r, tag, async_op=True) for t, r, tag in recvs]
-    return Pending(works)
+    return Pending(works, [t for t, _, _ in sends + recvs])
 
 
 def all_to_all(x: Tensor, comm: Comm, scatter_dim: int, gather_dim: int) -> Tensor:
