@@ -2,11 +2,13 @@
 autograd all-to-all.
 
 `exchange` posts a set of sends and receives at once and returns without waiting, so callers
-post the next block's transfer before computing the current one (overlap). On CUDA they go out
-as one `torch.distributed.batch_isend_irecv` (NCCL groups them, so a pair of ranks sending to
-each other cannot deadlock; their bytes are added to `comm.stats`, their wait time is not); on
-CPU each is a `Comm.send` / `Comm.recv`, tagged so that different streams between the same pair
-of ranks never match each other.
+post the next block's transfer before computing the current one (overlap). When the group is
+registered with torch.distributed (a torchrun / init_process_group job) they go out as one
+`torch.distributed.batch_isend_irecv`: NCCL groups them, so a pair of ranks sending to each
+other cannot deadlock; their bytes are added to `comm.stats`, their wait time is not (on CUDA
+the wait is on the stream). Groups made outside torch.distributed's registry (the threaded test
+ranks of lowband.testing) use `Comm.send` / `Comm.recv`. Either way transfers are tagged, so
+different streams between the same pair of ranks never match each other.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def exchange(
     comm: Comm, sends: list[tuple[Tensor, int, int]], recvs: list[tuple[Tensor, int, int]]
 ) -> Pending:
     """Post sends (tensor, dst, tag) and receives (buffer, src, tag); group ranks, not global."""
-    if comm.device.type == "cuda":
+    if _registered(comm.group):
         ops = [
             dist.P2POp(dist.isend, t, dist.get_global_rank(comm.group, r), comm.group, tag)
             for t, r, tag in sends
@@ -54,6 +56,16 @@ def exchange(
     works = [comm.send(t, r, tag, async_op=True) for t, r, tag in sends]
     works += [comm.recv(t, r, tag, async_op=True) for t, r, tag in recvs]
     return Pending(works, [t for t, _, _ in sends + recvs])
+
+
+def _registered(group) -> bool:
+    if group is None or not dist.is_initialized():
+        return False
+    try:
+        dist.get_global_rank(group, 0)
+    except (ValueError, RuntimeError):
+        return False
+    return True
 
 
 def all_to_all(x: Tensor, comm: Comm, scatter_dim: int, gather_dim: int) -> Tensor:
