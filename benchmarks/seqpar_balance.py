@@ -11,8 +11,11 @@ Lengths are drawn log-uniformly from [--min-len, --max-len] (seeded) until the b
 A step runs, on every rank, what the placement gives it: per sequence, a causal attention
 forward+backward (a zigzag ring over the sequence's group of ranks; the block kernel alone for
 a single rank) and a token-wise linear forward+backward (the b*L part: two E x 4E matmuls).
-The cost model is set to these FLOPs: a = 7*H*D per L^2 (causal attention fwd+bwd), b = 48*E^2
-per token. Step time = slowest rank, averaged over --iters steps.
+The cost model a*L^2 + b*L is calibrated on the device first (one attention and one linear
+pass at max_len/4 tokens: a CPU's math path computes the masked half of a causal block, a GPU's
+fused kernel skips it, so FLOPs alone mislead); --flop-cost uses a = 3.5*H*D (causal attention
+fwd+bwd per L^2), b = 48*E^2 instead. Step time = slowest rank; naive and balanced steps are
+interleaved, --iters of each, and the median is reported.
 
 Context-parallel items run in one global order (largest group first, then sequence index) that
 every member follows, so groups never wait on each other in a cycle.
@@ -25,6 +28,7 @@ import datetime
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -49,7 +53,13 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dim", type=int, default=4096, help="E of the token-wise linear part")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument(
+        "--flop-cost",
+        action="store_true",
+        help="cost model from FLOPs (a = 3.5*H*D, b = 48*E^2) instead of timing one attention "
+        "and one linear pass on this device",
+    )
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--out", default="seqpar_balance.jsonl")
     p.add_argument("--append", action="store_true", help="append the table to RESULTS.md")
@@ -125,30 +135,62 @@ class Runner:
             torch.cuda.synchronize()
         dist.all_reduce(torch.zeros(1, device=self.device))
 
-    def time(self, groups, lengths) -> float:
-        work = self.items(groups, lengths)
-        self.step(work)  # warm-up
+    def one_step(self, work) -> float:
         self.sync()
         t0 = time.perf_counter()
-        for _ in range(self.args.iters):
-            self.step(work)
+        self.step(work)
         self.sync()
-        t = torch.tensor([(time.perf_counter() - t0) / self.args.iters], device=self.device)
+        t = torch.tensor([time.perf_counter() - t0], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        del work
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        return float(t)
+
+    def compare(self, placements: dict, lengths) -> dict[str, float]:
+        """Median step time per placement, steps interleaved so drift hits both alike."""
+        works = {k: self.items(groups, lengths) for k, groups in placements.items()}
+        times: dict[str, list[float]] = {k: [] for k in works}
+        for w in works.values():
+            self.one_step(w)  # warm-up
+        for _ in range(self.args.iters):
+            for k, w in works.items():
+                times[k].append(self.one_step(w))
+        return {k: statistics.median(v) for k, v in times.items()}
+
+    def calibrate(self) -> tuple[float, float]:
+        """a, b of the cost model from this device: one attention and one linear pass at L0."""
+        L0 = max(64, self.args.max_len // 4)
+        g = (self.rank,)
+        lin = self.items([g], [L0])
+        t_full = statistics.median(self.one_step(lin) for _ in range(3))
+        x = lin[0][4]
+        self.sync()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            y = (x.requires_grad_() @ self.w1).relu() @ self.w2
+            y.backward(torch.ones_like(y))
+        self.sync()
+        t_lin = self.max_over_ranks((time.perf_counter() - t0) / 3)
+        t_attn = max(t_full - t_lin, 1e-9)
+        return t_attn / L0**2, t_lin / L0
+
+    def max_over_ranks(self, x: float) -> float:
+        t = torch.tensor([x], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t)
 
 
 def run(args, device) -> tuple[list[dict], str]:
     r = Runner(args, device)
     lengths = draw_lengths(args, r.world)
-    a_cost, b_cost = 7.0 * args.heads * args.head_dim, 48.0 * args.dim**2
+    if args.flop_cost:
+        a_cost, b_cost = 7.0 * args.heads * args.head_dim / 2, 48.0 * args.dim**2
+    else:
+        a_cost, b_cost = r.calibrate()
     rep = balance(lengths, r.world, args.capacity, a=a_cost, b=b_cost)
+    placements = {"naive": rep.naive, "balanced": rep.balanced}
+    runnable = {k: p.groups for k, p in placements.items() if max(p.tokens) <= args.capacity}
+    times = r.compare(runnable, lengths)
     rows = []
-    for name, pl in (("naive", rep.naive), ("balanced", rep.balanced)):
-        over = max(pl.tokens) > args.capacity
+    for name, pl in placements.items():
         row = {
             "placement": name,
             "world": r.world,
@@ -156,32 +198,40 @@ def run(args, device) -> tuple[list[dict], str]:
             "tokens": sum(lengths),
             "max_len": max(lengths),
             "capacity": args.capacity,
+            "cost_a": a_cost,
+            "cost_b": b_cost,
             "model_max_cost": pl.max_load,
             "model_imbalance": pl.imbalance,
             "max_tokens_per_rank": max(pl.tokens),
             "groups": sorted({len(g) for g in pl.groups}),
         }
-        if over:
-            row["error"] = "naive placement exceeds the capacity on some rank: not run"
+        if name in times:
+            row["step_seconds"] = times[name]
         else:
-            row["step_seconds"] = r.time(pl.groups, lengths)
+            row["error"] = "placement exceeds the capacity on some rank: not run"
         rows.append(row)
         if r.rank == 0:
             print(json.dumps(row), flush=True)
-    naive, bal = rows
+    naive = rows[0]
     lines = [
-        "| placement | sequences | tokens | max tokens/rank | modelled imbalance (max/mean) | step s | speed-up |",
-        "|---|---|---|---|---|---|---|",
+        "| placement | sequences | tokens | max tokens/rank | group sizes | modelled imbalance (max/mean) | step s (median) | speed-up |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         ok = "step_seconds" in row and "step_seconds" in naive
-        step = f"{row['step_seconds']:.3f}" if "step_seconds" in row else row.get("error", "-")
+        step = f"{row['step_seconds']:.3f}" if "step_seconds" in row else row["error"]
         speed = f"{naive['step_seconds'] / row['step_seconds']:.2f}x" if ok else "-"
+        sizes = ",".join(map(str, row["groups"]))
         lines.append(
             f"| {row['placement']} | {row['sequences']} | {row['tokens']:,} | "
-            f"{row['max_tokens_per_rank']:,} | {row['model_imbalance']:.2f} | {step} | {speed} |"
+            f"{row['max_tokens_per_rank']:,} | {sizes} | {row['model_imbalance']:.2f} | {step} | {speed} |"
         )
-    return rows, "\n".join(lines) + f"\n\nlengths: {lengths}; {rep.summary()}"
+    cost = (
+        f"cost a={a_cost:.3g} s/token^2, b={b_cost:.3g} s/token"
+        if not args.flop_cost
+        else (f"cost a={a_cost:.3g}, b={b_cost:.3g} FLOPs")
+    )
+    return rows, "\n".join(lines) + f"\n\nlengths: {lengths}; {cost}; {rep.summary()}"
 
 
 def worker(rank: int, world: int, port: int, args) -> None:
