@@ -309,7 +309,7 @@ def test_throughput_benchmark_smoke(tmp_path):
         for v in ("single", "ring", "tokenring", "ulysses", "hybrid"):
             assert got[v]["tflops_per_gpu"] > 0 and "error" not in got[v], got[v]
         for v in ("ring", "tokenring", "ulysses", "hybrid"):
-            assert got[v]["check_rel_err"] < 1e-5 and got[v]["gpus"] == 2
+            assert got[v]["check_rel_err"] < 1e-5 and got[v]["check_ok"] and got[v]["gpus"] == 2
         assert got["torch_cp"]["error"].startswith("RuntimeError: skipped on CPU")
     assert "skipped on CPU" in stdout and "| 96 | hybrid | math |" in stdout
 
