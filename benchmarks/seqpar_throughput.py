@@ -90,6 +90,7 @@ class Bench:
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self.comm = Comm(dist.group.WORLD, device=device)
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.gqa = args.kv_heads != args.heads  # enable_gqa only where needed (kernel choice)
         self.sdpa_backend = self._sdpa_backend()
         self.groups = {}
         for v in args.variants.split(","):
@@ -133,7 +134,7 @@ class Bench:
         ):
             try:
                 with sdpa_kernel([be]):
-                    F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.gqa)
                 return name
             except RuntimeError:
                 continue
@@ -168,7 +169,7 @@ class Bench:
 
         def step():
             with self._sdpa_ctx():
-                out = F.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=True)
+                out = F.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=self.gqa)
             out.backward(do)
             for t in leaves:
                 t.grad = None
@@ -198,7 +199,7 @@ class Bench:
         full = self.tensors(S)
         leaves = [t.clone().requires_grad_() for t in full[:3]]
         with self._sdpa_ctx():
-            ref = F.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=True)
+            ref = F.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=self.gqa)
         ref_all = [ref, *torch.autograd.grad(ref, leaves, full[3])]
         local = [t.requires_grad_() for t in self._local(variant, full[:3])]
         out = self._attn(variant)(*local)
@@ -242,7 +243,9 @@ class Bench:
 
             def step():
                 with self._sdpa_ctx():
-                    out = F.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=True)
+                    out = F.scaled_dot_product_attention(
+                        *leaves, is_causal=True, enable_gqa=self.gqa
+                    )
                 out.backward(do)
                 for t in leaves:
                     t.grad = None
