@@ -107,10 +107,16 @@ def block_forward(
             scale=scale,
         )  # fmt: skip
         _aux[(backend, q_BHLD.device)] = (r[2], r[3], r[6], r[7])
-        return r[0], r[1].reshape(B, H, L).float()
+        return r[0], _finite_or_empty(r[1].reshape(B, H, L).float())
     r = aten._scaled_dot_product_flash_attention(q_BHLD, k, v, 0.0, causal, False, scale=scale)
     _aux[(backend, q_BHLD.device)] = (r[2], r[3], r[6], r[7])
-    return r[0], r[1].float()
+    return r[0], _finite_or_empty(r[1].float())
+
+
+def _finite_or_empty(lse: Tensor) -> Tensor:
+    """Fused kernels may report +inf for a row with no key (ALGORITHMS.md); the merge wants
+    -inf there. The planner never hands them such rows; this keeps it so if one slips through."""
+    return lse.masked_fill_(lse == math.inf, -math.inf)
 
 
 def block_backward(
