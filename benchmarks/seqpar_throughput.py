@@ -216,6 +216,11 @@ class Bench:
         q, k, v, do = self._local(variant, self.tensors(S))
         leaves = [t.requires_grad_() for t in (q, k, v)]
         backend = select_backend(q)
+        if backend == "math" and self.device.type == "cuda":
+            raise RuntimeError(
+                "neither cuDNN nor flash passed lowband.seqpar's probe on this GPU; the math "
+                "path would hold S^2 scores, so this row is not timed"
+            )
 
         def step():
             fn(*leaves).backward(do)
