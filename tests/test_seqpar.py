@@ -49,6 +49,7 @@ CASES = [
     ("packed-causal", 4, 2, 24, True, [0, 5, 13, 20, 24], None),
     ("packed-masked-rows", 4, 2, 21, False, [0, 7, 7, 17], 21),  # rows 17..20 see nothing
     ("packed-masked-causal", 8, 2, 19, True, [0, 2, 11], 19),
+    ("one-seq-then-masked", 4, 2, 13, True, [0, 9], 13),  # found by the random test below
 ]
 LAYOUT = {"ring": "zigzag", "tokenring": "zigzag", "ulysses": "contiguous", "hybrid": "hybrid"}
 
@@ -112,6 +113,46 @@ def test_every_variant_matches_full_attention(world):
         assert len(errors) == len(CASES) * len(variants)
         for key, err in errors.items():
             assert err < 1e-10, (rank, key, err)
+
+
+def _random_worker(comm: Comm, cases):
+    errors = []
+    for variant, layout, (q, k, v, dout), kw, expected in cases:
+        lay = Layout(layout, comm.size)
+        local = [lay.shard(t, 2, comm.rank).requires_grad_() for t in (q, k, v)]
+        fn = {"ring": ring_attention, "tokenring": token_ring_attention}.get(
+            variant, ulysses_attention
+        )
+        out = fn(*local, comm, layout=layout, **kw)
+        got = (out, *torch.autograd.grad(out, local, lay.shard(dout, 2, comm.rank)))
+        errors.append(
+            max((a - lay.shard(b, 2, comm.rank)).abs().max().item() for a, b in zip(got, expected))
+        )
+    return errors
+
+
+def test_random_masks_on_three_ranks():
+    """Random lengths, packings (also ending before seq_len) and layouts on an odd rank count."""
+    rng = torch.Generator().manual_seed(5)
+    cases = []
+    for i in range(24):
+        S = int(torch.randint(1, 30, (), generator=rng))
+        cuts = sorted(
+            torch.randint(
+                0, S + 1, (int(torch.randint(0, 4, (), generator=rng)),), generator=rng
+            ).tolist()
+        )
+        causal = bool(i % 3)
+        variant = ("ring", "tokenring", "ulysses")[i % 3]
+        layout = ("zigzag", "contiguous")[(i // 3) % 2]
+        q, k, v, dout = _tensors(6, 3, S, 100 + i)
+        kw = dict(causal=causal, cu_seqlens=[0, *cuts] if i % 4 else None, seq_len=S)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref = reference_attention(*leaves, **kw)
+        expected = (ref.detach(), *torch.autograd.grad(ref, leaves, dout))
+        cases.append((variant, layout, (q, k, v, dout), kw, expected))
+    for rank, errors in enumerate(run_ranks(3, _random_worker, cases)):
+        assert len(errors) == 24 and max(errors) < 1e-10, (rank, errors)
 
 
 def test_fully_masked_rows_are_zero_and_padding_gets_no_gradient():

@@ -156,7 +156,7 @@ def plan(q_pieces: tuple[Piece, ...], k_pieces: tuple[Piece, ...], mask: Mask) -
     segs = [(a, min(b, mask.seq_len)) for a, b in zip(mask.cu_seqlens, mask.cu_seqlens[1:])]
     segs = [(a, b) for a, b in segs if a < b]
     if mask.causal and q_pieces == k_pieces and len(segs) == 1 and segs[0][0] == 0:
-        n = _valid_prefix(q_pieces, mask.seq_len)
+        n = _valid_prefix(q_pieces, segs[0][1])  # tokens past the one sequence are padding
         if n is not None:  # one ascending run of valid tokens: a single causal call covers it
             return ((0, n, 0, n, True),) if n else ()
     calls: list[Call] = []
