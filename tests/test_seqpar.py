@@ -399,3 +399,22 @@ def test_train_rejects_impossible_sequence_parallel_flags(tmp_path, capsys, flag
     assert main(["train", "--workers", "4", "--out", str(tmp_path / "x"), *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err, err
+
+
+def test_balancer_on_random_inputs_keeps_capacity_and_never_loses_to_round_robin():
+    g = torch.Generator().manual_seed(0)
+    placed = 0
+    for _ in range(300):
+        ranks = int(torch.randint(1, 9, (), generator=g))
+        cap = int(torch.randint(10, 5000, (), generator=g))
+        n = int(torch.randint(1, 21, (), generator=g))
+        lengths = torch.randint(1, 2 * cap, (n,), generator=g).tolist()
+        try:
+            rep = balance(lengths, ranks, cap, a=float(torch.rand((), generator=g)), b=100.0)
+        except ConfigError:
+            continue
+        placed += 1
+        assert max(rep.balanced.tokens) <= cap
+        if max(rep.naive.tokens) <= cap:
+            assert rep.balanced.max_load <= rep.naive.max_load * (1 + 1e-12)
+    assert placed > 50

@@ -9,7 +9,7 @@ sequences are assigned largest-cost first to the least-loaded group of their siz
 quadratic attention cost, not the token count, is what gets balanced. Groups are aligned blocks
 of consecutive ranks (sizes dividing the rank count), as a static set of process groups needs.
 After the greedy pass a trim pass moves single-rank sequences off the most loaded rank while
-that lowers the maximum.
+that lowers the maximum; if round-robin still does better (rare), its placement is kept.
 
 Cost of a sequence of L tokens: a*L^2 + b*L (attention, linear layers), split evenly over its
 group (zigzag sharding balances causal attention). b/a ~ 12 x model dim for a Llama block
@@ -144,7 +144,12 @@ def balance(
     naive = _round_robin(
         lengths, [_degree(n, ranks, capacity) for n in lengths], ranks, capacity, a, b
     )
-    return BalanceReport(Placement(groups, loads, tokens), naive)
+    balanced = Placement(groups, loads, tokens)
+    if max(naive.tokens) <= capacity and naive.max_load < balanced.max_load:
+        # Greedy largest-first is a heuristic: on rare inputs round-robin does better. Keep the
+        # better one, so the balanced placement is never worse than the baseline.
+        balanced = Placement(list(naive.groups), list(naive.loads), list(naive.tokens))
+    return BalanceReport(balanced, naive)
 
 
 def _trim(lengths, groups, loads, tokens, capacity, a, b) -> None:
