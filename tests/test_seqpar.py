@@ -379,6 +379,7 @@ def test_train_with_sequence_parallel_end_to_end(tmp_path):
     # the ring's p2p transfers went through the run's Comm stats, next to DDP's all-reduce
     assert summary["bytes_by_op"]["send"] > 0 and summary["bytes_by_op"]["all_reduce"] > 0
     assert summary["final_eval_loss"] == summary["final_eval_loss"]  # not NaN
+    assert summary["tokens"] == 2 * 2 * 32  # steps x batch x seq_len x ONE data-parallel group
 
 
 @pytest.mark.parametrize(

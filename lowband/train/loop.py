@@ -30,7 +30,8 @@ from lowband.train.rundir import RunDir, fingerprint, write_json_atomic
 
 def total_steps(cfg: TrainConfig, world_size: int) -> int:
     if cfg.tokens is not None:
-        return max(1, math.ceil(cfg.tokens / (cfg.batch_size * cfg.seq_len * world_size)))
+        groups = world_size // cfg.cp  # the ranks of a cp group share their sequences (#6)
+        return max(1, math.ceil(cfg.tokens / (cfg.batch_size * cfg.seq_len * groups)))
     return cfg.steps
 
 
@@ -147,7 +148,7 @@ def train_worker(
         )
 
     fail_rank, fail_step = (int(v) for v in cfg.fail_at.split(":")) if cfg.fail_at else (-1, -1)
-    tokens_per_step = cfg.batch_size * cfg.seq_len * world
+    tokens_per_step = cfg.batch_size * cfg.seq_len * sp.dp_size
     metrics = MetricsWriter(run.metrics_path(rank))
     bar = ProgressBar(steps, start, f"{cfg.algo} x{world} {cfg.model}", enabled=rank == 0)
     wall = lambda: timers.wall_offset + time.perf_counter() - t_start
