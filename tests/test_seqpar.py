@@ -33,8 +33,9 @@ from lowband.seqpar import (
     ulysses_attention,
 )
 from lowband.seqpar import attention as attn_mod
+from lowband.seqpar import blocks as blocks_mod
 from lowband.seqpar.balance import balance, seq_cost, shard_tokens
-from lowband.seqpar.blocks import merge_
+from lowband.seqpar.blocks import _math_backward, _math_forward, merge_
 from lowband.seqpar.train import SeqParallel
 from lowband.testing import gloo_groups, run_ranks
 
@@ -419,3 +420,50 @@ def test_balancer_on_random_inputs_keeps_capacity_and_never_loses_to_round_robin
         if max(rep.naive.tokens) <= cap:
             assert rep.balanced.max_load <= rep.naive.max_load * (1 + 1e-12)
     assert placed > 50
+
+
+class _FakeFusedOps:
+    """The aten SDPA ops' signatures and return layouts, computed by the math path on CPU, so
+    the glue around the fused kernels (GQA repeat/fold, LSE shapes, saved aux) is tested here."""
+
+    @staticmethod
+    def _scaled_dot_product_cudnn_attention(q, k, v, bias, lse_flag, p, causal, dbg, *, scale):
+        out, lse = _math_forward(q, k, v, causal, scale)
+        e = torch.empty(0)
+        return out, lse.unsqueeze(-1), e, e, q.shape[2], k.shape[2], e, e, e
+
+    @staticmethod
+    def _scaled_dot_product_cudnn_attention_backward(
+        do, q, k, v, out, lse, seed, off, bias, cq, ck, mq, mk, p, causal, *, scale
+    ):
+        assert lse.shape == (*q.shape[:3], 1) and mq == q.shape[2] and mk == k.shape[2]
+        return _math_backward(do, q, k, v, out, lse[..., 0], causal, scale)
+
+    @staticmethod
+    def _scaled_dot_product_flash_attention(q, k, v, p, causal, dbg, *, scale):
+        out, lse = _math_forward(q, k, v, causal, scale)
+        e = torch.empty(0)
+        return out, lse, e, e, q.shape[2], k.shape[2], e, e, e
+
+    @staticmethod
+    def _scaled_dot_product_flash_attention_backward(
+        do, q, k, v, out, lse, cq, ck, mq, mk, p, causal, seed, off, *, scale
+    ):
+        assert lse.shape == q.shape[:3] and k.shape[1] == q.shape[1]  # kv repeated to H
+        return _math_backward(do, q, k, v, out, lse, causal, scale)
+
+
+@pytest.mark.parametrize("backend", ["cudnn", "flash"])
+def test_fused_kernel_glue_with_stand_in_ops(monkeypatch, backend):
+    fake = types.SimpleNamespace(
+        **{n: getattr(_FakeFusedOps, n) for n in dir(_FakeFusedOps) if n.startswith("_scaled")}
+    )
+    monkeypatch.setattr(blocks_mod, "aten", fake)
+    (q, k, v, dout), expected = _references()["packed-causal"]  # GQA 4/2, packed, causal
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    mask = Mask.make(True, q.shape[2], [0, 5, 13, 20, 24])
+    lay = Layout("zigzag", 1)
+    out = attn_mod._Ring.apply(*leaves, Comm(None), (lay.pieces(0, 24),), mask, None, backend)
+    got = (out, *torch.autograd.grad(out, leaves, dout))
+    for a, b in zip(got, expected):  # fused kernels' LSEs are fp32, hence not 1e-10
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -8,11 +8,15 @@ from lowband.seqpar.attention import (
     token_ring_attention,
     ulysses_attention,
 )
+from lowband.seqpar.balance import BalanceReport, Placement, balance
 from lowband.seqpar.blocks import select_backend
 from lowband.seqpar.layout import Layout, Mask, plan
 
 __all__ = [
+    "BalanceReport",
     "Layout",
+    "Placement",
+    "balance",
     "Mask",
     "hybrid_attention",
     "plan",
