@@ -59,8 +59,10 @@ def validate(cfg: TrainConfig) -> None:
     from lowband.algorithms import check_algo_options
     from lowband.comm import LinkSpec
     from lowband.models import PRESETS
+    from lowband.seqpar.train import check_options as check_seqpar_options
 
     check_algo_options(cfg)
+    check_seqpar_options(cfg)
     if cfg.model not in PRESETS:
         raise ConfigError(
             f"unknown model preset {cfg.model!r}; choose one of: {', '.join(PRESETS)}"
@@ -106,9 +108,9 @@ def _validate_elastic(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"--elastic supports --algo ddp, diloco and streaming-diloco, not {cfg.algo!r}"
         )
-    if cfg.aggregate != "mean" or cfg.attack or cfg.stragglers:
+    if cfg.aggregate != "mean" or cfg.attack or cfg.stragglers or cfg.seq_parallel:
         raise ConfigError(
-            "--elastic does not combine with --aggregate, --attack or --stragglers yet"
+            "--elastic does not combine with --aggregate, --attack, --stragglers or --seq-parallel yet"
         )
     if not 1 <= cfg.min_workers <= cfg.workers:
         raise ConfigError(

@@ -113,6 +113,14 @@ class TrainConfig:
     straggler_delay: float = 0.0
     """Testing aid (ddp): seconds a slow worker is late every step; 0 injects none. Without --stragglers everybody waits for it."""
 
+    # -- sequence parallelism (#6) -------------------------------------------------------------
+    seq_parallel: str | None = None
+    """Shard every sequence over --cp ranks and run attention across them: ulysses, ring (zigzag), tokenring, or hybrid (Ulysses inside x ring across). Needs --algo ddp; see docs/seqpar.md."""
+    cp: int = 1
+    """Context-parallel degree: consecutive ranks sharing each sequence; data parallel runs across the --workers/--cp groups."""
+    cp_ulysses: int | None = None
+    """Hybrid: Ulysses degree inside each cp group (default 2); the ring runs across --cp/--cp-ulysses."""
+
     # -- evaluation, logging, checkpoints -------------------------------------------------------
     eval_every: int = 50
     """Evaluate the held-out split every this many steps (and at the last step)."""

@@ -21,6 +21,7 @@ from lowband.config import TrainConfig
 from lowband.data import ShardSampler, eval_batches, load_corpus, split_eval
 from lowband.fault.elastic import JobFinished
 from lowband.models import build_model
+from lowband.seqpar.train import SeqParallel
 from lowband.train import checkpoint
 from lowband.train.chaos import Chaos, kill_self, parse_chaos, stall_self
 from lowband.train.meta import run_meta
@@ -30,7 +31,8 @@ from lowband.train.rundir import RunDir, fingerprint, write_json_atomic
 
 def total_steps(cfg: TrainConfig, world_size: int) -> int:
     if cfg.tokens is not None:
-        return max(1, math.ceil(cfg.tokens / (cfg.batch_size * cfg.seq_len * world_size)))
+        groups = world_size // cfg.cp  # the ranks of a cp group share their sequences (#6)
+        return max(1, math.ceil(cfg.tokens / (cfg.batch_size * cfg.seq_len * groups)))
     return cfg.steps
 
 
@@ -53,12 +55,15 @@ def lr_lambda(cfg: TrainConfig, steps: int):
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches, device: torch.device, autocast) -> float:
+def evaluate(
+    model: torch.nn.Module, batches, device: torch.device, autocast, loss_fn=None
+) -> float:
     model.eval()
     total = 0.0
     for x, y in batches:
         with autocast():
-            total += model.loss(x.to(device), y.to(device)).item()
+            x, y = x.to(device), y.to(device)
+            total += (model.loss(x, y) if loss_fn is None else loss_fn(model, x, y)).item()
     model.train()
     return total / len(batches)
 
@@ -115,7 +120,10 @@ def train_worker(
     steps = total_steps(cfg, world)
     fp = fingerprint(cfg, corpus.sha256)
 
-    model = build_model(cfg.model, vocab_size=corpus.vocab_size, seed=cfg.seed, device=device)
+    sp = SeqParallel.from_config(cfg, comm, device)  # sequence parallelism (#6); off: a no-op
+    model = build_model(
+        cfg.model, vocab_size=corpus.vocab_size, seed=cfg.seed, device=device, attn_fn=sp.attn_fn
+    )
     opt = torch.optim.AdamW(
         model.parameters(),
         lr=cfg.resolved_lr(),
@@ -128,8 +136,8 @@ def train_worker(
     algo = build_algorithm(cfg, model, opt, comm)
     sampler = ShardSampler(
         train_tokens,
-        rank=rank % world,
-        world_size=world,
+        rank=(rank % world) if seat else sp.dp_rank,
+        world_size=world if seat else sp.dp_size,
         batch_size=cfg.batch_size,
         seq_len=cfg.seq_len,
         seed=cfg.seed
@@ -168,7 +176,7 @@ def train_worker(
         )
 
     chaos = parse_chaos(cfg) if not (seat and seat.joining) else Chaos()
-    tokens_per_step = cfg.batch_size * cfg.seq_len * world
+    tokens_per_step = cfg.batch_size * cfg.seq_len * (world if seat else sp.dp_size)
     metrics = MetricsWriter(run.metrics_path(rank))
     bar = ProgressBar(steps, start, f"{cfg.algo} x{world} {cfg.model}", enabled=rank == 0)
     wall = lambda: timers.wall_offset + time.perf_counter() - t_start
@@ -250,7 +258,7 @@ def train_worker(
             if not getattr(algo, "joining", False):
                 x, y = (t.to(device, non_blocking=True) for t in sampler.batch(step))
                 with autocast():
-                    loss = model.loss(x, y)
+                    loss = sp.loss(model, x, y)
                 loss.backward()
             else:  # a newcomer heals inside the algorithm's hook before it trains
                 loss = torch.tensor(float("nan"))
@@ -270,7 +278,7 @@ def train_worker(
             last = step == steps
             do_eval = last or step % cfg.eval_every == 0
             if do_eval:
-                eval_loss = evaluate(model, evals, device, autocast)
+                eval_loss = evaluate(model, evals, device, autocast, sp.loss)
             if do_eval or last or step % cfg.log_every == 0:
                 record = {
                     "step": step,
