@@ -85,6 +85,32 @@ def start_lighthouse(
     )
 
 
+def _link_transport(timeout: datetime.timedelta, owner: Membership):
+    """torchft's HTTP checkpoint transport, timed, with the download charged to the emulated link.
+
+    The state travels over loopback on one host; `recv_checkpoint` then sleeps for what is left
+    of the link's ideal time for those bytes (two latency hops: request and response), so a
+    recovery costs on the wall clock what it would cost over the emulated wide-area link.
+    """
+    from torchft.checkpointing.http_transport import HTTPTransport
+
+    class LinkHTTPTransport(HTTPTransport):
+        def recv_checkpoint(self, src_rank, metadata, step, timeout):
+            t0 = time.perf_counter()
+            state = super().recv_checkpoint(src_rank, metadata, step, timeout)
+            nbytes = _nbytes(state)
+            if owner.link is not None:
+                remaining = owner.link.ideal_time(nbytes, 2) - (time.perf_counter() - t0)
+                if remaining > 0:
+                    time.sleep(remaining)
+            seconds = time.perf_counter() - t0
+            owner.stats.add("recovery", Traffic(0, nbytes, nbytes, 2), seconds=seconds)
+            owner.last_transfer = (nbytes, seconds)
+            return state
+
+    return LinkHTTPTransport(timeout=timeout, num_chunks=0)
+
+
 class JobFinished(LowbandError):
     """The job finished while this worker was behind (e.g. stopped): it leaves, it does not go on alone."""
 
@@ -137,6 +163,7 @@ class Membership:
             replica_id=replica_id,
             hostname=hostname,
             init_sync=False,
+            checkpoint_transport=_link_transport(self.timeout, self),
         )
         if not joining:  # the initial state exists: a newcomer (step 0) will always heal from us
             self.manager.load_state_dict({"step": 1, "batches_committed": 0})
@@ -149,6 +176,9 @@ class Membership:
         self.quorums = 0
         self.recovered_bytes = 0
         self.quorum_seconds = 0.0
+        self.last_transfer: tuple[int, float] = (0, 0.0)
+        """(bytes, seconds) of the last state download, emulated link included."""
+        self.last_load_s = 0.0
         self._t_quorum = 0.0
         self._quorum_id: int | None = None
         self._rank_of_quorum: tuple[int, int] | None = None
@@ -163,15 +193,10 @@ class Membership:
         return state
 
     def _load(self, state: dict[str, Any]) -> None:
-        nbytes = _nbytes(state)
         t0 = time.perf_counter()
         self._user_load(state)
-        if self.link is not None:  # the download went over loopback: charge the emulated link
-            remaining = self.link.ideal_time(nbytes, 2) - (time.perf_counter() - self._t_quorum)
-            if remaining > 0:
-                time.sleep(remaining)
-        self.stats.add("recovery", Traffic(0, nbytes, nbytes, 2), seconds=time.perf_counter() - t0)
-        self.recovered_bytes += nbytes
+        self.last_load_s = time.perf_counter() - t0
+        self.recovered_bytes += _nbytes(state)
         self.healed = True
 
     # -- one synchronisation --------------------------------------------------------------------
@@ -211,7 +236,12 @@ class Membership:
                     "event": "recovered",
                     "replica": self.replica_id,
                     "seconds": seconds,
-                    "bytes": self.recovered_bytes,
+                    "bytes": self.last_transfer[0],
+                    "transfer_s": self.last_transfer[1],
+                    "load_s": self.last_load_s,
+                    "ideal_transfer_s": (
+                        self.link.ideal_time(self.last_transfer[0], 2) if self.link else 0.0
+                    ),
                     "participants": self.comm.size,
                 }
             )
