@@ -23,6 +23,8 @@ os.environ.setdefault("RUST_LOG", "warn")  # before torchft's first import: it r
 pytest.importorskip("torchft", reason="--elastic is built on torchft (make installs it)")
 
 from lowband.cli import main  # noqa: E402
+from lowband.report import write_report  # noqa: E402
+from lowband.report.runs import load_run  # noqa: E402
 
 FAST = ["--model", "1m", "--batch-size", "4", "--seq-len", "64", "--eval-batches", "2",
         "--log-every", "1", "--threads", "1"]  # fmt: skip
@@ -103,6 +105,15 @@ def test_kill_9_and_restart_loses_nothing(tmp_path, fault_free):
     _check_invariants(run, syncs=10)
     loss = json.loads((run / "summary.json").read_text())["final_eval_loss"]
     assert loss == pytest.approx(fault_free["elastic"], rel=0.03)
+
+    # The report shows it: failures, recoveries, and who took part in each synchronisation.
+    elastic = load_run(run).elastic()
+    assert (elastic["failures"], elastic["restarts"], elastic["recoveries"]) == (2, 2, 2)
+    assert all(s > 0 for s in elastic["recovery_s"])
+    index = write_report([run], tmp_path / "report")
+    assert (tmp_path / "report" / "participants.png").stat().st_size > 0
+    page = index.read_text()
+    assert "worker failures" in page and "participants.png" in page
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lowband.errors import LowbandError
 from lowband.report.html import format_bytes, format_count, format_seconds, render_html
-from lowband.report.plots import AXES, write_plots
+from lowband.report.plots import AXES, plot_participants, write_plots
 from lowband.report.runs import RunData, load_run, unique_labels
 
 __all__ = [
@@ -42,6 +42,9 @@ def write_report(
 
     pngs = write_plots(runs, out_dir)
     images = {pngs[key].name: (AXES[key].title, pngs[key].read_bytes()) for key in AXES}
+    participants = plot_participants(runs, out_dir / "participants.png")
+    if participants is not None:  # elastic runs: who took part in each synchronisation
+        images[participants.name] = ("Participants per synchronisation", participants.read_bytes())
     if title is None:
         title = (
             "lowband: " + " vs ".join(r.label for r in runs[:4]) + (" ..." if len(runs) > 4 else "")

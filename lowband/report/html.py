@@ -235,6 +235,7 @@ def _details(run: RunData, colour: str) -> str:
         out.append('<ul class="warnings">')
         out += [f"<li>{_esc(w)}</li>" for w in run.warnings]
         out.append("</ul>")
+    out += _elastic_details(run)
     by_op = (run.summary or {}).get("bytes_by_op")
     if isinstance(by_op, dict) and by_op:
         total = sum(v for v in by_op.values() if isinstance(v, int | float)) or 1
@@ -250,6 +251,45 @@ def _details(run: RunData, colour: str) -> str:
     config = html.escape(json.dumps(run.config, indent=2, sort_keys=True, default=str))
     out.append(f"<details><summary>config.json</summary><pre>{config}</pre></details></section>")
     return "\n".join(out)
+
+
+def _elastic_details(run: RunData) -> list[str]:
+    """Failures, recoveries, stalls and the event log of an elastic run."""
+    e = run.elastic()
+    if e is None:
+        return []
+    rec = e["recovery_s"]
+    fields = [
+        ("worker failures", e["failures"]),
+        ("restarts", e["restarts"]),
+        ("newcomers admitted", e["joins"]),
+        ("admissions refused", e["refused"]),
+        ("recoveries (state from a live peer)", e["recoveries"]),
+        ("recovery transfer", ", ".join(format_seconds(s) for s in rec) if rec else "-"),
+        ("time stalled (syncs beyond the median)", format_seconds(e["stalled_s"])),
+        ("synchronisations discarded", e["discarded"]),
+        ("parity repairs", e["parity_repairs"]),
+        ("slow-rank flags", e["slow_ranks"]),
+        ("workers that left behind", e["left"]),
+    ]
+    out = ["<h4>Elastic training</h4><dl>"]
+    out += [f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in fields]
+    out.append("</dl>")
+    shown = [ev for ev in run.events if ev["event"] != "quorum"][:100]
+    if shown:
+        out.append('<details><summary>event log</summary><table class="ops"><thead><tr>')
+        out.append("<th>wall</th><th>worker</th><th>step</th><th>event</th><th>details</th></tr>")
+        out.append("</thead><tbody>")
+        for ev in sorted(shown, key=lambda x: _as_float(x.get("wall_time"))):
+            rest = {k: v for k, v in ev.items() if k not in ("event", "wall_time", "rank", "step")}
+            out.append(
+                f'<tr><td class="num">{_esc(format_seconds(_as_float(ev.get("wall_time"))))}</td>'
+                f"<td>{_esc(ev.get('rank', ev.get('index', 'launcher')))}</td>"
+                f"<td>{_esc(ev.get('step', ''))}</td><td>{_esc(ev['event'])}</td>"
+                f"<td>{_esc(json.dumps(rest, default=str))}</td></tr>"
+            )
+        out.append("</tbody></table></details>")
+    return out
 
 
 def _as_float(value: Any) -> float:

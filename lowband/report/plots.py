@@ -222,3 +222,41 @@ def _si_count(value: float, _pos: int | None = None) -> str:
 
 def _plain_number(value: float, _pos: int | None = None) -> str:
     return f"{value:g}"
+
+
+def plot_participants(
+    runs: Sequence[RunData],
+    out: Path,
+    colours: Sequence[tuple[float, float, float]] | None = None,
+) -> Path | None:
+    """Participants of every synchronisation against the step, for the elastic runs among `runs`,
+    with each recovery (a worker healed from a live peer) marked. None if no run is elastic."""
+    colours = colours if colours is not None else run_colours(len(runs))
+    elastic = [(r, c, r.elastic()) for r, c in zip(runs, colours)]
+    elastic = [(r, c, e) for r, c, e in elastic if e is not None and e["participants"]]
+    if not elastic:
+        return None
+    fig = Figure(figsize=(FIGSIZE[0], FIGSIZE[1] * 0.6), dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    for run, colour, e in elastic:
+        steps = [s for s, _ in e["participants"]]
+        counts = [n for _, n in e["participants"]]
+        last = int(run.steps[-1]) if run.steps.size else steps[-1]
+        ax.step([*steps, last], [*counts, counts[-1]], where="post", color=colour, lw=2,
+                label=f"{run.label}: {e['failures']} failures, {e['recoveries']} recoveries")  # fmt: skip
+        healed = sorted({ev["step"] for ev in run.events if ev["event"] == "recovered"})
+        at = dict(e["participants"])
+        ax.plot(healed, [at.get(s, counts[-1]) for s in healed], "v", color=colour, ms=9,
+                mec="black", zorder=3)  # fmt: skip
+    ax.set_title("Workers in each synchronisation (v = a worker recovered from a live peer)",
+                 fontsize=12, fontweight="bold")  # fmt: skip
+    ax.set_xlabel("step")
+    ax.set_ylabel("participants")
+    top = max(n for _, _, e in elastic for _, n in e["participants"])
+    ax.set_ylim(0, top + 0.7)
+    ax.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.35)
+    ax.legend(loc="lower left", fontsize=9)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=DPI)
+    return out

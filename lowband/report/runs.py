@@ -98,6 +98,41 @@ class RunData:
     eval_wall_time: np.ndarray
     eval_bytes_sent: np.ndarray
     warnings: list[str] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    """Event lines (elastic training and fault detection): each worker's, with its "rank", and
+    the launcher's (metrics/events.jsonl: worker deaths, restarts, admissions), without one."""
+
+    def elastic(self) -> dict[str, Any] | None:
+        """Participants over steps, failures, recoveries and stalls; None for a non-elastic run."""
+        if not self.events:
+            return None
+        kinds: dict[str, list[dict[str, Any]]] = {}
+        for e in self.events:
+            kinds.setdefault(e["event"], []).append(e)
+        quorums = sorted(
+            {(e["step"], e["participants"]) for e in kinds.get("quorum", []) if "step" in e}
+        )
+        recovered = kinds.get("recovered", [])
+        # A stall is a synchronisation that took longer than usual: every quorum event's time
+        # beyond the median synchronisation of the run, summed over the reference worker.
+        ref = min(self.ranks) if self.ranks else 0
+        normal = [e["sync_s"] for e in kinds.get("quorum", []) if e.get("rank") == ref]
+        median = float(np.median(normal)) if normal else 0.0
+        return {
+            "participants": quorums,
+            "failures": len(kinds.get("worker_died", [])),
+            "restarts": len(kinds.get("worker_restarted", [])),
+            "joins": len(kinds.get("admitted", [])),
+            "refused": len(kinds.get("admission_refused", [])),
+            "recoveries": len(recovered),
+            "recovery_s": [float(e.get("transfer_s", e.get("seconds", 0.0))) for e in recovered],
+            "stalled_s": float(sum(max(0.0, s - median) for s in normal)),
+            "discarded": len(kinds.get("sync_discarded", [])),
+            "parity_repairs": len(kinds.get("parity_mismatch", [])),
+            "slow_ranks": len(kinds.get("slow_rank", [])),
+            "left": len(kinds.get("left", [])),
+            "counts": {k: len(v) for k, v in sorted(kinds.items())},
+        }
 
     @property
     def expected_workers(self) -> int:
@@ -176,13 +211,18 @@ def load_run(path: Path | str, label: str | None = None) -> RunData:
     summary = _read_json(path / "summary.json", warnings, crash_ok=True)
 
     ranks: dict[int, RankSeries] = {}
+    events: list[dict[str, Any]] = []  # elastic training: failures, recoveries, quorums (#4)
     for file in sorted(metrics_dir.iterdir()):
         match = _RANK_FILE.match(file.name)
         if match is None:
             continue
         lines = _read_jsonl(file, warnings)
+        rank = int(match.group(1))
+        events += [{**r, "rank": rank} for r in lines if "event" in r]
+        lines = [r for r in lines if "event" not in r]
         if lines:
-            ranks[int(match.group(1))] = _to_series(int(match.group(1)), lines)
+            ranks[rank] = _to_series(rank, lines)
+    events += _launcher_events(metrics_dir / "events.jsonl", warnings)
     if not ranks:
         raise LowbandError(f"{metrics_dir} holds no metrics (no non-empty rankN.jsonl)")
 
@@ -209,6 +249,7 @@ def load_run(path: Path | str, label: str | None = None) -> RunData:
         eval_wall_time=eval_src.wall_time[eval_idx],
         eval_bytes_sent=_mean_over_ranks(ranks, eval_src.eval_steps, "bytes_sent"),
         warnings=warnings,
+        events=events,
     )
     if ref.rank != 0:
         warnings.append(f"rank 0 logged nothing; rank {ref.rank} is the reference")
@@ -274,6 +315,22 @@ def _read_jsonl(file: Path, warnings: list[str]) -> list[dict[str, Any]]:
             raise LowbandError(f"{file}:{n} is corrupt: {e}") from None
         records.append(record)
     return records
+
+
+def _launcher_events(file: Path, warnings: list[str]) -> list[dict[str, Any]]:
+    """The elastic launcher's event lines (no step): skipped lines are noted, never fatal."""
+    if not file.exists():
+        return []
+    out = []
+    for n, text in enumerate(file.read_text().splitlines(), 1):
+        try:
+            record = json.loads(text)
+        except ValueError:
+            warnings.append(f"{file.name}: skipped an unreadable line ({n})")
+            continue
+        if isinstance(record, dict) and "event" in record:
+            out.append(record)
+    return out
 
 
 def _num(value: Any) -> float:
