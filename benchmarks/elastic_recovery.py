@@ -79,7 +79,8 @@ def run_kill(root: Path, common: list[str]) -> dict:
 
 def run_join(root: Path, common: list[str]) -> dict:
     run = root / "join"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RUST_LOG": "warn"}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "RUST_LOG": "warn"}
     job = subprocess.Popen(
         [sys.executable, "-m", "lowband.cli", "train", "--out", str(run), *common],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -101,11 +102,11 @@ def run_join(root: Path, common: list[str]) -> dict:
     return heal_stall(run, newcomer=3)
 
 
-def run_throughput(root: Path, steps: int) -> dict:
+def run_throughput(root: Path, steps: int, model: str, heartbeat: float) -> dict:
     flags = [
-        "--model", "1m", *FAST, "--workers", "4", "--elastic", "--algo", "streaming-diloco",
+        "--model", model, *FAST, "--workers", "4", "--elastic", "--algo", "streaming-diloco",
         "--sync-every", "40", "--fragments", "4", "--overlap", "2", "--steps", str(steps),
-        "--eval-every", str(steps), "--link", "1gbit:20ms", "--heartbeat-timeout", "2",
+        "--eval-every", str(steps), "--link", "1gbit:20ms", "--heartbeat-timeout", str(heartbeat),
     ]  # fmt: skip
     # Fragment syncs every 10 steps: one kill per 20 outer steps = one per 200 steps.
     kills = ",".join(f"{1 + i % 3}:{200 * i + 105}" for i in range(steps // 200))
@@ -128,6 +129,9 @@ def main() -> None:
     p.add_argument("--model", default="10m", help="preset for kill/join (its state is what moves)")
     p.add_argument("--link", default="1gbit:20ms")
     p.add_argument("--throughput-steps", type=int, default=800)
+    p.add_argument("--throughput-model", default="1m")
+    p.add_argument("--heartbeat-timeout", type=float, default=2.0)
+    p.add_argument("--only", choices=["recovery", "throughput"], default=None)
     p.add_argument("--root", default=None, help="where the runs go (default: a temporary folder)")
     p.add_argument("--append", action="store_true", help="append the results to RESULTS.md")
     args = p.parse_args()
@@ -135,43 +139,59 @@ def main() -> None:
     common = [
         "--model", args.model, *FAST, "--workers", "3", "--elastic", "--algo", "diloco",
         "--sync-every", "20", "--steps", "80", "--eval-every", "80", "--link", args.link,
-        "--heartbeat-timeout", "2",
+        "--heartbeat-timeout", str(args.heartbeat_timeout),
     ]  # fmt: skip
-    kill = run_kill(root, common)
-    print("kill", json.dumps(kill), flush=True)
-    join = run_join(root, common)
-    print("join", json.dumps(join), flush=True)
-    tput = run_throughput(root, args.throughput_steps)
-    print("throughput", json.dumps(tput), flush=True)
-    if not args.append:
-        return
-    row = lambda name, r: (  # noqa: E731
-        f"| {name} | {r['state_bytes'] / 1e6:.1f} MB | {r['ideal_transfer_s']:.2f} s | "
-        f"{r['download_s']:.2f} s | {r['load_s']:.2f} s | {r['median_sync_s']:.2f} s | "
-        f"{r['stall_s']:.2f} s | {r['ratio']:.2f}x |"
-    )
     block = f"""
 ## Elastic recovery and throughput under failures (`--elastic`, torchft 0.2.0 Lighthouse)
 
 - date: {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 - machine: {machine()}
-- command: `python benchmarks/elastic_recovery.py --append` (kill/join: {args.model}, 3 workers,
-  DiLoCo H=20, link {args.link}, heartbeat timeout 2 s)
+- command: `python benchmarks/elastic_recovery.py {" ".join(sys.argv[1:])}`
+"""
+    if args.only != "throughput":
+        kill = run_kill(root, common)
+        print("kill", json.dumps(kill), flush=True)
+        join = run_join(root, common)
+        print("join", json.dumps(join), flush=True)
+        block += recovery_table(kill, join, args)
+    if args.only != "recovery":
+        tput = run_throughput(
+            root, args.throughput_steps, args.throughput_model, args.heartbeat_timeout
+        )
+        print("throughput", json.dumps(tput), flush=True)
+        block += throughput_text(tput, args)
+    print(block)
+    if args.append:
+        with open(RESULTS, "a") as f:
+            f.write(block)
+
+
+def recovery_table(kill: dict, join: dict, args) -> str:
+    row = lambda name, r: (  # noqa: E731
+        f"| {name} | {r['state_bytes'] / 1e6:.1f} MB | {r['ideal_transfer_s']:.2f} s | "
+        f"{r['download_s']:.2f} s | {r['load_s']:.2f} s | {r['median_sync_s']:.2f} s | "
+        f"{r['stall_s']:.2f} s | {r['ratio']:.2f}x |"
+    )
+    return f"""
+Kill and join: {args.model}, 3 workers, DiLoCo H=20, link {args.link}, heartbeat timeout
+{args.heartbeat_timeout:g} s.
 
 | event | state moved | ideal transfer | newcomer's download | load | median sync | survivors' stall | stall / ideal |
 |---|---|---|---|---|---|---|---|
 {row("kill -9 + restart", kill)}
 {row("newcomer (`lowband join`)", join)}
+"""
 
-Streaming DiLoCo, 4 workers, 1m, H=40, P=4, TAU=2, 1gbit:20ms, {args.throughput_steps} steps,
+
+def throughput_text(tput: dict, args) -> str:
+    return f"""
+Streaming DiLoCo, 4 workers, {args.throughput_model}, H=40, P=4, TAU=2, 1gbit:20ms,
+{args.throughput_steps} steps, heartbeat timeout {args.heartbeat_timeout:g} s,
 one kill + restart per 20 outer steps (`--fail-at {tput["kills"]}`): wall-clock
 {tput["wall_fault_free"]:.1f} s fault-free vs {tput["wall_faulty"]:.1f} s with failures:
 throughput {100 * tput["throughput_ratio"]:.1f}% of fault-free; final eval loss
 {tput["loss_fault_free"]:.4f} vs {tput["loss_faulty"]:.4f}.
 """
-    with open(RESULTS, "a") as f:
-        f.write(block)
-    print(block)
 
 
 if __name__ == "__main__":
