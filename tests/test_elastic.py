@@ -65,6 +65,9 @@ def _check_invariants(run: Path, syncs: int) -> None:
         assert committed == sorted(committed), f"rank {rank}: committed counter went back"
         outer = [r["outer_step"] for r in steps if "outer_step" in r]
         assert outer == sorted(outer)
+        # torchft's commit counter (from 1) and the applied outer steps move together: an update
+        # lost or applied twice would break this on the worker where it happened.
+        assert all(r["outer_step"] == r["committed"] - 1 for r in steps if "outer_step" in r)
         for r in steps:
             if r.get("shared_digest") is not None:
                 digests[r["committed"]].add(r["shared_digest"])
