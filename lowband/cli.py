@@ -104,10 +104,8 @@ def _validate_elastic(cfg: TrainConfig) -> None:
             if getattr(cfg, name) != getattr(TrainConfig(), name):
                 raise ConfigError(f"{_flag(name)} needs --elastic")
         return
-    if cfg.algo not in ("ddp", "diloco", "streaming-diloco"):
-        raise ConfigError(
-            f"--elastic supports --algo ddp, diloco and streaming-diloco, not {cfg.algo!r}"
-        )
+    if cfg.algo == "co2" and cfg.co2_delay == 0:
+        raise ConfigError("--elastic supports CO2's overlapped form only (--co2-delay 1)")
     if cfg.aggregate != "mean" or cfg.attack or cfg.stragglers or cfg.seq_parallel:
         raise ConfigError(
             "--elastic does not combine with --aggregate, --attack, --stragglers or --seq-parallel yet"

@@ -166,10 +166,42 @@ def _build(
 
 
 def _build_elastic(cfg, model, optimizer, comm) -> Algorithm:
-    from lowband.algorithms.elastic import ElasticDDP, ElasticStreamingDiLoCo
+    from lowband.algorithms.elastic import (
+        ElasticCO2,
+        ElasticDDP,
+        ElasticNoLoCo,
+        ElasticStreamingDiLoCo,
+    )
 
+    d = lambda value, default: value if value is not None else default  # noqa: E731
     if cfg.algo == "ddp":
         return ElasticDDP(model, optimizer, comm, bucket_mb=cfg.bucket_mb)
+    if cfg.algo == "noloco":
+        return ElasticNoLoCo(
+            model,
+            optimizer,
+            comm,
+            sync_every=cfg.sync_every,
+            group_size=d(cfg.group_size, 2),
+            gamma=d(cfg.outer_lr, 0.7),
+            beta=d(cfg.outer_momentum, 0.5),
+            bits=cfg.bits or 32,
+            seed=cfg.seed,
+        )
+    if cfg.algo == "co2":
+        return ElasticCO2(
+            model,
+            optimizer,
+            comm,
+            sync_every=cfg.sync_every,
+            outer_lr=d(cfg.outer_lr, 1.0),
+            beta=d(cfg.outer_momentum, 0.5),
+            lam=d(cfg.co2_lambda, 1.0),
+            clip=d(cfg.co2_clip, 1.0),
+            delay=d(cfg.co2_delay, 1),
+            gap_penalty=bool(cfg.co2_gap_penalty),
+            bits=cfg.bits or 32,
+        )
     streaming = cfg.algo == "streaming-diloco"
     return ElasticStreamingDiLoCo(
         model,

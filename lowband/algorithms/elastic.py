@@ -26,10 +26,13 @@ from typing import Any
 
 import torch
 
-from lowband.algorithms.base import Algorithm, write_flat
+from lowband.algorithms.base import Algorithm, flat_params, write_flat
+from lowband.algorithms.co2 import CO2, co2_outer_step, staleness_penalty
 from lowband.algorithms.ddp import DDP
 from lowband.algorithms.diloco import StreamingDiLoCo
+from lowband.algorithms.noloco import NoLoCo, noloco_groups
 from lowband.comm import quantized_all_reduce, quantized_all_reduce_bytes
+from lowband.errors import ConfigError
 from lowband.fault.detector import Detector
 from lowband.fault.parity import check_parity, shared_state_of, state_digest
 
@@ -127,6 +130,7 @@ class _Elastic:
         m = self.membership
         return {
             "participants": self.comm.size,
+            "contributors": m.contributors,
             "committed": m.step,
             "failed_syncs": self.failed_syncs,
             "quorum_s": m.quorum_seconds,
@@ -277,6 +281,175 @@ class ElasticStreamingDiLoCo(_Elastic, StreamingDiLoCo):
         self._syncing = state.get("syncing")
         if self._syncing is not None:
             self._syncing = tuple(self._syncing)
+
+    def metrics(self) -> dict[str, Any]:
+        return {**super().metrics(), **self.elastic_metrics()}
+
+
+class ElasticNoLoCo(_Elastic, NoLoCo):
+    """NoLoCo whose groups are drawn over each round's quorum, with a dead partner tolerated.
+
+    Every outer round asks for a quorum (a control-plane barrier through the Lighthouse, no
+    data), then draws the groups over its participants exactly as NoLoCo does over a fixed world.
+    A partner that dies or hangs mid-exchange does not hang its group: its transfer fails (Gloo
+    reports the closed connection, or the group's timeout fires), the member averages with the
+    partners that did answer (alone, if none did), and the round is reported as a
+    `partner_lost` event. The error also goes to torchft, so the next quorum rebuilds the group
+    without the lost worker and this worker, now behind, re-syncs from a live peer. NoLoCo's
+    replicas differ by design, so there is no parity check.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, broadcast_init=False, **kwargs)
+
+    def attach(self, *args: Any, **kwargs: Any) -> None:
+        super().attach(*args, **kwargs)
+        self.parity_every = 0  # replicas are meant to differ
+
+    def step(self) -> None:
+        if self.joining:  # a newcomer: heal from a live peer (at its round boundary), then exchange
+            self.joining = False
+            self._outer_round()
+            return
+        Algorithm.step(self)
+        if self.local_step % self.H == 0:
+            self._outer_round()
+
+    @torch.no_grad()
+    def _outer_round(self) -> None:
+        self._quorum()  # may heal: then local_step is the source's, at the same round boundary
+        self.membership.healed = False
+        round_ = self.local_step // self.H
+        groups = noloco_groups(self.comm.size, self.group_size, self.seed, round_)
+        group = next(g for g in groups if self.comm.rank in g)
+        theta = flat_params(self.params)
+        sent = (len(group) - 1) * self.codec.payload_bytes(theta.numel())
+        self.peak_sync_bytes = max(self.peak_sync_bytes, sent)
+        mean, lost = self._tolerant_group_mean(theta, group, tag=round_ % 2**31)
+        committed = self.membership.commit()
+        self._synced(committed and not lost)
+        if lost:
+            self.on_event({"event": "partner_lost", "round": round_, "lost": lost, "group": group})
+        self.momentum.mul_(self.beta).add_(mean - self.theta_old, alpha=self.gamma)
+        self.theta_old.add_(self.momentum)
+        write_flat(self.params, self.theta_old)
+        self.outer_steps += 1
+        self.group_history.append((round_, group))
+
+    def _tolerant_group_mean(
+        self, theta: torch.Tensor, group: list[int], tag: int
+    ) -> tuple[torch.Tensor, list[int]]:
+        """NoLoCo's group mean over the partners that answered; also returns those that did not."""
+        payload = self.codec.encode(theta)
+        me = self.comm.rank
+        peers = [j for j in group if j != me]
+        inbox = {j: torch.empty_like(payload) for j in peers}
+        works: list[tuple[int, Any]] = []
+        lost: set[int] = set()
+        for j in peers:  # the posting order of NoLoCo._group_mean (deadlock-freedom)
+            for op in ("send", "recv") if me < j else ("recv", "send"):
+                try:
+                    if op == "send":
+                        works.append((j, self.comm.send(payload, dst=j, tag=tag, async_op=True)))
+                    else:
+                        works.append((j, self.comm.recv(inbox[j], src=j, tag=tag, async_op=True)))
+                except Exception:  # noqa: BLE001 - the partner is already gone
+                    lost.add(j)
+        for j, w in works:
+            try:
+                w.wait()
+            except Exception as e:  # noqa: BLE001 - died or hung mid-exchange
+                lost.add(j)
+                self.membership.report_error(e)
+        total = torch.zeros_like(theta)
+        members = [j for j in group if j not in lost]
+        for j in members:  # ascending rank order, own payload decoded like the others
+            total += self.codec.decode(payload if j == me else inbox[j], theta.numel())
+        return total / len(members), sorted(lost)
+
+    def metrics(self) -> dict[str, Any]:
+        return {**super().metrics(), **self.elastic_metrics()}
+
+
+class ElasticCO2(_Elastic, CO2):
+    """CO2 (one-round delay) with a quorum per round and a commit when the round's average lands.
+
+    Round r: this worker's Delta_r is taken; round r-1's background average is waited for and
+    committed (or, if it failed, discarded: round r applies no average, as CO2's first round
+    does, and a `sync_discarded` event says so); then the quorum for round r (a newcomer heals
+    here, taking its source's landed round r-1 average with the rest of its state, and sends
+    zeros for Delta_r); then the outer step applies round r-1's average, the parity check runs
+    over the quorum (nothing is in flight yet), and Delta_r goes to the background, scaled to the
+    contributors. Quorums and commits alternate as torchft expects.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, broadcast_init=False, **kwargs)
+        if self.delay != 1:
+            raise ConfigError("--elastic supports CO2's overlapped form only (--co2-delay 1)")
+
+    def shared_state(self) -> list[torch.Tensor]:
+        self._counter = getattr(self, "_counter", torch.zeros(1, dtype=torch.int64))
+        self._counter.fill_(self.outer_steps)
+        return [self.theta_old, self.momentum, self._counter]
+
+    def step(self) -> None:
+        if self.joining:
+            self.joining = False
+            self._elastic_round(joining=True)
+            return
+        Algorithm.step(self)
+        if self.local_step % self.H == 0:
+            self._elastic_round()
+
+    @torch.no_grad()
+    def _elastic_round(self, joining: bool = False) -> None:
+        delta = self.theta_old - flat_params(self.params)
+        previous = self._pending
+        if previous is not None:  # land and commit round r-1 before round r's quorum
+            self._t_sync = time.perf_counter()
+            result: Any = None
+            try:
+                result = self._reducer.result(previous[1])
+            except Exception as e:  # noqa: BLE001 - a peer died or hung mid-reduction
+                self.membership.report_error(e)
+            committed = self.membership.commit()
+            self._synced(committed and result is not None)
+            if result is None or not committed:
+                self._failed("co2", "round average not committed; applying none this round")
+                result = None
+            self._pending = None if result is None else (previous[0], result)
+        self._quorum()  # may heal: theta_old, momentum, local_step and the landed average
+        if self.membership.healed or joining:
+            delta = torch.zeros_like(delta)
+        scale = self._scale()
+        self.membership.healed = False
+        landed = self._pending
+        round_ = self.local_step // self.H
+        if landed is None:  # nothing to apply (first round, or the last one failed)
+            theta_bar, g, gap = self.theta_old.clone(), torch.zeros_like(delta), None
+        else:
+            g = landed[1]
+            gap = -self.lr * self.momentum
+            theta_bar = self.theta_old - gap - g
+        lam = (
+            staleness_penalty(gap, g, self._sizes, self.lam)
+            if self.gap_penalty and gap is not None
+            else self.lam
+        )
+        co2_outer_step(
+            self.theta_old, self.momentum, theta_bar,
+            beta=self.beta, lr=self.lr, lam=lam, clip=self.clip,
+        )  # fmt: skip
+        write_flat(self.params, self.theta_old)
+        self.outer_steps += 1
+        self.applied.append((self.local_step, None if landed is None else landed[0]))
+        if landed is not None:  # collectives on the quorum's group: before anything is in flight
+            self._after_commit(self.local_step)
+        self._reducer.comm = self.comm
+        sent = quantized_all_reduce_bytes(delta.numel(), self.comm.size, self.codec)
+        self.peak_sync_bytes = max(self.peak_sync_bytes, sent)
+        self._pending = (round_, self._reducer.submit(delta.mul_(scale)))
 
     def metrics(self) -> dict[str, Any]:
         return {**super().metrics(), **self.elastic_metrics()}

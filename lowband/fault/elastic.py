@@ -216,11 +216,13 @@ class Membership:
         self.quorums += 1
         healed_now = self.healed
         quorum_id = self.manager._quorum_id  # torchft exposes no getter; read-only use
-        if quorum_id != self._quorum_id or healed_now:
+        if quorum_id != self._quorum_id:
             self._quorum_id = quorum_id
             self.comm = Comm(self.pg.parent, self.link, stats=self.stats, seed=self.seed)
             # How many replicas contribute (have not just healed): one small all-reduce, only
-            # when the membership changed. A failure here fails the step like any other.
+            # when the quorum changed (the same decision on every member: a heal always comes
+            # with a new quorum, torchft bumps its id on a join or a commit failure). A failure
+            # here fails the step like any other.
             count = torch.tensor([0.0 if healed_now else 1.0])
             try:
                 self.comm.all_reduce(count)
@@ -228,6 +230,8 @@ class Membership:
             except Exception as e:  # noqa: BLE001
                 self.report_error(e)
                 self.contributors = 1
+        else:  # the same members as last time, none of them healing: everybody contributes
+            self.contributors = self.comm.size
         seconds = time.perf_counter() - t0
         self.quorum_seconds += seconds
         if healed_now and self.on_event is not None:
