@@ -163,6 +163,14 @@ def launch_local(cfg: TrainConfig, run: RunDir, resume: bool, worker=train_worke
     ]
     if not failed:
         return
+    messages = _worker_messages(errors)
+    r, code = failed[0]
+    detail = messages[r][1] if r in messages else f"exited with code {code}"
+    raise WorkerFailed(r, 1, f"worker {r} failed ({detail}); the other workers were stopped")
+
+
+def _worker_messages(errors) -> dict[int, tuple[int, str]]:
+    """What the workers put on the error queue; bad input found inside one is raised as such."""
     messages: dict[int, tuple[int, str]] = {}
     try:
         while True:
@@ -171,11 +179,9 @@ def launch_local(cfg: TrainConfig, run: RunDir, resume: bool, worker=train_worke
     except queue.Empty:
         pass
     for r, (code, msg) in sorted(messages.items()):
-        if code == 2:  # bad input found inside a worker: report it as such
+        if code == 2:
             raise WorkerFailed(r, 2, msg)
-    r, code = failed[0]
-    detail = messages[r][1] if r in messages else f"exited with code {code}"
-    raise WorkerFailed(r, 1, f"worker {r} failed ({detail}); the other workers were stopped")
+    return messages
 
 
 def _lost_peer(e: Exception) -> bool:
@@ -383,16 +389,7 @@ def launch_elastic(cfg: TrainConfig, run: RunDir) -> None:
         if lighthouse is not None:
             lighthouse.shutdown()
         events.close()
-    messages = {}
-    try:
-        while True:
-            r, code, msg = errors.get(timeout=0.2)
-            messages[r] = (code, msg)
-    except queue.Empty:
-        pass
-    for r, (code, msg) in sorted(messages.items()):
-        if code == 2:
-            raise WorkerFailed(r, 2, msg)
+    messages = _worker_messages(errors)
     if not finished:
         r = min(failed) if failed else 0
         detail = messages.get(r, (1, f"exited with code {failed.get(r)}"))[1]

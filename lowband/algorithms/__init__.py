@@ -117,37 +117,14 @@ def _build(
         return DDP(
             model, optimizer, comm, bucket_mb=cfg.bucket_mb, reducer=reducer, injector=injector
         )
-    d = lambda value, default: value if value is not None else default  # noqa: E731
     if cfg.algo == "noloco":
-        return NoLoCo(
-            model,
-            optimizer,
-            comm,
-            sync_every=cfg.sync_every,
-            group_size=d(cfg.group_size, 2),
-            gamma=d(cfg.outer_lr, 0.7),
-            beta=d(cfg.outer_momentum, 0.5),
-            bits=cfg.bits or 32,
-            seed=cfg.seed,
-        )
+        return NoLoCo(model, optimizer, comm, **_noloco_options(cfg))
     if cfg.algo == "co2":
-        return CO2(
-            model,
-            optimizer,
-            comm,
-            sync_every=cfg.sync_every,
-            outer_lr=d(cfg.outer_lr, 1.0),
-            beta=d(cfg.outer_momentum, 0.5),
-            lam=d(cfg.co2_lambda, 1.0),
-            clip=d(cfg.co2_clip, 1.0),
-            delay=d(cfg.co2_delay, 1),
-            gap_penalty=bool(cfg.co2_gap_penalty),
-            bits=cfg.bits or 32,
-        )
+        return CO2(model, optimizer, comm, **_co2_options(cfg))
     outer = dict(
         sync_every=cfg.sync_every,
-        outer_lr=d(cfg.outer_lr, 0.7),
-        outer_momentum=d(cfg.outer_momentum, 0.9),
+        outer_lr=_or(cfg.outer_lr, 0.7),
+        outer_momentum=_or(cfg.outer_momentum, 0.9),
     )
     if cfg.algo == "diloco":
         reducer = build_reducer(cfg, comm, get_codec(cfg.bits or 32))
@@ -165,6 +142,34 @@ def _build(
     )
 
 
+def _or(value, default):
+    return value if value is not None else default
+
+
+def _noloco_options(cfg: TrainConfig) -> dict:
+    return dict(
+        sync_every=cfg.sync_every,
+        group_size=_or(cfg.group_size, 2),
+        gamma=_or(cfg.outer_lr, 0.7),
+        beta=_or(cfg.outer_momentum, 0.5),
+        bits=cfg.bits or 32,
+        seed=cfg.seed,
+    )
+
+
+def _co2_options(cfg: TrainConfig) -> dict:
+    return dict(
+        sync_every=cfg.sync_every,
+        outer_lr=_or(cfg.outer_lr, 1.0),
+        beta=_or(cfg.outer_momentum, 0.5),
+        lam=_or(cfg.co2_lambda, 1.0),
+        clip=_or(cfg.co2_clip, 1.0),
+        delay=_or(cfg.co2_delay, 1),
+        gap_penalty=bool(cfg.co2_gap_penalty),
+        bits=cfg.bits or 32,
+    )
+
+
 def _build_elastic(cfg, model, optimizer, comm) -> Algorithm:
     from lowband.algorithms.elastic import (
         ElasticCO2,
@@ -173,35 +178,12 @@ def _build_elastic(cfg, model, optimizer, comm) -> Algorithm:
         ElasticStreamingDiLoCo,
     )
 
-    d = lambda value, default: value if value is not None else default  # noqa: E731
     if cfg.algo == "ddp":
         return ElasticDDP(model, optimizer, comm, bucket_mb=cfg.bucket_mb)
     if cfg.algo == "noloco":
-        return ElasticNoLoCo(
-            model,
-            optimizer,
-            comm,
-            sync_every=cfg.sync_every,
-            group_size=d(cfg.group_size, 2),
-            gamma=d(cfg.outer_lr, 0.7),
-            beta=d(cfg.outer_momentum, 0.5),
-            bits=cfg.bits or 32,
-            seed=cfg.seed,
-        )
+        return ElasticNoLoCo(model, optimizer, comm, **_noloco_options(cfg))
     if cfg.algo == "co2":
-        return ElasticCO2(
-            model,
-            optimizer,
-            comm,
-            sync_every=cfg.sync_every,
-            outer_lr=d(cfg.outer_lr, 1.0),
-            beta=d(cfg.outer_momentum, 0.5),
-            lam=d(cfg.co2_lambda, 1.0),
-            clip=d(cfg.co2_clip, 1.0),
-            delay=d(cfg.co2_delay, 1),
-            gap_penalty=bool(cfg.co2_gap_penalty),
-            bits=cfg.bits or 32,
-        )
+        return ElasticCO2(model, optimizer, comm, **_co2_options(cfg))
     streaming = cfg.algo == "streaming-diloco"
     return ElasticStreamingDiLoCo(
         model,
