@@ -71,3 +71,23 @@ def append_results(title: str, command: str, table: str, notes: str = "") -> Non
         block += f"\n{notes}\n"
     with open(RESULTS, "a") as f:
         f.write(block)
+
+
+def torchrun_or_smoke(worker, args) -> int:
+    """Run worker(rank, world, port, args): once here under torchrun (port 0: the environment
+    has the rendezvous), or with `args.smoke` as 2 CPU processes started here."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), 0, args)
+        return 0
+    if not args.smoke:
+        print("run under torchrun on GPUs, or with --smoke on CPU", file=sys.stderr)
+        return 2
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(2, port, args), nprocs=2, join=True)
+    return 0

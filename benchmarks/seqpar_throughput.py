@@ -379,22 +379,9 @@ def worker(rank: int, world: int, port: int, args) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse(argv)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), 0, args)
-        return 0
-    if not args.smoke:
-        print("run under torchrun on GPUs, or with --smoke on CPU", file=sys.stderr)
-        return 2
-    import socket
+    from _common import torchrun_or_smoke
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(2, port, args), nprocs=2, join=True)
-    return 0
+    return torchrun_or_smoke(worker, parse(argv))
 
 
 if __name__ == "__main__":
