@@ -135,7 +135,7 @@ class TrainConfig:
 
     # -- elastic training (#4) -------------------------------------------------------------------
     elastic: bool = False
-    """Elastic training on torchft (ddp, diloco, streaming-diloco): workers may die, hang or join without stopping the others (docs/elastic.md)."""
+    """Elastic training on torchft (every --algo): workers may die, hang or join without stopping the others (docs/elastic.md)."""
     min_workers: int = 1
     """Elastic: the fewest live workers a synchronisation may commit with (torchft's min_replica_size)."""
     restarts: int = 0
