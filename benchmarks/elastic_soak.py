@@ -50,6 +50,13 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def age_s(pid: int) -> float:
+    """Seconds since process `pid` started (/proc/PID/stat field 22, in clock ticks since boot)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    start = int(stat[stat.rindex(")") + 2 :].split()[19]) / os.sysconf("SC_CLK_TCK")
+    return float(Path("/proc/uptime").read_text().split()[0]) - start
+
+
 def workers_of(launcher: int) -> list[int]:
     # multiprocessing's spawn start method runs a resource tracker beside the workers: skip it.
     return [
@@ -76,6 +83,7 @@ def check(run: Path) -> dict:
         bad = [r["step"] for r in steps if r["outer_step"] != r["committed"] - 1]
         if bad:
             problems.append(f"{f.name}: outer steps != commits at steps {bad[:5]}")
+    last_commit = max(digests) if digests else 0
     split = [c for c, seen in digests.items() if len(seen) > 1]
     if split:
         problems.append(f"shared state differed after commits {sorted(split)[:10]}")
@@ -90,7 +98,12 @@ def check(run: Path) -> dict:
         kinds[e["event"]] += 1
     if kinds["parity_mismatch"]:
         problems.append(f"{kinds['parity_mismatch']} parity repairs")
-    return {"commits_checked": len(digests), "events": dict(kinds), "problems": problems}
+    return {
+        "commits_checked": len(digests),
+        "last_commit": last_commit,
+        "events": dict(kinds),
+        "problems": problems,
+    }
 
 
 def main() -> None:
@@ -102,6 +115,10 @@ def main() -> None:
     p.add_argument("--sync-every", type=int, default=20)
     p.add_argument("--root", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--settle", type=float, default=30.0,
+        help="no kill while a worker is younger than this (a restart still healing)",
+    )  # fmt: skip
     p.add_argument("--append", action="store_true")
     args = p.parse_args()
     run = Path(args.root or tempfile.mkdtemp(prefix="elastic-soak-")) / "soak"
@@ -123,8 +140,14 @@ def main() -> None:
 
     def chaos() -> None:
         while not stop.wait(rng.expovariate(1.0 / args.every)):
-            pids = workers_of(job.pid)
-            if len(pids) < args.workers:  # a restart is still coming up: let it
+            try:
+                pids = workers_of(job.pid)
+                ages = [age_s(p) for p in pids]
+            except OSError:  # a process ended while we looked
+                continue
+            # A restart must have healed before the next kill: with every worker that holds the
+            # job's state dead at once, an elastic job has nothing to recover from (JobStateLost).
+            if len(pids) < args.workers or min(ages) < args.settle:
                 continue
             victim = rng.choice(pids)
             os.kill(victim, signal.SIGKILL)
@@ -134,8 +157,11 @@ def main() -> None:
     thread = threading.Thread(target=chaos, daemon=True)
     thread.start()
     deadline = t0 + 60 * args.minutes
+    progress_mark = [0]  # the highest commit seen at 3/4 of the soak
     while time.monotonic() < deadline and job.poll() is None:
         time.sleep(1)
+        if not progress_mark[0] and time.monotonic() > t0 + 45 * args.minutes:
+            progress_mark[0] = check(run)["last_commit"] + 1
     stop.set()
     thread.join()
     time.sleep(10)  # let the last restart heal and commit
@@ -146,6 +172,12 @@ def main() -> None:
         job.kill()
     result = check(run)
     result.update(kills=len(kills), minutes=(time.monotonic() - t0) / 60, run=str(run))
+    # The job must have kept training to the end: commits in the last quarter of the soak.
+    died = result["events"].get("worker_died", 0)
+    if died > len(kills):
+        result["problems"].append(f"{died - len(kills)} worker deaths not caused by the soak")
+    if result["last_commit"] < progress_mark[0]:
+        result["problems"].append("no commit in the last quarter of the soak: training stopped")
     print(json.dumps(result, indent=2))
     if args.append:
         ok = (

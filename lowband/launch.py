@@ -221,6 +221,7 @@ def quiet_torchft() -> None:
 
 
 def _elastic_worker_main(index, cfg_dict, run_path, lighthouse, joining, store, errors) -> None:
+    from lowband.fault.elastic import JobStateLost
     from lowband.train.loop import Seat
 
     cfg = TrainConfig.from_dict(cfg_dict)
@@ -234,6 +235,9 @@ def _elastic_worker_main(index, cfg_dict, run_path, lighthouse, joining, store, 
             torch.device("cpu"),
             seat=Seat(index=index, lighthouse=lighthouse, joining=joining, store=store),
         )
+    except JobStateLost as e:
+        errors.put((index, 3, str(e)))
+        sys.exit(3)
     except LowbandError as e:
         errors.put((index, 2, str(e)))
         sys.exit(2)
@@ -353,6 +357,7 @@ def launch_elastic(cfg: TrainConfig, run: RunDir) -> None:
     finished: set[int] = set()
     failed: dict[int, int] = {}
     give_up_at = math.inf  # once a worker has finished, the others get this long to finish too
+    lost = False  # every worker that held the job's state died (JobStateLost)
     try:
         while procs:
             time.sleep(0.05)
@@ -376,7 +381,9 @@ def launch_elastic(cfg: TrainConfig, run: RunDir) -> None:
                     give_up_at = min(give_up_at, time.monotonic() + cfg.timeout + cfg.join_timeout)
                     continue
                 event("worker_died", index=i, exitcode=p.exitcode)
-                if restarts_left > 0 and not finished:
+                if p.exitcode == 3:  # JobStateLost: restarting cannot help
+                    lost = True
+                if restarts_left > 0 and not finished and not lost:
                     restarts_left -= 1
                     event("worker_restarted", index=i)
                     procs[i] = spawn(i, True)
@@ -390,6 +397,9 @@ def launch_elastic(cfg: TrainConfig, run: RunDir) -> None:
             lighthouse.shutdown()
         events.close()
     messages = _worker_messages(errors)
+    if lost and not finished:
+        text = next((m for c, m in messages.values() if c == 3), "the job's state was lost")
+        raise WorkerFailed(min(failed) if failed else 0, 1, text)
     if not finished:
         r = min(failed) if failed else 0
         detail = messages.get(r, (1, f"exited with code {failed.get(r)}"))[1]

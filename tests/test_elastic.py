@@ -271,3 +271,18 @@ def test_bad_elastic_flags_fail_in_one_line(tmp_path, capsys, flags, message):
 def test_join_without_a_job_fails_in_one_line(tmp_path, capsys):
     assert main(["join", str(tmp_path)]) == 2
     assert "not a running elastic job" in capsys.readouterr().err
+
+
+def test_losing_every_worker_that_held_the_state_fails_clearly(tmp_path, capsys):
+    # Both workers die at the same step; their restarts find nobody to heal from. The job must
+    # stop with one clear line, not restart them forever.
+    out = tmp_path / "lost"
+    code = main(
+        ["train", "--out", str(out), *FAST, "--workers", "2", "--elastic", *DILOCO,
+         "--fail-at", "0:12,1:12", "--restarts", "10", "--heartbeat-timeout", "1"]
+    )  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "no live worker holds the job's state" in err and "Traceback" not in err
+    restarts = _events(out, "worker_restarted")
+    assert 2 <= len(restarts) <= 4, restarts  # one restart round, not a crash loop

@@ -208,11 +208,7 @@ class ElasticStreamingDiLoCo(_Elastic, StreamingDiLoCo):
             return
         self.joining = False  # a newcomer's first call: heal, then join the sync under way
         self._syncing = None
-        self._quorum()
-        if self._syncing is None:
-            raise RuntimeError(
-                f"{self.membership.replica_id} joined, but no live peer had state to give it"
-            )
+        self._quorum()  # raises JobStateLost if nobody could heal this worker
         fragment, due = self._syncing
         self._launch(fragment, due)
         if due == self.local_step:

@@ -115,6 +115,10 @@ class JobFinished(LowbandError):
     """The job finished while this worker was behind (e.g. stopped): it leaves, it does not go on alone."""
 
 
+class JobStateLost(LowbandError):
+    """A newcomer found no live worker holding the job's state: every one that had it is gone."""
+
+
 class Membership:
     """This worker's seat in an elastic job (module docstring)."""
 
@@ -165,6 +169,7 @@ class Membership:
             init_sync=False,
             checkpoint_transport=_link_transport(self.timeout, self),
         )
+        self.joining = joining
         if not joining:  # the initial state exists: a newcomer (step 0) will always heal from us
             self.manager.load_state_dict({"step": 1, "batches_committed": 0})
         self.comm = Comm(None, link, stats=stats, seed=seed)
@@ -215,6 +220,14 @@ class Membership:
                     raise
         self.quorums += 1
         healed_now = self.healed
+        if self.joining and not healed_now:
+            # Every worker in the quorum is a newcomer (step 0): the workers that held the
+            # job's state are all gone, and an elastic job keeps it nowhere else.
+            raise JobStateLost(
+                "no live worker holds the job's state any more (every worker that had it died "
+                "before a newcomer could heal from it); start a new run"
+            )
+        self.joining = False
         quorum_id = self.manager._quorum_id  # torchft exposes no getter; read-only use
         if quorum_id != self._quorum_id:
             self._quorum_id = quorum_id
