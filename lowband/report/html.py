@@ -278,14 +278,18 @@ def _elastic_details(run: RunData) -> list[str]:
     shown = [ev for ev in run.events if ev["event"] != "quorum"][:100]
     if shown:
         out.append('<details><summary>event log</summary><table class="ops"><thead><tr>')
-        out.append("<th>wall</th><th>worker</th><th>step</th><th>event</th><th>details</th></tr>")
+        # Each process has its own clock (a restarted worker's starts again at 0): order by step;
+        # the launcher's events (deaths, restarts, admissions) carry no step and come first.
+        out.append("<th>step</th><th>worker</th><th>clock</th><th>event</th><th>details</th></tr>")
         out.append("</thead><tbody>")
-        for ev in sorted(shown, key=lambda x: _as_float(x.get("wall_time"))):
+        order = lambda x: (x.get("step", -1), _as_float(x.get("wall_time")))  # noqa: E731
+        for ev in sorted(shown, key=order):
             rest = {k: v for k, v in ev.items() if k not in ("event", "wall_time", "rank", "step")}
             out.append(
-                f'<tr><td class="num">{_esc(format_seconds(_as_float(ev.get("wall_time"))))}</td>'
-                f"<td>{_esc(ev.get('rank', ev.get('index', 'launcher')))}</td>"
-                f"<td>{_esc(ev.get('step', ''))}</td><td>{_esc(ev['event'])}</td>"
+                f"<tr><td>{_esc(ev.get('step', ''))}</td>"
+                f"<td>{_esc(ev.get('rank', 'launcher'))}</td>"
+                f'<td class="num">{_esc(format_seconds(_as_float(ev.get("wall_time"))))}</td>'
+                f"<td>{_esc(ev['event'])}</td>"
                 f"<td>{_esc(json.dumps(rest, default=str))}</td></tr>"
             )
         out.append("</tbody></table></details>")
