@@ -349,8 +349,9 @@ class ElasticNoLoCo(_Elastic, NoLoCo):
                         works.append((j, self.comm.send(payload, dst=j, tag=tag, async_op=True)))
                     else:
                         works.append((j, self.comm.recv(inbox[j], src=j, tag=tag, async_op=True)))
-                except Exception:  # noqa: BLE001 - the partner is already gone
+                except Exception as e:  # noqa: BLE001 - the partner is already gone
                     lost.add(j)
+                    self.membership.report_error(e)
         for j, w in works:
             try:
                 w.wait()
