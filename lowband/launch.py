@@ -404,16 +404,14 @@ def launch_elastic(cfg: TrainConfig, run: RunDir) -> None:
         r = min(failed) if failed else 0
         detail = messages.get(r, (1, f"exited with code {failed.get(r)}"))[1]
         raise WorkerFailed(r, 1, f"every worker failed; worker {r}: {detail}")
-    rows, by_op, evals = [], {}, []
-    for f in sorted((run.path / "summaries").glob("rank*.json")):
-        s = json.loads(f.read_text())
-        rows.append(s["row"])
-        evals.append(s["eval_loss"])
+    parts = [json.loads(f.read_text()) for f in sorted((run.path / "summaries").glob("rank*.json"))]
+    rows, by_op = [s["row"] for s in parts], {}
+    for s in parts:
         for op, v in s["by_op"].items():
             by_op.setdefault(op, {"bytes_sent": 0.0})
             by_op[op]["bytes_sent"] += v["bytes_sent"]
     steps = total_steps(cfg, cfg.workers)
-    first = json.loads(sorted((run.path / "summaries").glob("rank*.json"))[0].read_text())
+    first = parts[0]
     summary = summary_from_rows(
         rows,
         {k: {"bytes_sent": v["bytes_sent"] / len(rows)} for k, v in by_op.items()},  # per worker

@@ -187,15 +187,19 @@ class StreamingDiLoCo(Algorithm):
                 self._start(due, due=t)
             self._finish(due, t)
 
-    @torch.no_grad()
-    def _start(self, fragment: int, due: int) -> None:
-        assert self._pending is None, "two fragment reductions in flight"
-        delta = torch.cat(
+    def _pseudo_gradient(self, fragment: int) -> torch.Tensor:
+        """theta_g - theta_local of one fragment, flat, in fp32."""
+        return torch.cat(
             [
                 (g - p.detach().float()).reshape(-1)
                 for g, p in zip(self.global_params[fragment], self.fragments[fragment])
             ]
         )
+
+    @torch.no_grad()
+    def _start(self, fragment: int, due: int) -> None:
+        assert self._pending is None, "two fragment reductions in flight"
+        delta = self._pseudo_gradient(fragment)
         if self.reducer is not None:
             sent = self.reducer.bytes_per_round(delta.numel())
             self.peak_sync_bytes = max(self.peak_sync_bytes, sent)

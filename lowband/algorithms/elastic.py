@@ -226,12 +226,7 @@ class ElasticStreamingDiLoCo(_Elastic, StreamingDiLoCo):
         self._reducer.comm = self.comm
         scale = self._scale()
         self.membership.healed = False
-        delta = torch.cat(
-            [
-                (g - p.detach().float()).reshape(-1)
-                for g, p in zip(self.global_params[fragment], self.fragments[fragment])
-            ]
-        ).mul_(scale)
+        delta = self._pseudo_gradient(fragment).mul_(scale)
         sent = quantized_all_reduce_bytes(delta.numel(), self.comm.size, self.codec)
         self.peak_sync_bytes = max(self.peak_sync_bytes, sent)
         try:
@@ -384,9 +379,9 @@ class ElasticCO2(_Elastic, CO2):
         super().__init__(*args, broadcast_init=False, **kwargs)
         if self.delay != 1:
             raise ConfigError("--elastic supports CO2's overlapped form only (--co2-delay 1)")
+        self._counter = torch.zeros(1, dtype=torch.int64)  # outer_steps, for the parity check
 
     def shared_state(self) -> list[torch.Tensor]:
-        self._counter = getattr(self, "_counter", torch.zeros(1, dtype=torch.int64))
         self._counter.fill_(self.outer_steps)
         return [self.theta_old, self.momentum, self._counter]
 

@@ -178,13 +178,10 @@ class Membership:
         self.healed = False
         """Set by a quorum in which this worker loaded a peer's state; the caller clears it."""
         self.contributors = 1
-        self.quorums = 0
-        self.recovered_bytes = 0
         self.quorum_seconds = 0.0
         self.last_transfer: tuple[int, float] = (0, 0.0)
         """(bytes, seconds) of the last state download, emulated link included."""
         self.last_load_s = 0.0
-        self._t_quorum = 0.0
         self._quorum_id: int | None = None
         self._rank_of_quorum: tuple[int, int] | None = None
 
@@ -201,13 +198,12 @@ class Membership:
         t0 = time.perf_counter()
         self._user_load(state)
         self.last_load_s = time.perf_counter() - t0
-        self.recovered_bytes += _nbytes(state)
         self.healed = True
 
     # -- one synchronisation --------------------------------------------------------------------
     def quorum(self) -> Comm:
         """Block until a quorum exists; heal if behind; return the Comm to reduce over."""
-        t0 = self._t_quorum = time.perf_counter()
+        t0 = time.perf_counter()
         if self.job_finished():
             raise JobFinished(f"{self.replica_id}: the job finished while this worker was behind")
         for attempt in range(3):
@@ -218,7 +214,6 @@ class Membership:
                 log.warning("%s: quorum failed (%s), retrying", self.replica_id, e)
                 if attempt == 2:
                     raise
-        self.quorums += 1
         healed_now = self.healed
         if self.joining and not healed_now:
             # Every worker in the quorum is a newcomer (step 0): the workers that held the
@@ -272,11 +267,6 @@ class Membership:
         self.comm.link = self.link
         if self.on_event is not None:
             self.on_event({"event": "throttled", "replica": self.replica_id, "factor": factor})
-
-    @property
-    def contributing(self) -> bool:
-        """False right after healing: this worker's update would repeat its source's."""
-        return not self.healed
 
     def report_error(self, e: BaseException) -> None:
         log.warning("%s: step failed: %s", self.replica_id, str(e).splitlines()[0] if str(e) else e)
