@@ -8,17 +8,19 @@ with lowband.DDP(model, optimizer, comm) as algo:
 
 __version__ = "0.1.0"
 
-from lowband.algorithms import CO2, DDP, Algorithm, DiLoCo, NoLoCo, StreamingDiLoCo  # noqa: E402
+from lowband.algorithms import ALGORITHMS, Algorithm  # noqa: E402
 from lowband.comm import Comm, CommStats, LinkSpec, get_codec, quantized_all_reduce  # noqa: E402
+from lowband.comm.sync import StaticGroup, SyncGroup  # noqa: E402
 from lowband.errors import LowbandError  # noqa: E402
 
+# Every registered algorithm is exported under its class name: lowband.DiLoCo, lowband.CO2, ...
+globals().update({cls.__name__: cls for cls in ALGORITHMS.values()})
+
 __all__ = [
-    "CO2",
-    "DDP",
-    "NoLoCo",
+    *sorted(cls.__name__ for cls in ALGORITHMS.values()),
     "Algorithm",
-    "DiLoCo",
-    "StreamingDiLoCo",
+    "StaticGroup",
+    "SyncGroup",
     "Comm",
     "CommStats",
     "LinkSpec",

@@ -35,6 +35,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
     docs = field_docs(cls)
     defaults = cls()
     for f in dataclasses.fields(cls):
+        if f.name == "options":  # the algorithm's options: add_algorithm_flags
+            continue
         default = getattr(defaults, f.name)
         help_text = docs.get(f.name, "").replace("%", "%%")
         if _type_of(f.type) is bool:  # an on/off switch
@@ -54,15 +56,42 @@ def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
         )
 
 
+def add_algorithm_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per algorithm option (lowband.algorithms: each algorithm's Options dataclass);
+    an option several algorithms share is one flag, its help giving each one's meaning and default."""
+    from lowband.algorithms.registry import ALGORITHMS, option_fields
+
+    group = parser.add_argument_group(
+        "algorithm options", "each applies to the algorithms it names; the default is theirs"
+    )
+    for name, owners in option_fields().items():
+        parts, by_text = [], {}
+        for algo, f in owners:
+            text = field_docs(ALGORITHMS[algo].Options).get(name, "").rstrip(".")
+            by_text.setdefault((text, f.default), []).append(algo)
+        for (text, default), algos in by_text.items():
+            parts.append(f"{', '.join(algos)}: {text} (default: {default})")
+        group.add_argument(
+            _flag(name),
+            dest=f"option:{name}",
+            metavar=name.upper(),
+            type=_type_of(str(owners[0][1].type)),
+            default=argparse.SUPPRESS,
+            help="; ".join(parts).replace("%", "%%"),
+        )
+
+
+def given_options(args: argparse.Namespace) -> dict:
+    return {k.split(":", 1)[1]: v for k, v in vars(args).items() if k.startswith("option:")}
+
+
 def validate(cfg: TrainConfig) -> None:
     """Everything that can be checked before a worker starts. Raises LowbandError (one line)."""
-    from lowband.algorithms import check_algo_options
+    from lowband.algorithms import check as check_algorithm
     from lowband.comm import LinkSpec
     from lowband.models import PRESETS
-    from lowband.seqpar.train import check_options as check_seqpar_options
 
-    check_algo_options(cfg)
-    check_seqpar_options(cfg)
+    check_algorithm(cfg)  # the algorithm's options and every combination with it
     if cfg.model not in PRESETS:
         raise ConfigError(
             f"unknown model preset {cfg.model!r}; choose one of: {', '.join(PRESETS)}"
@@ -89,8 +118,6 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"unknown --schedule {cfg.schedule!r}; choose cosine, linear or constant")
     if cfg.lr is not None and not cfg.lr > 0:
         raise ConfigError(f"--lr must be positive, got {cfg.lr}")
-    if cfg.bucket_mb <= 0:
-        raise ConfigError(f"--bucket-mb must be positive, got {cfg.bucket_mb}")
     LinkSpec.parse(cfg.link)
     from lowband.train.chaos import parse_chaos
 
@@ -104,12 +131,6 @@ def _validate_elastic(cfg: TrainConfig) -> None:
             if getattr(cfg, name) != getattr(TrainConfig(), name):
                 raise ConfigError(f"{_flag(name)} needs --elastic")
         return
-    if cfg.algo == "co2" and cfg.co2_delay == 0:
-        raise ConfigError("--elastic supports CO2's overlapped form only (--co2-delay 1)")
-    if cfg.aggregate != "mean" or cfg.attack or cfg.stragglers or cfg.seq_parallel:
-        raise ConfigError(
-            "--elastic does not combine with --aggregate, --attack, --stragglers or --seq-parallel yet"
-        )
     if not 1 <= cfg.min_workers <= cfg.workers:
         raise ConfigError(
             f"--min-workers must be between 1 and --workers ({cfg.workers}), got {cfg.min_workers}"
@@ -121,8 +142,6 @@ def _validate_elastic(cfg: TrainConfig) -> None:
             raise ConfigError(f"{_flag(name)} must be positive, got {getattr(cfg, name)}")
     if cfg.parity_every < 0 or cfg.detect_every < 0:
         raise ConfigError("--parity-every and --detect-every must be 0 (never) or more")
-    if cfg.device == "cuda":
-        raise ConfigError("--elastic runs on Gloo (CPU tensors) for now; drop --device cuda")
 
 
 def _check_data(cfg: TrainConfig, world: int):
@@ -142,38 +161,45 @@ def _check_data(cfg: TrainConfig, world: int):
     return corpus
 
 
+def _continued_config(run, saved, given: dict, options: dict, observation: set[str]):
+    """The saved config of a run being resumed, with the flags that may change applied; any flag
+    that would change what the run computes is refused (one line)."""
+    changed = sorted(
+        _flag(k) for k, v in given.items() if k not in observation and v != getattr(saved, k)
+    )
+    saved_options = getattr(saved, "options", {})
+    changed += sorted(_flag(k) for k, v in options.items() if v != saved_options.get(k))
+    if changed:
+        raise ConfigError(
+            f"--resume continues {run.path} with its saved config; these flags would change "
+            "what it computes: " + ", ".join(changed)
+        )
+    return dataclasses.replace(saved, **given)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from lowband.launch import launch_local, launch_torchrun, under_torchrun
+    from lowband.algorithms import check as check_algorithm
+    from lowband.launch import launch_elastic, launch_local, launch_torchrun, under_torchrun
     from lowband.train.loop import total_steps
-    from lowband.train.rundir import RunDir, default_run_name, fingerprint
+    from lowband.train.rundir import _OBSERVATION_FIELDS, RunDir, default_run_name, fingerprint
 
     given = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(TrainConfig)
         if hasattr(args, f.name)
     }
+    options = given_options(args)
     torchrun = under_torchrun()
     rank0 = not torchrun or os.environ.get("RANK") == "0"
     if args.resume:
         if args.out and Path(args.out) != Path(args.resume):
             raise ConfigError("--resume continues a run in its own folder; drop --out")
         run = RunDir(args.resume)
-        cfg = run.load_config()
-        from lowband.train.rundir import _OBSERVATION_FIELDS
-
-        changed = sorted(
-            k for k, v in given.items() if k not in _OBSERVATION_FIELDS and v != getattr(cfg, k)
-        )
-        if changed:
-            raise ConfigError(
-                f"--resume continues {run.path} with its saved config; these flags would change it: "
-                + ", ".join(_flag(k) for k in changed)
-            )
-        cfg = dataclasses.replace(
-            cfg, fail_at=given.get("fail_at"), **{k: v for k, v in given.items() if k != "fail_at"}
-        )
+        saved = run.load_config()
+        cfg = _continued_config(run, saved, given, options, _OBSERVATION_FIELDS)
+        cfg = dataclasses.replace(cfg, fail_at=given.get("fail_at"))  # faults are not resumed
     else:
-        cfg = TrainConfig(**given)
+        cfg = TrainConfig(**given, options=options)
         run = RunDir(args.out or default_run_name(cfg))
     if torchrun:
         if cfg.elastic:
@@ -182,10 +208,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         cfg = dataclasses.replace(cfg, workers=int(os.environ["WORLD_SIZE"]))
     validate(cfg)
-    if cfg.elastic and args.resume:
-        raise ConfigError(
-            "an elastic run keeps its state in its live workers; add workers with `lowband join`"
-        )
+    # Stored resolved (defaults included), so the run folder says what ran.
+    cfg = dataclasses.replace(cfg, options=dataclasses.asdict(check_algorithm(cfg)))
     world = cfg.workers
     corpus = _check_data(cfg, world)
 
@@ -193,7 +217,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         ckpts = run.checkpoints()
         if not ckpts:
             raise CheckpointError(f"{run.path} has no complete checkpoint to resume from")
-        run.verify_checkpoint(ckpts[-1], fingerprint(cfg, corpus.sha256), world)
+        # An elastic job's checkpoint holds one state, the one its quorum committed.
+        run.verify_checkpoint(
+            ckpts[-1], fingerprint(cfg, corpus.sha256), 1 if cfg.elastic else world
+        )
         if ckpts[-1].step >= total_steps(cfg, world):
             print(
                 f"{run.path} is already complete ({ckpts[-1].step} steps); nothing to do",
@@ -208,9 +235,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if torchrun:
         launch_torchrun(cfg, run.path, bool(args.resume))
     elif cfg.elastic:
-        from lowband.launch import launch_elastic
-
-        launch_elastic(cfg, run)
+        launch_elastic(cfg, run, resume=bool(args.resume))
     else:
         launch_local(cfg, run, bool(args.resume))
     if rank0:
@@ -492,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the Llama-style model with N workers.",
     )
     add_config_flags(t)
+    add_algorithm_flags(t)
     t.add_argument(
         "--out", help="run folder (default: runs/ALGO-MODEL-TIMESTAMP); never overwritten"
     )

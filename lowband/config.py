@@ -23,7 +23,7 @@ class TrainConfig:
 
     # -- what to train --------------------------------------------------------------------------
     algo: str = "ddp"
-    """Training algorithm: ddp (synchronous data parallel, the baseline), diloco, streaming-diloco, noloco, co2."""
+    """Training algorithm: ddp (synchronous data parallel, the baseline), diloco, streaming-diloco, noloco, co2 (lowband.algorithms; each has its options below)."""
     model: str = "1m"
     """Model preset of the Llama-style decoder: 1m, 10m, 125m, 350m, 1b (see `lowband models`)."""
     data: str = "stdlib"
@@ -64,36 +64,10 @@ class TrainConfig:
     """cpu, cuda, or auto (one GPU per worker when there are enough GPUs, else CPU)."""
     threads: int = 1
     """CPU threads per worker process."""
-    bucket_mb: float = 25.0
-    """DDP: gradients are all-reduced in buckets of at most this many megabytes."""
 
-    # -- DiLoCo and Streaming DiLoCo ------------------------------------------------------------
-    sync_every: int = 60
-    """DiLoCo: inner steps between outer steps (H)."""
-    fragments: int | None = None
-    """Streaming DiLoCo: fragments P, synchronised one every H/P steps (default 4)."""
-    overlap: int | None = None
-    """Streaming DiLoCo: a fragment's reduction starts this many inner steps before it is needed and runs while training goes on (tau, default 1)."""
-    mix: float = 0.5
-    """Streaming DiLoCo: weight alpha of the local parameters when an overlapped fragment lands (0 replaces them)."""
-    outer_lr: float | None = None
-    """Outer learning rate: DiLoCo's Nesterov SGD lr (default 0.7), NoLoCo's gamma (0.7), CO2's eta (1.0)."""
-    outer_momentum: float | None = None
-    """Outer momentum: DiLoCo's Nesterov momentum (default 0.9), NoLoCo's beta (0.5), CO2's beta (0.5)."""
-    bits: int | None = None
-    """DiLoCo family: bits per value on the wire: 32, 16 (bf16), 8 or 4 (blockwise int). Default 32, except 4 for streaming-diloco."""
-
-    # -- NoLoCo and CO2 -------------------------------------------------------------------------
-    group_size: int | None = None
-    """NoLoCo: replicas per averaging group, redrawn every outer step from --seed and the round; the last group takes the remainder, so odd --workers work (default 2)."""
-    co2_delay: int | None = None
-    """CO2: 1 applies the previous round's average while this round's is reduced in the background (full overlap); 0 waits for this round's (default 1)."""
-    co2_lambda: float | None = None
-    """CO2: the outer momentum update is divided by this lambda (default 1.0)."""
-    co2_clip: float | None = None
-    """CO2: clamp the outer momentum to [-c, c] every outer step; 0 turns clipping off (default 1.0)."""
-    co2_gap_penalty: int | None = None
-    """CO2: 1 scales lambda per tensor by 1 + ||staleness gap|| / ||pseudo-gradient|| (our reconstruction, docs/noloco_co2.md; default 0)."""
+    # -- the algorithm's own options ------------------------------------------------------------
+    options: dict = field(default_factory=dict)
+    """The --algo's own options (e.g. sync_every, fragments, bits): each algorithm declares them in its Options dataclass (lowband.algorithms), which gives their flags, defaults and checks. A new run stores them resolved, defaults included."""
 
     # -- robust aggregation / gradient coding (#7) -----------------------------------------------
     aggregate: str = "mean"
@@ -174,8 +148,17 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
+        """From config.json. A run saved before the algorithms declared their own options kept
+        them as top-level keys (None for a default): those move into `options`."""
+        from lowband.algorithms.registry import discover, option_fields
+
+        discover()
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        options = dict(d.get("options") or {})
+        for k, v in d.items():
+            if k not in names and k in option_fields() and v is not None and k not in options:
+                options[k] = v
+        return cls(**{k: v for k, v in d.items() if k in names and k != "options"}, options=options)
 
 
 # -- zeroth-order fine-tuning (`lowband finetune`, lowband.zo; docs/zo.md) ----------------------
@@ -245,10 +228,13 @@ class FinetuneConfig:
 
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass, read from its source."""
+    """The docstring under each field of a dataclass (its bases' too), read from its source."""
+    docs: dict[str, str] = {}
+    for base in reversed(cls.__mro__[1:]):
+        if dataclasses.is_dataclass(base):
+            docs.update(field_docs(base))
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
     for node, nxt in zip(body, body[1:]):
         if (
             isinstance(node, ast.AnnAssign)

@@ -75,12 +75,12 @@ def test_co2_equals_the_textbook_rule(n, delay, clip, gap_penalty):
                     o,
                     c,
                     sync_every=H,
-                    beta=kw["beta"],
+                    outer_momentum=kw["beta"],
                     outer_lr=kw["lr"],
-                    lam=kw["lam"],
-                    clip=clip,
-                    gap_penalty=gap_penalty,
-                    delay=delay,
+                    co2_lambda=kw["lam"],
+                    co2_clip=clip,
+                    co2_gap_penalty=gap_penalty,
+                    co2_delay=delay,
                 ),
                 steps,
             )[0]
@@ -99,7 +99,9 @@ def test_delay1_applies_exactly_the_previous_rounds_average():
 
     def body(c):
         model, opt = make()
-        algo = CO2(model, opt, c, sync_every=H, beta=0.0, outer_lr=1.0, lam=1.0, clip=None)
+        algo = CO2(
+            model, opt, c, sync_every=H, outer_momentum=0.0, outer_lr=1.0, co2_lambda=1.0, co2_clip=None
+        )
         start, before, after = flat(model).clone(), [], []
         for step in range(H * rounds):
             inner_step(model, opt, c.rank, step)
@@ -139,7 +141,7 @@ def test_clipping_really_bounds_the_momentum():
 @pytest.mark.parametrize("clip", [1e-3, None])
 def test_clipping_in_training(clip):
     def body(c):
-        _, algo = train(c, lambda m, o, c: CO2(m, o, c, sync_every=3, clip=clip, delay=0), 6)
+        _, algo = train(c, lambda m, o, c: CO2(m, o, c, sync_every=3, co2_clip=clip, co2_delay=0), 6)
         return algo.momentum.abs().max().item()
 
     peak = max(run_ranks(2, body))
@@ -168,7 +170,7 @@ def test_the_reduction_runs_behind_the_next_rounds_compute():
 
     def body(c):
         model, opt = make()
-        algo = CO2(model, opt, c, sync_every=4, delay=1)
+        algo = CO2(model, opt, c, sync_every=4, co2_delay=1)
         in_flight = []
         for step in range(8):
             inner_step(model, opt, c.rank, step)
@@ -247,7 +249,7 @@ def test_state_dict_keeps_the_in_flight_average_and_resumes_bit_identically():
     n, H = 3, 3
 
     def body(c):
-        make_algo = lambda m, o, c: CO2(m, o, c, sync_every=H, gap_penalty=True)
+        make_algo = lambda m, o, c: CO2(m, o, c, sync_every=H, co2_gap_penalty=True)
         model, opt = make()
         algo = make_algo(model, opt, c)
         for step in range(4 * H):
@@ -268,12 +270,12 @@ def test_state_dict_keeps_the_in_flight_average_and_resumes_bit_identically():
 def test_bad_settings():
     model, opt = make()
     with pytest.raises(ConfigError, match="--co2-delay"):
-        CO2(model, opt, Comm(None), delay=2)
+        CO2(model, opt, Comm(None), co2_delay=2)
     with pytest.raises(ConfigError, match="--co2-lambda"):
-        CO2(model, opt, Comm(None), lam=0.0)
+        CO2(model, opt, Comm(None), co2_lambda=0.0)
     with pytest.raises(ConfigError, match="--co2-clip"):
-        CO2(model, opt, Comm(None), clip=-1.0)
+        CO2(model, opt, Comm(None), co2_clip=-1.0)
     with pytest.raises(ConfigError, match="beta"):
-        CO2(model, opt, Comm(None), beta=1.0)
+        CO2(model, opt, Comm(None), outer_momentum=1.0)
     with pytest.raises(ConfigError, match="--sync-every"):
         CO2(model, opt, Comm(None), sync_every=0)

@@ -90,7 +90,7 @@ def test_noloco_equals_the_textbook_rule(n):
             train(
                 c,
                 lambda m, o, c: NoLoCo(
-                    m, o, c, sync_every=H, group_size=g, beta=0.5, gamma=0.7, seed=seed
+                    m, o, c, sync_every=H, group_size=g, outer_momentum=0.5, outer_lr=0.7, seed=seed
                 ),
                 steps,
             )[0]
@@ -111,7 +111,7 @@ def test_one_group_gamma1_beta0_is_diloco_averaging():
         lambda c: flat(
             train(
                 c,
-                lambda m, o, c: NoLoCo(m, o, c, sync_every=H, group_size=n, beta=0.0, gamma=1.0),
+                lambda m, o, c: NoLoCo(m, o, c, sync_every=H, group_size=n, outer_momentum=0.0, outer_lr=1.0),
                 steps,
             )[0]
         ),
@@ -270,8 +270,8 @@ def test_bad_settings():
     with pytest.raises(ConfigError, match="--sync-every"):
         NoLoCo(model, opt, Comm(None), sync_every=0)
     with pytest.raises(ConfigError, match="beta"):
-        NoLoCo(model, opt, Comm(None), beta=1.0)
+        NoLoCo(model, opt, Comm(None), outer_momentum=1.0)
     with pytest.raises(ConfigError, match="gamma"):
-        NoLoCo(model, opt, Comm(None), gamma=0.0)
+        NoLoCo(model, opt, Comm(None), outer_lr=0.0)
     with pytest.raises(ConfigError, match="codec"):
         NoLoCo(model, opt, Comm(None), bits=3)

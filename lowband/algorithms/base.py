@@ -18,6 +18,7 @@ or let the context manager install them as optimizer step hooks:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from typing import Any, ClassVar
 
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from lowband.comm import Comm
+from lowband.comm.sync import SyncGroup, as_sync_group
 
 
 def flat_params(params: list[torch.Tensor]) -> torch.Tensor:
@@ -73,20 +75,71 @@ def ensure_same_start(comm: Comm, groups: list[list[torch.Tensor]]) -> bool:
     return True
 
 
+@dataclasses.dataclass(kw_only=True)
+class NoOptions:
+    """An algorithm without options of its own."""
+
+
 class Algorithm:
-    """A training algorithm: a pure update rule plus the buffers and process group it needs."""
+    """A training algorithm: a pure update rule plus the buffers and sync group it needs.
 
-    name: ClassVar[str] = "base"
+    A subclass declares, once:
+      * `name`: its --algo name; defining it registers the class (lowband.algorithms.registry);
+      * `Options`: a kw_only dataclass, one field per option with its default and a docstring
+        under it; the CLI flags, --help and validation (`__post_init__`) come from it;
+      * `supports`: the run-level features it works with ("robust": --aggregate/--attack,
+        "stragglers": gradient coding, "straggler_delay", "seq_parallel"); every other
+        combination is refused, with a reason, by the registry;
+      * `from_options(model, optimizer, group, options, setup)`: how a run builds it (default:
+        the constructor with the options as keywords).
+    Its synchronisation is written once against `self.sync` (lowband.comm.sync): a round is
+    `_sync_round(descriptor)`, which opens the round and runs `_continue_round(descriptor)`.
+    """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, comm: Comm) -> None:
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    supports: ClassVar[frozenset[str]] = frozenset()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__ and cls.name:
+            from lowband.algorithms.registry import register
+
+            register(cls)
+
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, group: Comm | SyncGroup
+    ) -> None:
         self.model = model
         self.optimizer = optimizer
-        self.comm = comm
+        self.sync = as_sync_group(group)
         self.local_step = 0
         self.flip_labels: int | None = None
         """Label-flip attacker (--attack label-flip): the number of classes whose targets
         wrap_sampler flips; None on honest workers."""
+        self.joining = False
+        """Set by an elastic session on a newcomer: its first round hook heals it (join())."""
+        self._round: Any = None
+        """The round being opened (what a newcomer healing from this worker continues)."""
         self._hooks: list[Any] = []
+
+    @property
+    def comm(self) -> Comm:
+        """The Comm of the current round (fixed in a static run; the quorum's in an elastic one)."""
+        return self.sync.comm
+
+    @classmethod
+    def from_options(
+        cls,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        group: Comm | SyncGroup,
+        options: Any,
+        setup: Any,
+    ) -> Algorithm:
+        """Build for a run: `options` is an instance of cls.Options, `setup` the run-level pieces
+        (lowband.algorithms.registry.Setup: seed, robust reducer, straggler injector, code)."""
+        return cls(model, optimizer, group, **dataclasses.asdict(options))
 
     # -- the two hooks of the loop --------------------------------------------------------------
     def sync_gradients(self) -> None:
@@ -95,6 +148,27 @@ class Algorithm:
     def step(self) -> None:
         """Runs after the inner optimizer's step."""
         self.local_step += 1
+
+    # -- rounds ---------------------------------------------------------------------------------
+    def _sync_round(self, round_: Any) -> None:
+        """Open a round and run it. Opening may heal this worker (an elastic group loads a live
+        peer's state, this algorithm's included): it then runs the round its source is in."""
+        self._round = round_
+        self.sync.begin()
+        round_, self._round = self._round, None
+        self._continue_round(round_)
+
+    def join(self) -> None:
+        """A newcomer's first round hook, before it has trained: heal inside the quorum its peers
+        are opening, then take part in their round."""
+        self.joining = False
+        self.sync.begin()  # an elastic group raises JobStateLost if nobody could heal this worker
+        round_, self._round = self._round, None
+        self._continue_round(round_)
+
+    def _continue_round(self, round_: Any) -> None:
+        """Everything of a round after it is opened: reduce, commit, apply or roll back."""
+        raise NotImplementedError
 
     def wrap_sampler(self, sampler: Any) -> Any:
         """The loop's training batches go through this: the sampler, or a wrapper around it.
@@ -112,15 +186,16 @@ class Algorithm:
         """Finish any communication still in flight."""
 
     def metrics(self) -> dict[str, Any]:
-        """Extra fields for the metrics line (e.g. outer_step)."""
-        return {}
+        """Extra fields for the metrics line (e.g. outer_step), the sync group's included."""
+        return self.sync.metrics()
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"local_step": self.local_step}
+        return {"local_step": self.local_step, "round": self._round}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.local_step = int(state["local_step"])
+        self._round = state.get("round")
 
     # -- context manager: install the hooks on the optimizer ------------------------------------
     def __enter__(self):

@@ -51,6 +51,7 @@ group's timeout; the error surfaces from the next outer step (or close), it does
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -60,6 +61,7 @@ from lowband.algorithms.base import Algorithm, ensure_same_start, flat_params, w
 from lowband.algorithms.overlap import BackgroundReducer
 from lowband.comm import Comm, get_codec, quantized_all_reduce
 from lowband.comm.quantized import quantized_all_reduce_bytes
+from lowband.comm.sync import SyncGroup
 from lowband.errors import ConfigError
 
 __all__ = ["CO2", "co2_outer_step", "staleness_penalty"]
@@ -96,83 +98,151 @@ def staleness_penalty(
     return lam_k.repeat_interleave(torch.tensor(sizes, device=lam_k.device))
 
 
+@dataclasses.dataclass(kw_only=True)
+class CO2Options:
+    """Options of --algo co2."""
+
+    sync_every: int = 60
+    """Inner steps per round (H)."""
+    outer_lr: float = 1.0
+    """eta: the outer learning rate."""
+    outer_momentum: float = 0.5
+    """beta: the outer momentum, in [0, 1)."""
+    bits: int = 32
+    """Bits per pseudo-gradient value on the wire: 32, 16 (bf16), 8 or 4 (blockwise int)."""
+    co2_delay: int = 1
+    """1 applies the previous round's average while this round's is reduced in the background (full overlap); 0 waits for this round's."""
+    co2_lambda: float = 1.0
+    """The outer momentum update is divided by this lambda."""
+    co2_clip: float = 1.0
+    """Clamp the outer momentum to [-c, c] every outer step; 0 (or None) turns clipping off."""
+    co2_gap_penalty: int = 0
+    """1 scales lambda per tensor by 1 + ||staleness gap|| / ||pseudo-gradient|| (our reconstruction, docs/noloco_co2.md)."""
+
+    def __post_init__(self) -> None:
+        if self.sync_every < 1:
+            raise ConfigError(f"--sync-every must be at least 1, got {self.sync_every}")
+        if self.co2_delay not in (0, 1):
+            raise ConfigError(f"--co2-delay must be 0 or 1, got {self.co2_delay}")
+        if not 0.0 <= self.outer_momentum < 1.0:
+            raise ConfigError(
+                f"CO2 beta (--outer-momentum) must be in [0, 1), got {self.outer_momentum}"
+            )
+        if not self.outer_lr > 0:
+            raise ConfigError(f"CO2 outer lr (--outer-lr) must be positive, got {self.outer_lr}")
+        if not self.co2_lambda > 0:
+            raise ConfigError(f"--co2-lambda must be positive, got {self.co2_lambda}")
+        if self.co2_clip is not None and self.co2_clip < 0:
+            raise ConfigError(f"--co2-clip must be 0 (off) or positive, got {self.co2_clip}")
+        if self.co2_gap_penalty not in (0, 1):
+            raise ConfigError(f"--co2-gap-penalty must be 0 or 1, got {self.co2_gap_penalty}")
+        get_codec(self.bits)
+
+
 class CO2(Algorithm):
     """CO2 with one-round-delayed (delay=1) or synchronous (delay=0) averaging. See the module docstring."""
 
     name = "co2"
+    Options = CO2Options
 
     def __init__(
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        comm: Comm,
+        group: Comm | SyncGroup,
         *,
-        sync_every: int = 48,
-        beta: float = 0.5,
-        outer_lr: float = 1.0,
-        lam: float = 1.0,
-        clip: float | None = 1.0,
-        bits: int | str = 32,
         block_size: int = 64,
-        delay: int = 1,
-        gap_penalty: bool = False,
-        broadcast_init: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(model, optimizer, comm)
-        if sync_every < 1:
-            raise ConfigError(f"--sync-every must be at least 1, got {sync_every}")
-        if delay not in (0, 1):
-            raise ConfigError(f"--co2-delay must be 0 (synchronous) or 1 (overlapped), got {delay}")
-        if not 0.0 <= beta < 1.0:
-            raise ConfigError(f"CO2 beta (--outer-momentum) must be in [0, 1), got {beta}")
-        if not outer_lr > 0:
-            raise ConfigError(f"CO2 outer lr (--outer-lr) must be positive, got {outer_lr}")
-        if not lam > 0:
-            raise ConfigError(f"--co2-lambda must be positive, got {lam}")
-        if clip is not None and clip < 0:
-            raise ConfigError(f"--co2-clip must be >= 0 (0 turns clipping off), got {clip}")
-        self.H, self.beta, self.lr, self.lam, self.clip = sync_every, beta, outer_lr, lam, clip
-        self.delay, self.gap_penalty = delay, gap_penalty
-        self.codec = get_codec(bits, block_size)
+        super().__init__(model, optimizer, group)
+        self.options = opts = CO2Options(**options)
+        self.H, self.beta, self.lr = opts.sync_every, opts.outer_momentum, opts.outer_lr
+        self.lam, self.clip = opts.co2_lambda, opts.co2_clip
+        self.delay, self.gap_penalty = opts.co2_delay, bool(opts.co2_gap_penalty)
+        self.codec = get_codec(opts.bits, block_size)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._sizes = [p.numel() for p in self.params]
-        if broadcast_init:
-            ensure_same_start(comm, [[p.data for p in self.params]])
+        ensure_same_start(self.comm, [[p.data for p in self.params]])
         self.theta_old = flat_params(self.params)  # identical on every worker
         self.momentum = torch.zeros_like(self.theta_old)
         self.outer_steps = 0
         self.peak_sync_bytes = 0
         self.applied: list[tuple[int, int | None]] = []  # (local step, round whose average applied)
-        self._reducer = BackgroundReducer(comm, self.codec)
+        self._reducer = BackgroundReducer(self.comm, self.codec)
         self._pending: tuple[int, Any] | None = None  # (round, future or averaged Delta)
+        self._counter = torch.zeros(1, dtype=torch.int64)  # outer_steps, for the parity check
+
+    def shared_state(self) -> list[torch.Tensor]:
+        """What every worker holds bit-identically (lowband.fault.parity)."""
+        self._counter.fill_(self.outer_steps)
+        return [self.theta_old, self.momentum, self._counter]
 
     # -- the hook after every inner step --------------------------------------------------------
     def step(self) -> None:
+        if self.joining:  # a newcomer: heal at its peers' round boundary, then take part
+            self.join()
+            return
         super().step()
         if self.local_step % self.H == 0:
-            self._outer_step(self.local_step // self.H)
+            if self.delay == 1:
+                self._land_previous()
+            self._sync_round(self.local_step // self.H)
 
     @torch.no_grad()
-    def _outer_step(self, round_: int) -> None:
+    def _land_previous(self) -> None:
+        """Wait for round r-1's background average and commit it (before round r opens, so
+        rounds and commits alternate as torchft expects). A failed one applies nothing this
+        round, as CO2's first round does."""
+        if self._pending is None:
+            return
+        round_, work = self._pending
+        result: torch.Tensor | None = None
+        try:
+            result = self._reducer.result(work)
+        except Exception as e:  # noqa: BLE001 - a static group re-raises; elastic: round fails
+            self.sync.report(e)
+        if not self.sync.commit() or result is None:
+            self.sync.discarded("co2", self.local_step, "round average not committed")
+            result = None
+        self._pending = None if result is None else (round_, result)
+
+    @torch.no_grad()
+    def _continue_round(self, round_: int) -> None:
+        round_ = self.local_step // self.H  # a heal moves this worker to its source's round
+        comm, scale = self.comm, self.sync.scale
         delta = self.theta_old - flat_params(self.params)  # this worker's Delta for round_
-        sent = quantized_all_reduce_bytes(delta.numel(), self.comm.size, self.codec)
+        if scale != 1.0:
+            delta.mul_(scale)  # a worker that has just healed sends zeros
+        sent = quantized_all_reduce_bytes(delta.numel(), comm.size, self.codec)
         self.peak_sync_bytes = max(self.peak_sync_bytes, sent)
-        gap = torch.zeros_like(self.theta_old)
+        gap = None
         if self.delay == 0:
-            applied_round, g = round_, quantized_all_reduce(self.comm, delta, self.codec, "avg")
+            g: torch.Tensor | None = None
+            try:
+                g = quantized_all_reduce(comm, delta, self.codec, "avg")
+            except Exception as e:  # noqa: BLE001
+                self.sync.report(e)
+            if not self.sync.commit() or g is None:
+                write_flat(self.params, self.theta_old)  # drop the round, as DiLoCo does
+                self.sync.discarded("co2", self.local_step, "round average not committed")
+                return
+            applied_round = round_
         else:
-            previous, self._pending = self._pending, (round_, self._reducer.submit(delta))
-            if previous is None:
-                applied_round, g = None, None
-            else:
-                applied_round, g = previous[0], self._reducer.result(previous[1])
+            landed, self._pending = self._pending, None
+            applied_round, g = (None, None) if landed is None else landed
+            if g is not None:
                 gap = -self.lr * self.momentum  # theta_old moved by this since round_-1 began
-        if g is None:  # delay 1, first round: nothing landed, theta_bar := theta_old
+        if g is None:  # delay 1, first round (or the last one failed): theta_bar := theta_old
             theta_bar = self.theta_old.clone()
             g = torch.zeros_like(self.theta_old)
         else:
-            theta_bar = self.theta_old - gap - g  # the start of g's round, minus its average Delta
-        lam = staleness_penalty(gap, g, self._sizes, self.lam) if self.gap_penalty else self.lam
+            # the start of g's round, minus its average Delta
+            theta_bar = self.theta_old - g if gap is None else self.theta_old - gap - g
+        lam = (
+            staleness_penalty(gap, g, self._sizes, self.lam)
+            if self.gap_penalty and gap is not None
+            else self.lam
+        )
         co2_outer_step(
             self.theta_old,
             self.momentum,
@@ -185,6 +255,10 @@ class CO2(Algorithm):
         write_flat(self.params, self.theta_old)
         self.outer_steps += 1
         self.applied.append((self.local_step, applied_round))
+        if applied_round is not None:  # checks over the round's members, nothing in flight yet
+            self.sync.committed(self, self.local_step)
+        if self.delay == 1:
+            self._pending = (round_, self._reducer.submit(delta, comm=comm))
 
     # -- life cycle, metrics, state -------------------------------------------------------------
     def close(self) -> None:
@@ -193,7 +267,11 @@ class CO2(Algorithm):
         self._reducer.close()
 
     def metrics(self) -> dict[str, Any]:
-        return {"outer_step": self.outer_steps, "peak_sync_bytes": self.peak_sync_bytes}
+        return {
+            **super().metrics(),
+            "outer_step": self.outer_steps,
+            "peak_sync_bytes": self.peak_sync_bytes,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         pending = None

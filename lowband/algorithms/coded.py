@@ -48,8 +48,6 @@ class _StepTap:
 class CodedDDP(DDP):
     """DDP whose gradient average is decoded from the first n - s workers (module docstring)."""
 
-    name = "ddp"
-
     def __init__(
         self,
         model: nn.Module,
@@ -58,9 +56,8 @@ class CodedDDP(DDP):
         *,
         code: GradientCode,
         injector: StragglerInjector | None = None,
-        broadcast_init: bool = True,
     ) -> None:
-        super().__init__(model, optimizer, comm, broadcast_init=broadcast_init)
+        super().__init__(model, optimizer, comm)
         if code.n != comm.size:
             raise ConfigError(
                 f"a gradient code for {code.n} workers needs {code.n}, got {comm.size}"

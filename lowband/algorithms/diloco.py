@@ -38,8 +38,9 @@ therefore issues the same collectives in the same order on the one process group
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -48,6 +49,7 @@ from lowband.algorithms.base import Algorithm, ensure_same_start
 from lowband.algorithms.overlap import BackgroundReducer
 from lowband.comm import Comm, get_codec, quantized_all_reduce
 from lowband.comm.quantized import quantized_all_reduce_bytes
+from lowband.comm.sync import SyncGroup
 from lowband.errors import ConfigError
 from lowband.robust import RobustReducer
 
@@ -103,65 +105,104 @@ def outer_step_reference(
     theta_g.sub_(lr * (delta + mu * momentum) if nesterov else lr * momentum)
 
 
+@dataclasses.dataclass(kw_only=True)
+class DiLoCoOptions:
+    """Options of --algo diloco."""
+
+    sync_every: int = 60
+    """Inner steps between outer steps (H)."""
+    outer_lr: float = 0.7
+    """Learning rate of the outer Nesterov SGD step."""
+    outer_momentum: float = 0.9
+    """Momentum of the outer Nesterov SGD step (0: plain SGD)."""
+    bits: int = 32
+    """Bits per pseudo-gradient value on the wire: 32, 16 (bf16), 8 or 4 (blockwise int)."""
+
+    def __post_init__(self) -> None:
+        if self.sync_every < 1:
+            raise ConfigError(f"--sync-every must be at least 1, got {self.sync_every}")
+        if not self.outer_lr > 0:
+            raise ConfigError(f"--outer-lr must be positive, got {self.outer_lr}")
+        if not 0.0 <= self.outer_momentum < 1.0:
+            raise ConfigError(f"--outer-momentum must be in [0, 1), got {self.outer_momentum}")
+        get_codec(self.bits)
+
+
+@dataclasses.dataclass(kw_only=True)
+class StreamingDiLoCoOptions(DiLoCoOptions):
+    """Options of --algo streaming-diloco."""
+
+    fragments: int = 4
+    """Fragments P, synchronised one every H/P steps."""
+    overlap: int = 1
+    """A fragment's reduction starts this many inner steps before it is needed and runs while training goes on (tau)."""
+    mix: float = 0.5
+    """Weight alpha of the local parameters when an overlapped fragment lands (0 replaces them)."""
+    bits: int = 4
+    """Bits per pseudo-gradient value on the wire: 32, 16 (bf16), 8 or 4 (blockwise int)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        p, tau, h = self.fragments, self.overlap, self.sync_every
+        if p < 1 or h % p:
+            raise ConfigError(f"--sync-every {h} must be a multiple of --fragments {p}")
+        if tau < 0 or (tau > 0 and tau >= h // p):
+            raise ConfigError(
+                f"--overlap {tau} must be below --sync-every/--fragments = {h // p} "
+                "(one fragment's reduction must land before the next one starts)"
+            )
+        if not 0.0 <= self.mix <= 1.0:
+            raise ConfigError(f"--mix must be in [0, 1], got {self.mix}")
+
+
 class StreamingDiLoCo(Algorithm):
     """Streaming DiLoCo; `DiLoCo` is the P = 1, TAU = 0 special case. See the module docstring."""
 
     name = "streaming-diloco"
+    Options: ClassVar[type] = StreamingDiLoCoOptions
+    supports = frozenset({"robust"})
 
     def __init__(
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        comm: Comm,
+        group: Comm | SyncGroup,
         *,
-        sync_every: int = 100,
-        fragments: int = 4,
-        overlap: int = 1,
-        mix: float = 0.5,
-        outer_lr: float = 0.7,
-        outer_momentum: float = 0.9,
         nesterov: bool = True,
-        bits: int | str = 32,
         block_size: int = 64,
-        broadcast_init: bool = True,
         reducer: RobustReducer | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(model, optimizer, comm)
-        if sync_every < 1:
-            raise ConfigError(f"--sync-every must be at least 1, got {sync_every}")
-        if sync_every % fragments:
-            raise ConfigError(
-                f"--sync-every {sync_every} must be a multiple of --fragments {fragments}"
-            )
-        if overlap < 0 or (overlap > 0 and overlap >= sync_every // fragments):
-            raise ConfigError(
-                f"--overlap {overlap} must be below --sync-every/--fragments = {sync_every // fragments} "
-                "(one fragment's reduction must land before the next one starts)"
-            )
-        if not 0.0 <= mix <= 1.0:
-            raise ConfigError(f"--mix must be in [0, 1], got {mix}")
-        self.H, self.P, self.tau, self.alpha = sync_every, fragments, overlap, mix
-        self.codec = get_codec(bits, block_size)
-        self.fragments = strided_fragments(model, fragments)
+        super().__init__(model, optimizer, group)
+        self.options = opts = self.Options(**options)
+        self.H, self.P = opts.sync_every, getattr(opts, "fragments", 1)
+        self.tau, self.alpha = getattr(opts, "overlap", 0), getattr(opts, "mix", 0.0)
+        self.codec = get_codec(opts.bits, block_size)
+        self.fragments = strided_fragments(model, self.P)
         # --aggregate/--attack: pseudo-gradients are all-gathered and aggregated robustly instead
         # of averaged by the quantized all-reduce (lowband.robust; one aggregator per fragment).
         self.reducer = reducer
 
-        if broadcast_init:  # every worker starts from rank 0's parameters
-            ensure_same_start(comm, [[p.data for p in frag] for frag in self.fragments])
+        # every worker starts from rank 0's parameters
+        ensure_same_start(self.comm, [[p.data for p in frag] for frag in self.fragments])
         # theta_g in fp32, one copy per parameter; the outer optimizer steps it.
         self.global_params = [[p.detach().clone().float() for p in frag] for frag in self.fragments]
         self.outer_opt = torch.optim.SGD(
             [g for frag in self.global_params for g in frag],
-            lr=outer_lr,
-            momentum=outer_momentum,
-            nesterov=nesterov and outer_momentum > 0,  # torch refuses Nesterov without momentum
+            lr=opts.outer_lr,
+            momentum=opts.outer_momentum,
+            nesterov=nesterov and opts.outer_momentum > 0,  # torch refuses Nesterov without it
         )
         self.outer_steps = 0  # fragment syncs completed
         self.sync_history: list[tuple[int, int]] = []  # (local step, fragment) of every sync
         self.peak_sync_bytes = 0
-        self._reducer = BackgroundReducer(comm, self.codec)
-        self._pending: tuple[int, int, Any] | None = None  # (fragment, due step, future or result)
+        self._reducer = BackgroundReducer(self.comm, self.codec)
+        self._pending: tuple[int, int, Any] | None = None  # (fragment, due step, future/result)
+
+    @classmethod
+    def from_options(cls, model, optimizer, group, options, setup) -> StreamingDiLoCo:
+        reducer = setup.reducer(get_codec(options.bits))
+        return cls(model, optimizer, group, reducer=reducer, **dataclasses.asdict(options))
 
     # -- schedule -------------------------------------------------------------------------------
     def sync_step_of(self, fragment: int) -> int:
@@ -176,16 +217,16 @@ class StreamingDiLoCo(Algorithm):
 
     # -- the hook after every inner step --------------------------------------------------------
     def step(self) -> None:
-        super().step()
-        t = self.local_step
-        starting = self._fragment_due_at(t + self.tau)
-        if self.tau > 0 and starting is not None:
-            self._start(starting, due=t + self.tau)
-        due = self._fragment_due_at(t)
-        if due is not None:
-            if self.tau == 0:
-                self._start(due, due=t)
-            self._finish(due, t)
+        if self.joining:
+            self.join()  # heals to its source's step, then starts the fragment its source starts
+        else:
+            super().step()
+            t = self.local_step
+            fragment = self._fragment_due_at(t + self.tau)
+            if fragment is not None:
+                self._sync_round((fragment, t + self.tau))
+        if self._pending is not None and self._pending[1] == self.local_step:
+            self._finish()
 
     def _pseudo_gradient(self, fragment: int) -> torch.Tensor:
         """theta_g - theta_local of one fragment, flat, in fp32."""
@@ -197,39 +238,72 @@ class StreamingDiLoCo(Algorithm):
         )
 
     @torch.no_grad()
-    def _start(self, fragment: int, due: int) -> None:
+    def _continue_round(self, round_: tuple[int, int]) -> None:
+        """Start a fragment's reduction (in the background when TAU > 0)."""
+        fragment, due = round_
         assert self._pending is None, "two fragment reductions in flight"
+        comm, scale = self.comm, self.sync.scale
         delta = self._pseudo_gradient(fragment)
-        if self.reducer is not None:
-            sent = self.reducer.bytes_per_round(delta.numel())
-            self.peak_sync_bytes = max(self.peak_sync_bytes, sent)
-            reduce = functools.partial(self.reducer, round_=due, key=fragment)
-            work = reduce(delta) if self.tau == 0 else self._reducer.submit(delta, reduce)
-            self._pending = (fragment, due, work)
-            return
-        sent = quantized_all_reduce_bytes(delta.numel(), self.comm.size, self.codec)
-        self.peak_sync_bytes = max(self.peak_sync_bytes, sent)
-        if self.tau == 0:
-            self._pending = (
-                fragment,
-                due,
-                quantized_all_reduce(self.comm, delta, self.codec, op="avg"),
+        if self.reducer is not None:  # robust rule: rows of non-contributors are left out
+            sent = self.reducer.bytes_per_round(delta.numel(), comm.size)
+            reduce = functools.partial(
+                self.reducer,
+                round_=due,
+                key=fragment,
+                comm=comm,
+                members=self.sync.members,
+                keep=self.sync.contributing,
             )
-            return
-        self._pending = (fragment, due, self._reducer.submit(delta))
+        else:
+            sent = quantized_all_reduce_bytes(delta.numel(), comm.size, self.codec)
+            reduce = None
+            if scale != 1.0:
+                delta.mul_(scale)
+        self.peak_sync_bytes = max(self.peak_sync_bytes, sent)
+        work: Any
+        try:
+            if self.tau > 0:
+                work = self._reducer.submit(delta, reduce, comm)
+            elif reduce is not None:
+                work = reduce(delta)
+            else:
+                work = quantized_all_reduce(comm, delta, self.codec, op="avg")
+        except Exception as e:  # noqa: BLE001 - a static group re-raises; elastic: round fails
+            self.sync.report(e)
+            work = e
+        self._pending = (fragment, due, work)
 
     def _result(self) -> torch.Tensor:
+        """The pending reduction's result (only this wait is exposed); raises if it failed."""
         fragment, due, work = self._pending
-        work = self._reducer.result(work)  # only this wait is exposed
+        if isinstance(work, BaseException):
+            raise work
+        work = self._reducer.result(work)
         self._pending = (fragment, due, work)
         return work
 
     @torch.no_grad()
-    def _finish(self, fragment: int, t: int) -> None:
-        pending_fragment, due, _ = self._pending
-        assert (pending_fragment, due) == (fragment, t), (pending_fragment, due, fragment, t)
-        delta = self._result()
+    def _finish(self) -> None:
+        """Land the pending fragment: commit and take the outer step, or roll the fragment back."""
+        fragment, t, _ = self._pending
+        delta: torch.Tensor | None = None
+        try:
+            delta = self._result()
+        except Exception as e:  # noqa: BLE001 - a peer died or hung mid-reduction
+            self.sync.report(e)
         self._pending = None
+        if not self.sync.commit() or delta is None:
+            for g, p in zip(self.global_params[fragment], self.fragments[fragment]):
+                p.copy_(g.to(p.dtype))  # drop this fragment's local steps, as torchft does
+            self.sync.discarded(f"fragment {fragment}", t, "not committed")
+            return
+        self._outer_step(fragment, delta)
+        self.outer_steps += 1
+        self.sync_history.append((t, fragment))
+        self.sync.committed(self, t)
+
+    @torch.no_grad()
+    def _outer_step(self, fragment: int, delta: torch.Tensor) -> None:
         globals_ = self.global_params[fragment]
         offset = 0
         for g in self.outer_opt.param_groups[0]["params"]:
@@ -244,23 +318,29 @@ class StreamingDiLoCo(Algorithm):
                 p.copy_(((1 - self.alpha) * g + self.alpha * p.float()).to(p.dtype))
             else:
                 p.copy_(g.to(p.dtype))
-        self.outer_steps += 1
-        self.sync_history.append((t, fragment))
 
     # -- life cycle, metrics, state -------------------------------------------------------------
     def close(self) -> None:
-        if self._pending is not None:
+        if self._pending is not None and not isinstance(self._pending[2], BaseException):
             self._result()  # let the in-flight reduction land; its result stays pending
         self._reducer.close()
 
     def metrics(self) -> dict[str, Any]:
-        return {"outer_step": self.outer_steps, "peak_sync_bytes": self.peak_sync_bytes}
+        return {
+            **super().metrics(),
+            "outer_step": self.outer_steps,
+            "peak_sync_bytes": self.peak_sync_bytes,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         pending = None
         if self._pending is not None:  # a checkpoint mid-flight keeps the (deterministic) result
-            fragment, due, _ = self._pending
-            pending = {"fragment": fragment, "due": due, "delta": self._result().clone()}
+            fragment, due, work = self._pending
+            try:
+                delta = self._result().clone()
+            except Exception:  # noqa: BLE001 - a failed round: it will be rolled back at `due`
+                delta = None
+            pending = {"fragment": fragment, "due": due, "delta": delta}
         return {
             **super().state_dict(),
             "global_params": [[g.clone() for g in frag] for frag in self.global_params],
@@ -284,42 +364,16 @@ class StreamingDiLoCo(Algorithm):
             self.reducer.load_state_dict(state.get("robust", {}))
         p = state["pending"]
         device = self.global_params[0][0].device
-        self._pending = None if p is None else (p["fragment"], p["due"], p["delta"].to(device))
+        if p is None:
+            self._pending = None
+        elif p["delta"] is None:
+            self._pending = (p["fragment"], p["due"], RuntimeError("the round failed before"))
+        else:
+            self._pending = (p["fragment"], p["due"], p["delta"].to(device))
 
 
 class DiLoCo(StreamingDiLoCo):
-    """DiLoCo: the whole model synchronised every H steps, no overlap."""
+    """DiLoCo: the whole model synchronised every H steps, no overlap (P = 1, TAU = 0)."""
 
     name = "diloco"
-
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        comm: Comm,
-        *,
-        sync_every: int = 100,
-        outer_lr: float = 0.7,
-        outer_momentum: float = 0.9,
-        nesterov: bool = True,
-        bits: int | str = 32,
-        block_size: int = 64,
-        broadcast_init: bool = True,
-        reducer: RobustReducer | None = None,
-    ) -> None:
-        super().__init__(
-            model,
-            optimizer,
-            comm,
-            sync_every=sync_every,
-            fragments=1,
-            overlap=0,
-            mix=0.0,
-            outer_lr=outer_lr,
-            outer_momentum=outer_momentum,
-            nesterov=nesterov,
-            bits=bits,
-            block_size=block_size,
-            broadcast_init=broadcast_init,
-            reducer=reducer,
-        )
+    Options = DiLoCoOptions

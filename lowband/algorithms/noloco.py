@@ -46,8 +46,10 @@ Deadlock-freedom, step by step:
      members at it with matching operations, so it completes; by induction all do.
   4. A member talks only to members of G, so a slow or dead replica outside G can delay nobody in
      G (tested with a deliberately slow rank). A dead partner inside G makes the wait raise
-     Gloo's timeout (the process group's timeout) as a RuntimeError; it does not hang. Falling
-     back to a live partner is elastic membership, a later feature.
+     Gloo's timeout (the process group's timeout) as a RuntimeError; it does not hang. In a
+     static group that error fails the run; in an elastic one (lowband.fault.elastic) it is
+     reported, the member averages with the partners that answered, and the next quorum is
+     drawn without the lost worker.
 The only collective is the one-time 8-byte digest check of `ensure_same_start` at construction.
 
 With g >= n (one group of everybody), gamma = 1 and beta = 0 the rule is
@@ -57,6 +59,7 @@ momentum (tests/test_noloco.py compares the two).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from typing import Any
 
@@ -65,6 +68,7 @@ from torch import nn
 
 from lowband.algorithms.base import Algorithm, ensure_same_start, flat_params, write_flat
 from lowband.comm import Comm, get_codec
+from lowband.comm.sync import SyncGroup
 from lowband.errors import ConfigError
 
 __all__ = ["NoLoCo", "noloco_groups", "noloco_outer_step_reference"]
@@ -108,51 +112,67 @@ def noloco_outer_step_reference(
     theta_old_i.add_(momentum_i)
 
 
+@dataclasses.dataclass(kw_only=True)
+class NoLoCoOptions:
+    """Options of --algo noloco."""
+
+    sync_every: int = 60
+    """Inner steps between outer steps (H)."""
+    group_size: int = 2
+    """Replicas per averaging group, redrawn every outer step from --seed and the round; the last group takes the remainder, so odd --workers work."""
+    outer_lr: float = 0.7
+    """gamma: the weight of the group's mean in the outer update, in (0, 1]."""
+    outer_momentum: float = 0.5
+    """beta: the outer momentum, in [0, 1)."""
+    bits: int = 32
+    """Bits per parameter value on the wire: 32, 16 (bf16, the sensible floor for parameters), 8 or 4."""
+
+    def __post_init__(self) -> None:
+        if self.sync_every < 1:
+            raise ConfigError(f"--sync-every must be at least 1, got {self.sync_every}")
+        if self.group_size < 2:
+            raise ConfigError(f"--group-size must be at least 2, got {self.group_size}")
+        if not 0.0 <= self.outer_momentum < 1.0:
+            raise ConfigError(
+                f"NoLoCo beta (--outer-momentum) must be in [0, 1), got {self.outer_momentum}"
+            )
+        if not 0.0 < self.outer_lr <= 1.0:
+            raise ConfigError(f"NoLoCo gamma (--outer-lr) must be in (0, 1], got {self.outer_lr}")
+        get_codec(self.bits)
+
+
 class NoLoCo(Algorithm):
     """NoLoCo: random-group p2p averaging plus a modified Nesterov step. See the module docstring."""
 
     name = "noloco"
+    Options = NoLoCoOptions
 
     def __init__(
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        comm: Comm,
+        group: Comm | SyncGroup,
         *,
-        sync_every: int = 50,
-        group_size: int = 2,
-        beta: float = 0.5,
-        gamma: float = 0.7,
-        bits: int | str = 32,
         block_size: int = 64,
         seed: int = 0,
-        broadcast_init: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(model, optimizer, comm)
-        if sync_every < 1:
-            raise ConfigError(f"--sync-every must be at least 1, got {sync_every}")
-        if group_size < 2:
-            raise ConfigError(f"--group-size must be at least 2, got {group_size}")
-        if not 0.0 <= beta < 1.0:
-            raise ConfigError(f"NoLoCo beta (--outer-momentum) must be in [0, 1), got {beta}")
-        if not 0.0 < gamma <= 1.0:
-            raise ConfigError(f"NoLoCo gamma (--outer-lr) must be in (0, 1], got {gamma}")
-        self.H, self.group_size, self.beta, self.gamma, self.seed = (
-            sync_every,
-            group_size,
-            beta,
-            gamma,
-            seed,
-        )
-        self.codec = get_codec(bits, block_size)
+        super().__init__(model, optimizer, group)
+        self.options = opts = NoLoCoOptions(**options)
+        self.H, self.group_size, self.seed = opts.sync_every, opts.group_size, seed
+        self.beta, self.gamma = opts.outer_momentum, opts.outer_lr
+        self.codec = get_codec(opts.bits, block_size)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        if broadcast_init:
-            ensure_same_start(comm, [[p.data for p in self.params]])
+        ensure_same_start(self.comm, [[p.data for p in self.params]])
         self.theta_old = flat_params(self.params)  # this worker's slow weights, fp32
         self.momentum = torch.zeros_like(self.theta_old)
         self.outer_steps = 0
         self.peak_sync_bytes = 0
         self.group_history: list[tuple[int, list[int]]] = []  # (outer round, my group)
+
+    @classmethod
+    def from_options(cls, model, optimizer, group, options, setup) -> NoLoCo:
+        return cls(model, optimizer, group, seed=setup.seed, **dataclasses.asdict(options))
 
     # -- schedule -------------------------------------------------------------------------------
     def group_of(self, round_: int) -> list[int]:
@@ -161,49 +181,85 @@ class NoLoCo(Algorithm):
         return next(g for g in groups if self.comm.rank in g)
 
     def step(self) -> None:
+        if self.joining:  # a newcomer: heal at its peers' round boundary, then exchange
+            self.join()
+            return
         super().step()
         if self.local_step % self.H == 0:
-            self._outer_step(self.local_step // self.H)
+            self._sync_round(self.local_step // self.H)
 
     # -- the outer step -------------------------------------------------------------------------
-    def _group_mean(self, theta: torch.Tensor, group: list[int], tag: int) -> torch.Tensor:
-        """mean_{j in group} theta_j by p2p exchange; bit-identical on every member."""
+    def _group_mean(
+        self, theta: torch.Tensor, group: list[int], tag: int
+    ) -> tuple[torch.Tensor, list[int]]:
+        """mean_{j in group} theta_j by p2p exchange, bit-identical on every member that heard
+        from the same partners; also returns the partners that did not answer.
+
+        A failed transfer goes to the sync group: a static group re-raises it (the run fails, as
+        a collective's would); an elastic one reports it and the mean is taken over the partners
+        that answered (alone, if none did).
+        """
         numel = theta.numel()
         payload = self.codec.encode(theta)
-        peers = [j for j in group if j != self.comm.rank]
+        me = self.comm.rank
+        peers = [j for j in group if j != me]
         inbox = {j: torch.empty_like(payload) for j in peers}
+        works: list[tuple[int, Any]] = []
+        lost: set[int] = set()
         # Post everything, then wait (deadlock-freedom, steps 2-3 of the module docstring).
-        works = []
         for j in peers:  # ascending; per pair the lower rank sends first
-            for op in ("send", "recv") if self.comm.rank < j else ("recv", "send"):
-                if op == "send":
-                    works.append(self.comm.send(payload, dst=j, tag=tag, async_op=True))
-                else:
-                    works.append(self.comm.recv(inbox[j], src=j, tag=tag, async_op=True))
-        for w in works:
-            w.wait()
+            for op in ("send", "recv") if me < j else ("recv", "send"):
+                try:
+                    if op == "send":
+                        works.append((j, self.comm.send(payload, dst=j, tag=tag, async_op=True)))
+                    else:
+                        works.append((j, self.comm.recv(inbox[j], src=j, tag=tag, async_op=True)))
+                except Exception as e:  # noqa: BLE001 - the partner is already gone
+                    lost.add(j)
+                    self.sync.report(e)
+        for j, w in works:
+            try:
+                w.wait()
+            except Exception as e:  # noqa: BLE001 - died or hung mid-exchange
+                lost.add(j)
+                self.sync.report(e)
         total = torch.zeros_like(theta)
-        for j in group:  # ascending rank order, own payload decoded like the others
-            total += self.codec.decode(payload if j == self.comm.rank else inbox[j], numel)
-        return total / len(group)
+        members = [j for j in group if j not in lost]
+        for j in members:  # ascending rank order, own payload decoded like the others
+            total += self.codec.decode(payload if j == me else inbox[j], numel)
+        return total / len(members), sorted(lost)
 
     @torch.no_grad()
-    def _outer_step(self, round_: int) -> None:
+    def _continue_round(self, round_: int) -> None:
+        round_ = self.local_step // self.H  # a heal moves this worker to its source's round
         group = self.group_of(round_)
         theta = flat_params(self.params)
         sent = (len(group) - 1) * self.codec.payload_bytes(theta.numel())
         self.peak_sync_bytes = max(self.peak_sync_bytes, sent)
-        mean = self._group_mean(theta, group, tag=round_ % 2**31)
+        mean, lost = self._group_mean(theta, group, tag=round_ % 2**31)
+        # Replicas differ by design, so a round whose exchange partly failed is still applied
+        # (over the partners that answered); the commit only advances the group's counter.
+        self.sync.commit()
+        if lost:
+            self.sync.event(
+                {"event": "partner_lost", "round": round_, "lost": lost, "group": group}
+            )
         # gamma*delta_bar + gamma*(phi_bar - theta_old_i) == gamma*(mean_G theta - theta_old_i)
         self.momentum.mul_(self.beta).add_(mean - self.theta_old, alpha=self.gamma)
         self.theta_old.add_(self.momentum)
         write_flat(self.params, self.theta_old)
         self.outer_steps += 1
         self.group_history.append((round_, group))
+        # No committed() checks: replicas differ by design (no parity), and NoLoCo issues no
+        # collective over all replicas (so no detector exchange either).
 
     # -- life cycle, metrics, state -------------------------------------------------------------
     def metrics(self) -> dict[str, Any]:
-        return {"outer_step": self.outer_steps, "peak_sync_bytes": self.peak_sync_bytes}
+        return {
+            **super().metrics(),
+            "outer_step": self.outer_steps,
+            "peak_sync_bytes": self.peak_sync_bytes,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         # The exchange is synchronous at the step boundary, so nothing is ever in flight here.

@@ -24,31 +24,36 @@ class BackgroundReducer:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     def submit(
-        self, x: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self,
+        x: torch.Tensor,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        comm: Comm | None = None,
     ) -> concurrent.futures.Future:
-        """Reduce x in the background: the averaging quantized all-reduce, or `reduce(x)` (a
+        """Reduce x in the background over `comm` (default: the one given at construction; an
+        elastic round passes its quorum's): the averaging quantized all-reduce, or `reduce(x)` (a
         robust all-gather, lowband.robust.RobustReducer)."""
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 1, thread_name_prefix="lowband-outer"
             )
-        return self._executor.submit(self._reduce, x, reduce)
+        return self._executor.submit(self._reduce, x, reduce, comm or self.comm)
 
-    def _reduce(self, x: torch.Tensor, reduce) -> torch.Tensor:
+    def _reduce(self, x: torch.Tensor, reduce, comm: Comm) -> torch.Tensor:
         if x.is_cuda:  # a new thread starts on GPU 0: use the worker's GPU
             torch.cuda.set_device(x.device)
-        with self.comm.background():
+        with comm.background():
             if reduce is not None:
                 return reduce(x)
-            return quantized_all_reduce(self.comm, x, self.codec, op="avg")
+            return quantized_all_reduce(comm, x, self.codec, op="avg")
 
     def result(self, work: concurrent.futures.Future | torch.Tensor) -> torch.Tensor:
         if not isinstance(work, concurrent.futures.Future):
             return work
         t0 = time.perf_counter()
-        out = work.result()
-        self.comm.stats.add("outer_wait", seconds=time.perf_counter() - t0)
-        return out
+        try:
+            return work.result()
+        finally:
+            self.comm.stats.add("outer_wait", seconds=time.perf_counter() - t0)
 
     def close(self) -> None:
         if self._executor is not None:

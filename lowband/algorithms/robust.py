@@ -1,5 +1,8 @@
 """--aggregate, --attack and --stragglers: lowband.robust and lowband.coding wired into training.
 
+Which algorithms take them is declared on each algorithm (`supports`) and checked in
+lowband.algorithms.registry.check; this module checks the features' own values.
+
 Attacker ranks are the LAST `--attackers` ranks (n - a .. n - 1), so rank 0, which writes the
 run's summary and the progress bar, is always honest. Update attacks (sign-flip, ipm, alie,
 gaussian, random) are simulated omnisciently, as in the papers: the updates are all-gathered and
@@ -19,8 +22,6 @@ from lowband.config import TrainConfig
 from lowband.errors import ConfigError
 from lowband.robust import ATTACKS, RobustReducer, get_aggregator, get_attack
 
-ROBUST_ALGOS = ("ddp", "diloco", "streaming-diloco")
-"""Algorithms that take --aggregate and --attack."""
 ATTACK_NAMES = ("sign-flip", "ipm", "alie", "gaussian", "random", "label-flip")
 
 
@@ -49,10 +50,6 @@ def check_robust_options(cfg: TrainConfig) -> None:
     """One-line ConfigErrors for impossible --aggregate/--attack/--stragglers combinations."""
     n, f, a, s = cfg.workers, cfg.byzantine_tolerance, cfg.attackers, cfg.stragglers
     robust = _key(cfg.aggregate) not in ("mean", "avg", "average")
-    if robust and cfg.algo not in ROBUST_ALGOS:
-        raise ConfigError(
-            f"--aggregate applies to --algo {', '.join(ROBUST_ALGOS)}, not {cfg.algo}"
-        )
     if not isinstance(f, int) or f < 0:
         raise ConfigError(f"--byzantine-tolerance must be 0 or more, got {f}")
     if f and not robust:
@@ -70,10 +67,6 @@ def check_robust_options(cfg: TrainConfig) -> None:
             )
         if update_attack(cfg) is not None:
             get_attack(cfg.attack)
-        if cfg.algo not in ROBUST_ALGOS:
-            raise ConfigError(
-                f"--attack applies to --algo {', '.join(ROBUST_ALGOS)}, not {cfg.algo}"
-            )
         if a < 1:
             raise ConfigError(f"--attack {cfg.attack} needs --attackers 1 or more")
     if a < 0 or (a > 0 and cfg.attack is None):
@@ -86,10 +79,6 @@ def check_robust_options(cfg: TrainConfig) -> None:
     if s < 0:
         raise ConfigError(f"--stragglers must be 0 or more, got {s}")
     if s > 0:
-        if cfg.algo != "ddp":
-            raise ConfigError(
-                f"--stragglers (gradient coding) applies to --algo ddp only, not {cfg.algo}"
-            )
         if robust or cfg.attack is not None:
             raise ConfigError("--stragglers does not combine with a robust --aggregate or --attack")
         build_code(cfg, n)
@@ -100,10 +89,6 @@ def check_robust_options(cfg: TrainConfig) -> None:
     k = cfg.slow_workers
     if k is not None and not 0 <= k <= n:
         raise ConfigError(f"--slow-workers must be in 0..--workers {n}, got {k}")
-    if (k is not None or cfg.straggler_delay > 0) and cfg.algo != "ddp":
-        raise ConfigError(
-            f"--slow-workers/--straggler-delay apply to --algo ddp only, not {cfg.algo}"
-        )
     if cfg.straggler_delay > 0 and (k if k is not None else s) == 0:
         raise ConfigError("--straggler-delay needs --slow-workers (or --stragglers) 1 or more")
     if k and cfg.straggler_delay == 0:
@@ -130,7 +115,10 @@ def build_injector(cfg: TrainConfig, n: int) -> StragglerInjector | None:
 
 
 def build_reducer(cfg: TrainConfig, comm: Comm, codec: Codec) -> RobustReducer | None:
-    """The all-gather + rule that replaces the averaging reduction, or None (the default path)."""
+    """The all-gather + rule that replaces the averaging reduction, or None (the default path).
+
+    The attackers are workers (the last --attackers of --workers), whatever rank an elastic
+    round gives them; the rule is set up for --workers."""
     if not gathers_updates(cfg):
         return None
     return RobustReducer(
@@ -139,8 +127,9 @@ def build_reducer(cfg: TrainConfig, comm: Comm, codec: Codec) -> RobustReducer |
         cfg.byzantine_tolerance,
         codec,
         attack=update_attack(cfg),
-        attackers=attacker_ranks(comm.size, cfg.attackers),
+        attackers=attacker_ranks(cfg.workers, cfg.attackers),
         seed=cfg.seed,
+        world_size=cfg.workers,
     )
 
 

@@ -1,38 +1,34 @@
-"""Elastic membership on torchft: quorum per sync, live recovery, commit or discard.
+"""The elastic sync group on torchft: a quorum per round, live recovery, commit or roll back.
 
-One `Membership` per worker process. Every worker is its own torchft *replica group* (one
-process, group rank 0, group world size 1): a torchft `Manager` heartbeats to the job's
-`Lighthouse`, asks it for a quorum at every synchronisation point, and reconfigures a torchft
-`ProcessGroupGloo` over whoever is in it. lowband's algorithms then run their ordinary reductions
-through a `lowband.comm.Comm` built on that group (so bytes are counted and the link emulated as
-always), and ask `commit()` before applying the result. docs/torchft.md describes torchft's
-pieces; docs/fault.md how lowband uses them.
+`ElasticGroup` is the `lowband.comm.sync.SyncGroup` of `lowband train --elastic`: the algorithms
+are the same classes as in a static run, only their group differs. One group per worker process.
+Every worker is its own torchft *replica group* (one process, group rank 0, group world size 1): a
+torchft `Manager` heartbeats to the job's `Lighthouse`, asks it for a quorum at every round, and
+reconfigures a torchft `ProcessGroupGloo` over whoever is in it. The reductions then run through a
+`lowband.comm.Comm` on that group (bytes counted and the link emulated as always).
+docs/torchft.md describes torchft's pieces; docs/elastic.md how lowband uses them.
 
-The life of one synchronisation (DDP: every step; DiLoCo: every H steps; Streaming: every H/P):
+The life of one round (DDP: every step; DiLoCo: every H steps; Streaming: every H/P):
 
-  1. `quorum()` blocks until the Lighthouse has a quorum (every live replica that heartbeats,
+  1. `begin()` blocks until the Lighthouse has a quorum (every live replica that heartbeats,
      waiting up to the join timeout for stragglers). A replica whose committed step is behind the
-     quorum's maximum *heals*: it downloads a live peer's whole training state (model, inner and
-     outer optimizer, global parameters, loop step, sampler position = the step) over torchft's
-     checkpoint transport and loads it through the loop's callback before `quorum()` returns.
+     quorum's maximum *heals*: it downloads a live peer's whole training state (registered with
+     `register_state`, torchft's register_state_dict_fn) over torchft's checkpoint transport and
+     loads it before `begin()` returns. On a new quorum the members exchange (worker index,
+     healed?) in one small all-gather, so everybody knows who contributes.
   2. The algorithm reduces over the returned Comm. A replica that has just healed contributes
-     zeros and the sum is divided by the number of contributing replicas (exchanged once per
-     new quorum), so a newcomer neither doubles its source's update nor dilutes the average.
-  3. `commit()`: torchft's `should_commit` (no error seen on this replica since the quorum, and
-     at least `min_workers` participants). True: apply the update; the committed step counter
-     advances. False: discard it (the algorithm resets to the last global state); a replica
-     that fell behind this way heals at its next quorum.
+     zeros (`scale` = 0) and the others are scaled by participants / contributors, so a newcomer
+     neither doubles its source's update nor dilutes the average. Errors go to `report()`.
+  3. `commit()`: torchft's should_commit (no error on any replica since the quorum, and at least
+     `min_workers` participants). True: the algorithm applies its update and calls `committed()`,
+     which checks bit-parity of the shared state over the quorum (lowband.fault.parity) and every
+     so often exchanges collective timings (lowband.fault.detector). False: the algorithm rolls
+     the round back and calls `discarded()`; a replica that fell behind heals at its next quorum.
 
-Errors. Any exception in a reduction (a peer died: Gloo reports a closed connection; a peer hung:
-the group's timeout fires) is passed to `report_error`, so the step is not committed and the next
-quorum rebuilds the group without the dead peer (the Lighthouse drops a replica whose heartbeat
-is older than its heartbeat timeout). Nothing ever waits forever: every wait has a timeout
-(`--timeout` for collectives and state transfer, `--quorum-timeout` for a quorum).
-
-Newcomers. A worker started with `--join` (or restarted after a crash) asks for a quorum at once,
-before any training step; its committed step is 0 while the job's is at least 1 (the original
-workers start at step 1: "the initial state exists"), so it always heals, then takes part in the
-synchronisation its peers are doing and continues from their step with its own data shard.
+Nothing waits forever: every wait has a timeout (`--timeout` for collectives and state transfer,
+`--quorum-timeout` for a quorum). A newcomer (`joining=True`) asks for a quorum before any step;
+its committed step is 0 while the job's is at least 1 (the first workers start at step 1: "the
+initial state exists"), so it always heals; if nobody can heal it, `JobStateLost`.
 """
 
 from __future__ import annotations
@@ -48,6 +44,7 @@ import torch
 
 from lowband.comm import Comm, CommStats, LinkSpec
 from lowband.comm.accounting import Traffic
+from lowband.comm.sync import EventSink, SyncGroup
 from lowband.errors import ConfigError, LowbandError
 
 log = logging.getLogger("lowband.fault")
@@ -85,16 +82,24 @@ def start_lighthouse(
     )
 
 
-def _link_transport(timeout: datetime.timedelta, owner: Membership):
+def _link_transport(timeout: datetime.timedelta, owner: ElasticGroup):
     """torchft's HTTP checkpoint transport, timed, with the download charged to the emulated link.
 
     The state travels over loopback on one host; `recv_checkpoint` then sleeps for what is left
     of the link's ideal time for those bytes (two latency hops: request and response), so a
-    recovery costs on the wall clock what it would cost over the emulated wide-area link.
+    recovery costs on the wall clock what it would cost over the emulated wide-area link. Its
+    server writes no access-log line per transfer (only this server's handler is changed).
     """
     from torchft.checkpointing.http_transport import HTTPTransport
 
     class LinkHTTPTransport(HTTPTransport):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            handler = self._server.RequestHandlerClass
+            self._server.RequestHandlerClass = type(
+                "QuietHandler", (handler,), {"log_message": lambda *_: None}
+            )
+
         def recv_checkpoint(self, src_rank, metadata, step, timeout):
             t0 = time.perf_counter()
             state = super().recv_checkpoint(src_rank, metadata, step, timeout)
@@ -119,17 +124,17 @@ class JobStateLost(LowbandError):
     """A newcomer found no live worker holding the job's state: every one that had it is gone."""
 
 
-class Membership:
-    """This worker's seat in an elastic job (module docstring)."""
+class ElasticGroup(SyncGroup):
+    """This worker's seat in an elastic job, as a sync group (module docstring)."""
+
+    elastic = True
 
     def __init__(
         self,
         *,
-        replica_id: str,
+        index: int,
         lighthouse: str,
         min_workers: int,
-        state_dict: Callable[[], dict[str, Any]],
-        load_state_dict: Callable[[dict[str, Any]], None],
         link: LinkSpec | None,
         stats: CommStats,
         seed: int = 0,
@@ -137,23 +142,28 @@ class Membership:
         timeout_s: float = 60.0,
         quorum_timeout_s: float = 600.0,
         joining: bool = False,
-        on_event: Callable[[dict[str, Any]], None] | None = None,
+        on_event: EventSink | None = None,
+        parity_every: int = 1,
+        detect_every: int = 10,
     ) -> None:
         Manager, ProcessGroupGloo = _torchft()
         import torch.distributed as dist
 
-        self.replica_id = replica_id
+        from lowband.fault.detector import Detector
+
+        self.index = index
+        self.replica_id = f"replica_{index}"
         self.link, self.stats, self.seed = link, stats, seed
-        self.on_event = on_event
+        self._on_event = on_event
+        self.parity_every, self.detect_every = parity_every, detect_every
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.quorum_timeout = datetime.timedelta(seconds=quorum_timeout_s)
-        self._user_state_dict, self._user_load = state_dict, load_state_dict
         self.store = dist.TCPStore(hostname, 0, is_master=True, wait_for_workers=False)
         self.pg = ProcessGroupGloo(timeout=self.timeout)
         self.manager = Manager(
             pg=self.pg,
-            load_state_dict=self._load,
-            state_dict=self._state_dict,
+            load_state_dict=None,
+            state_dict=None,
             min_replica_size=min_workers,
             use_async_quorum=False,
             timeout=self.timeout,
@@ -164,7 +174,7 @@ class Membership:
             store_addr=hostname,
             store_port=self.store.port,
             lighthouse_addr=lighthouse,
-            replica_id=replica_id,
+            replica_id=self.replica_id,
             hostname=hostname,
             init_sync=False,
             checkpoint_transport=_link_transport(self.timeout, self),
@@ -173,39 +183,62 @@ class Membership:
         if not joining:  # the initial state exists: a newcomer (step 0) will always heal from us
             self.manager.load_state_dict({"step": 1, "batches_committed": 0})
         self.comm = Comm(None, link, stats=stats, seed=seed)
+        # Every participant computes the same slow-rank verdict; only the flagged one logs it.
+        self.detector = Detector(
+            self.comm,
+            on_event=lambda e: self.event(e) if e.get("rank") == self.comm.rank else None,
+        )
         self.job_finished: Callable[[], bool] = lambda: False
-        """Set by the launcher's worker: True once the first worker has finished the run."""
+        """Set by the session: True once the first worker has finished the run."""
         self.healed = False
-        """Set by a quorum in which this worker loaded a peer's state; the caller clears it."""
+        """True in a round whose quorum loaded a peer's state into this worker."""
         self.contributors = 1
+        self._members: list[int] = [index]
+        self._contributing: list[bool] = [True]
         self.quorum_seconds = 0.0
         self.last_transfer: tuple[int, float] = (0, 0.0)
         """(bytes, seconds) of the last state download, emulated link included."""
         self.last_load_s = 0.0
+        self.failed_syncs = 0
+        self.last_committed = False
+        """Whether this worker's last round committed (its state is the quorum's)."""
+        self.parity_repairs = 0
+        self.last_sync_s = 0.0
+        self.shared_digest: str | None = None
+        """This rank's digest of its shared state at the last parity check (before any repair)."""
         self._quorum_id: int | None = None
-        self._rank_of_quorum: tuple[int, int] | None = None
+        self._new_quorum = False
+        self._t_round = 0.0
+        self._loading = False
 
-    # -- torchft callbacks ----------------------------------------------------------------------
-    def _state_dict(self) -> dict[str, Any]:
-        # Called on a live peer when a newcomer must heal from it: the state goes out over
-        # torchft's checkpoint transport (HTTP), outside the process group, so count it here.
-        state = self._user_state_dict()
-        nbytes = _nbytes(state)
-        self.stats.add("recovery", Traffic(nbytes, 0, nbytes, 0), seconds=0.0)
-        return state
+    # -- state a newcomer receives --------------------------------------------------------------
+    def register_state(
+        self, state_dict: Callable[[], dict[str, Any]], load: Callable[[dict[str, Any]], None]
+    ) -> None:
+        """What a healing peer downloads from this worker, and how this worker loads it."""
 
-    def _load(self, state: dict[str, Any]) -> None:
-        t0 = time.perf_counter()
-        self._user_load(state)
-        self.last_load_s = time.perf_counter() - t0
-        self.healed = True
+        def save() -> dict[str, Any]:
+            # Served to a newcomer over torchft's transport (HTTP, outside the process group).
+            state = state_dict()
+            nbytes = _nbytes(state)
+            self.stats.add("recovery", Traffic(nbytes, 0, nbytes, 0), seconds=0.0)
+            return state
 
-    # -- one synchronisation --------------------------------------------------------------------
-    def quorum(self) -> Comm:
+        def restore(state: dict[str, Any]) -> None:
+            t0 = time.perf_counter()
+            load(state)
+            self.last_load_s = time.perf_counter() - t0
+            self._loading = True
+
+        self.manager.register_state_dict_fn("train", restore, save)
+
+    # -- one round ------------------------------------------------------------------------------
+    def begin(self) -> Comm:
         """Block until a quorum exists; heal if behind; return the Comm to reduce over."""
-        t0 = time.perf_counter()
+        self._t_round = t0 = time.perf_counter()
         if self.job_finished():
             raise JobFinished(f"{self.replica_id}: the job finished while this worker was behind")
+        self._loading = False
         for attempt in range(3):
             try:
                 self.manager.start_quorum(timeout=self.quorum_timeout)
@@ -214,36 +247,31 @@ class Membership:
                 log.warning("%s: quorum failed (%s), retrying", self.replica_id, e)
                 if attempt == 2:
                     raise
-        healed_now = self.healed
-        if self.joining and not healed_now:
-            # Every worker in the quorum is a newcomer (step 0): the workers that held the
-            # job's state are all gone, and an elastic job keeps it nowhere else.
+        self.healed = self._loading
+        if self.joining and not self.healed:
+            # Every worker in the quorum is a newcomer (step 0): the workers that held the job's
+            # state are all gone, and an elastic job keeps it nowhere else.
             raise JobStateLost(
                 "no live worker holds the job's state any more (every worker that had it died "
-                "before a newcomer could heal from it); start a new run"
+                "before a newcomer could heal from it); start a new run or --resume it from its "
+                "last checkpoint"
             )
         self.joining = False
         quorum_id = self.manager._quorum_id  # torchft exposes no getter; read-only use
-        if quorum_id != self._quorum_id:
+        self._new_quorum = quorum_id != self._quorum_id
+        if self._new_quorum:
             self._quorum_id = quorum_id
             self.comm = Comm(self.pg.parent, self.link, stats=self.stats, seed=self.seed)
-            # How many replicas contribute (have not just healed): one small all-reduce, only
-            # when the quorum changed (the same decision on every member: a heal always comes
-            # with a new quorum, torchft bumps its id on a join or a commit failure). A failure
-            # here fails the step like any other.
-            count = torch.tensor([0.0 if healed_now else 1.0])
-            try:
-                self.comm.all_reduce(count)
-                self.contributors = max(1, int(count.item()))
-            except Exception as e:  # noqa: BLE001
-                self.report_error(e)
-                self.contributors = 1
+            self.detector.comm = self.comm
+            self.comm.observers.append(self.detector.record)
+            self._exchange_members()
         else:  # the same members as last time, none of them healing: everybody contributes
             self.contributors = self.comm.size
+            self._contributing = [True] * self.comm.size
         seconds = time.perf_counter() - t0
         self.quorum_seconds += seconds
-        if healed_now and self.on_event is not None:
-            self.on_event(
+        if self.healed:
+            self.event(
                 {
                     "event": "recovered",
                     "replica": self.replica_id,
@@ -259,30 +287,116 @@ class Membership:
             )
         return self.comm
 
+    def _exchange_members(self) -> None:
+        """(worker index, contributes?) of every member: one small all-gather per new quorum (the
+        same decision on every member: a heal always comes with a new quorum; torchft bumps its id
+        on a join or a commit failure). A failure here fails the round like any other."""
+        mine = torch.tensor([self.index, 0 if self.healed else 1], dtype=torch.int64)
+        rows = [torch.empty_like(mine) for _ in range(self.comm.size)]
+        try:
+            self.comm.all_gather(rows, mine)
+            self._members = [int(r[0]) for r in rows]
+            self._contributing = [bool(r[1]) for r in rows]
+        except Exception as e:  # noqa: BLE001
+            self.report(e)
+            self._members = [self.index] * self.comm.size
+            self._contributing = [not self.healed] * self.comm.size
+        self.contributors = max(1, sum(self._contributing))
+
+    @property
+    def scale(self) -> float:
+        return 0.0 if self.healed else self.comm.size / self.contributors
+
+    @property
+    def contributing(self) -> list[bool]:
+        return list(self._contributing)
+
+    @property
+    def members(self) -> list[int]:
+        return list(self._members)
+
+    def report(self, error: BaseException) -> None:
+        text = str(error).splitlines()[0] if str(error) else type(error).__name__
+        log.warning("%s: round failed: %s", self.replica_id, text)
+        self.manager.report_error(
+            error if isinstance(error, Exception) else RuntimeError(str(error))
+        )
+
+    def commit(self) -> bool:
+        try:
+            ok = bool(self.manager.should_commit(timeout=self.timeout))
+        except Exception as e:  # noqa: BLE001 - too many failures in a row, or the server died
+            log.warning("%s: commit failed: %s", self.replica_id, e)
+            ok = False
+        self.last_committed = ok
+        self.last_sync_s = seconds = time.perf_counter() - self._t_round
+        if self._new_quorum:
+            self._new_quorum = False
+            self.event(
+                {
+                    "event": "quorum",
+                    "participants": self.comm.size,
+                    "contributors": self.contributors,
+                    "sync_s": seconds,
+                    "committed": ok,
+                }
+            )
+        return ok
+
+    def committed(self, shared: Any, step: int) -> None:
+        """Parity of the shared state, and now and then the slow-rank exchange (both collectives
+        over the quorum, at the same point on every participant)."""
+        from lowband.fault.parity import check_parity, shared_state_of, state_digest
+
+        # The cadence must be the same on every participant, a newcomer included: use the
+        # committed-round counter (identical after a commit), never a count kept by this process.
+        n = self.step
+        try:
+            if shared is not None and self.parity_every > 0 and n % self.parity_every == 0:
+                state = shared_state_of(shared)
+                # This rank's own digest, before any repair: what the tests compare across ranks.
+                self.shared_digest = f"{state_digest(state.shared_state()):016x}"
+                report = check_parity(self.comm, state, step=step)
+                if report.event:
+                    self.parity_repairs += 1
+                    self.event(report.event)
+            if self.detect_every > 0 and n % self.detect_every == 0:
+                self.detector.exchange()  # slow_rank events go to event()
+        except Exception as e:  # noqa: BLE001 - a peer lost during the check: the next quorum copes
+            self.report(e)
+
+    def discarded(self, kind: str, step: int, reason: str) -> None:
+        self.failed_syncs += 1
+        self.event({"event": "sync_discarded", "kind": kind, "local_step": step, "reason": reason})
+
+    def event(self, event: dict[str, Any]) -> None:
+        if self._on_event is not None:
+            self._on_event(event)
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "participants": self.comm.size,
+            "contributors": self.contributors,
+            "committed": self.step,
+            "failed_syncs": self.failed_syncs,
+            "quorum_s": self.quorum_seconds,
+            "sync_s": self.last_sync_s,
+            "shared_digest": self.shared_digest,
+        }
+
+    # -- the rest of the job ------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        """Committed rounds (torchft's step; the first workers start at 1)."""
+        return self.manager.current_step()
+
     def throttle(self, factor: float) -> None:
         """Divide this worker's emulated bandwidth by `factor` (fault injection: --throttle-at)."""
         if self.link is None:
             return
         self.link = dataclasses.replace(self.link, bandwidth_bps=self.link.bandwidth_bps / factor)
         self.comm.link = self.link
-        if self.on_event is not None:
-            self.on_event({"event": "throttled", "replica": self.replica_id, "factor": factor})
-
-    def report_error(self, e: BaseException) -> None:
-        log.warning("%s: step failed: %s", self.replica_id, str(e).splitlines()[0] if str(e) else e)
-        self.manager.report_error(e if isinstance(e, Exception) else RuntimeError(str(e)))
-
-    def commit(self) -> bool:
-        try:
-            return bool(self.manager.should_commit(timeout=self.timeout))
-        except Exception as e:  # noqa: BLE001 - too many failures in a row, or the server died
-            log.warning("%s: commit failed: %s", self.replica_id, e)
-            return False
-
-    @property
-    def step(self) -> int:
-        """Committed synchronisations (torchft's step; the original workers start at 1)."""
-        return self.manager.current_step()
+        self.event({"event": "throttled", "replica": self.replica_id, "factor": factor})
 
     def shutdown(self) -> None:
         try:

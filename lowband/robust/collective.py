@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from lowband.comm import Codec, Comm, get_codec
+from lowband.robust.aggregators import check_tolerance
 from lowband.robust.attacks import apply_attack
 
 __all__ = ["RobustReducer", "robust_all_reduce", "robust_all_reduce_bytes"]
@@ -42,12 +43,14 @@ def robust_all_reduce(
     attack: Callable[..., Tensor] | None = None,
     attackers: Sequence[int] = (),
     generator: torch.Generator | None = None,
+    keep: Sequence[bool] | None = None,
 ) -> Tensor:
     """Aggregate a 1-D fp32 tensor over comm's group with `aggregator` (steps in the docstring).
 
     Returns a new fp32 tensor, identical on every rank. attack/attackers simulate omniscient
     Byzantine ranks (lowband.robust.attacks): the wire still carries their real updates, and every
-    rank replaces their rows before aggregating.
+    rank replaces their rows before aggregating. keep (one flag per rank) drops the rows of ranks
+    whose update does not count this round (an elastic worker that has just healed sends zeros).
     """
     if x.dim() != 1 or x.dtype != torch.float32:
         raise ValueError(f"robust_all_reduce takes a 1-D float32 tensor, got {x.dim()}-D {x.dtype}")
@@ -59,6 +62,8 @@ def robust_all_reduce(
     updates_NV = torch.stack([codec.decode(p, numel) for p in gathered])
     if attack is not None and attackers:
         updates_NV = apply_attack(updates_NV, attackers, attack, generator)
+    if keep is not None and not all(keep):
+        updates_NV = updates_NV[torch.tensor([bool(k) for k in keep])]
     return aggregator(updates_NV).to(torch.float32)
 
 
@@ -81,30 +86,58 @@ class RobustReducer:
         attack: str | None = None,
         attackers: Sequence[int] = (),
         seed: int = 0,
+        world_size: int | None = None,
     ) -> None:
         from lowband.robust.aggregators import get_aggregator
         from lowband.robust.attacks import get_attack
 
         self.comm, self.aggregate, self.f, self.seed = comm, aggregate, f, seed
+        self.n = world_size if world_size is not None else comm.size
+        """The workers the rule is set up for (an elastic round checks its own count)."""
         self.codec = codec if codec is not None else get_codec("fp32")
-        self._make = lambda: get_aggregator(aggregate, f=f, n=comm.size)
+        self._make = lambda: get_aggregator(aggregate, f=f, n=self.n)
         self._make()  # the rule's precondition on (n, f), checked now
         self._aggregators: dict[int, Callable[[Tensor], Tensor]] = {}
         self.attack = get_attack(attack) if attack is not None else None
         self.attackers = tuple(attackers) if attack is not None else ()
 
-    def __call__(self, x: Tensor, round_: int, key: int = 0) -> Tensor:
+    def __call__(
+        self,
+        x: Tensor,
+        round_: int,
+        key: int = 0,
+        *,
+        comm: Comm | None = None,
+        members: Sequence[int] | None = None,
+        keep: Sequence[bool] | None = None,
+    ) -> Tensor:
+        """Aggregate x over `comm` (default: the reducer's own).
+
+        In an elastic round the Comm and its members change: `members` gives each rank's worker
+        index (the attackers are the workers listed in `attackers`, whichever rank they have this
+        round) and `keep` the ranks whose update counts. The rule's precondition on (n, f) is
+        checked against the rows that count, so a quorum too small for the rule fails its round.
+        """
+        comm = comm if comm is not None else self.comm
+        attackers = self.attackers
+        if members is not None:
+            seats = set(self.attackers)
+            attackers = tuple(r for r, m in enumerate(members) if m in seats)
+        rows = comm.size if keep is None else sum(bool(k) for k in keep)
+        if rows != self.n:
+            check_tolerance(self.aggregate, rows, self.f)
         if key not in self._aggregators:
             self._aggregators[key] = self._make()
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + round_) * 1_009 + key)
         return robust_all_reduce(
-            self.comm,
+            comm,
             x,
             self._aggregators[key],
             self.codec,
             attack=self.attack,
-            attackers=self.attackers,
+            attackers=attackers,
             generator=gen,
+            keep=keep,
         )
 
     def state_dict(self) -> dict[int, Tensor]:
@@ -120,6 +153,7 @@ class RobustReducer:
             agg = self._aggregators.setdefault(k, self._make())
             agg.reference = ref.clone()
 
-    def bytes_per_round(self, numel: int) -> int:
+    def bytes_per_round(self, numel: int, world_size: int | None = None) -> int:
         """Bytes this rank sends for one call on `numel` values."""
-        return robust_all_reduce_bytes(numel, self.comm.size, self.codec)
+        n = world_size if world_size is not None else self.comm.size
+        return robust_all_reduce_bytes(numel, n, self.codec)

@@ -44,8 +44,6 @@ def check_options(cfg) -> None:
         raise ConfigError(
             f"unknown --seq-parallel {cfg.seq_parallel!r}; choose one of: {', '.join(VARIANTS)}"
         )
-    if cfg.algo != "ddp":
-        raise ConfigError("--seq-parallel needs --algo ddp (gradients are averaged every step)")
     if cfg.cp < 1 or cfg.workers % cfg.cp:
         raise ConfigError(f"--cp {cfg.cp} must be at least 1 and divide --workers {cfg.workers}")
     u = _ulysses_degree(cfg)

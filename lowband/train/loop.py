@@ -1,7 +1,11 @@
-"""The training loop of one worker: inner steps, the algorithm's hooks, eval, metrics, checkpoints.
+"""The loop of one worker: steps, evaluation, metrics, checkpoints, progress; and `train_worker`.
 
-The loop knows nothing about any particular algorithm: it calls `algo.sync_gradients()` between
-backward and the optimizer step and `algo.step()` after it (lowband.algorithms.base).
+`run_loop` is the one loop skeleton. It runs a `Job` (a step function and the hooks around it):
+`lowband train` plugs in `TrainJob` (forward, backward, the algorithm's hooks around the
+optimizer step; lowband.train.state), `lowband finetune` its zeroth-order job (lowband.zo.loop).
+The loop knows nothing of any algorithm, nor of membership: a `Session` (lowband.train.session)
+says how this worker takes part in the job (static or elastic), and a heal inside a step moves
+the job's step, which the loop simply reads.
 """
 
 from __future__ import annotations
@@ -11,22 +15,23 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from lowband.algorithms import build_algorithm
-from lowband.comm import Comm, LinkSpec
+from lowband.comm import Comm
 from lowband.config import TrainConfig
 from lowband.data import ShardSampler, eval_batches, load_corpus, split_eval
-from lowband.fault.elastic import JobFinished
+from lowband.errors import CheckpointError
 from lowband.models import build_model
 from lowband.seqpar.train import SeqParallel
 from lowband.train import checkpoint
-from lowband.train.chaos import Chaos, kill_self, parse_chaos, stall_self
 from lowband.train.meta import run_meta
 from lowband.train.progress import ProgressBar
 from lowband.train.rundir import RunDir, fingerprint, write_json_atomic
+from lowband.train.session import LocalSession, Seat, open_session
+from lowband.train.state import TrainState, TrainStep
 
 
 def total_steps(cfg: TrainConfig, world_size: int) -> int:
@@ -86,19 +91,114 @@ class MetricsWriter:
         self._f.close()
 
 
-@dataclass
-class Seat:
-    """An elastic worker's place in the job (lowband.fault.elastic): fixed for its lifetime."""
+class Job(Protocol):
+    """What `run_loop` runs. `step` is the last step taken (a heal may move it)."""
 
-    index: int
-    """The worker's number: its metrics file and data shard (index % --workers)."""
-    lighthouse: str
-    joining: bool = False
-    """True for a newcomer or a restarted worker: it heals from a live peer before training."""
-    store: str | None = None
-    """HOST:PORT of the launcher's TCPStore: the first workers start together there, and the
-    first worker to finish says so there (a worker still behind then leaves instead of going on
-    alone)."""
+    steps: int
+    tokens_per_step: int
+    label: str
+    step: int
+    start_step: int
+
+    def take_step(self) -> float: ...  # one step; its training loss
+    def evaluate(self) -> float: ...
+    def metrics(self) -> dict[str, Any]: ...  # fields of the metrics line (lr, ...)
+    def save(self, step: int) -> None: ...  # a checkpoint at `step`
+    def close(self) -> None: ...  # finish communication still in flight
+
+
+def run_loop(
+    job: Job, cfg: Any, session: LocalSession, metrics: MetricsWriter, timers: Timers, wall
+) -> tuple[float | None, float]:
+    """Take the job's steps to its last; returns (last eval loss, last training loss)."""
+    stats = session.stats
+    bar = ProgressBar(job.steps, job.step, job.label, enabled=session.index == 0)
+    eval_loss: float | None = None
+    loss = float("nan")
+    try:
+        with session.running():
+            while job.step < job.steps:
+                t0, comm0 = time.perf_counter(), stats.seconds
+                loss = job.take_step()
+                timers.compute += (time.perf_counter() - t0) - (stats.seconds - comm0)
+                step = job.step
+                last = step == job.steps
+                do_eval = last or step % cfg.eval_every == 0
+                if do_eval:
+                    eval_loss = job.evaluate()
+                if do_eval or step % cfg.log_every == 0:
+                    record = {
+                        "step": step,
+                        "tokens": step * job.tokens_per_step,
+                        "train_loss": loss,
+                        "bytes_sent": stats.bytes_sent,
+                        "bytes_recv": stats.bytes_recv,
+                        "compute_time": timers.compute,
+                        "comm_time": stats.seconds,
+                        "wall_time": wall(),
+                        "rank": session.index,
+                        **job.metrics(),
+                    }
+                    if do_eval:
+                        record["eval_loss"] = eval_loss
+                    metrics.write(record)
+                if cfg.ckpt_every >= 0 and (
+                    last or (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0)
+                ):
+                    job.save(step)
+                elapsed = wall() - timers.wall_offset
+                bar.update(
+                    step,
+                    tokens_per_s=(step - job.start_step) * job.tokens_per_step / max(elapsed, 1e-9),
+                    loss=loss,
+                    mb_sent=stats.bytes_sent / 1e6,
+                    eval_loss=eval_loss,
+                    exposed_comm_s=stats.seconds,
+                    extra=job.metrics(),
+                )
+                session.after_step(step, before_kill=metrics.close)
+            job.close()
+    finally:
+        bar.close()
+    return eval_loss, loss
+
+
+class TrainJob:
+    """`lowband train`'s job: TrainState + TrainStep, evaluation and checkpoints."""
+
+    def __init__(self, cfg, state, step_fn, evaluate, session, run, fp, timers, wall, steps, tpt):
+        self.cfg, self.state, self.take_step, self.evaluate = cfg, state, step_fn, evaluate
+        self.session, self.run, self.fp, self.timers, self.wall = session, run, fp, timers, wall
+        self.steps, self.tokens_per_step = steps, tpt
+        self.label = f"{cfg.algo} x{session.world} {cfg.model}"
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @property
+    def start_step(self) -> int:
+        return self.state.start_step
+
+    def metrics(self) -> dict[str, Any]:
+        return {"lr": self.state.scheduler.get_last_lr()[0], **self.state.algo.metrics()}
+
+    def save(self, step: int) -> None:
+        slot = self.session.checkpoint_slot()
+        if slot is None:
+            return
+        rank, world = slot
+        extra = {
+            "comm_stats": self.session.stats.state_dict(),
+            "timers": {"compute": self.timers.compute, "wall_offset": self.wall()},
+            "digest": self.state.digest(),
+        }
+        checkpoint.save(self.run, step, rank, world, self.fp, {**self.state.state_dict(), **extra})
+        if rank == 0:
+            self.run.prune_checkpoints(self.cfg.keep_checkpoints)
+
+    def close(self) -> None:
+        self.state.algo.close()
 
 
 def train_worker(
@@ -109,18 +209,22 @@ def train_worker(
     resume: bool = False,
     seat: Seat | None = None,
 ) -> dict:
-    """Train on this worker until cfg's last step; returns the run's summary (on every rank).
+    """Train on this worker until cfg's last step; returns the run's summary (on every rank of a
+    static job). With a `seat` it is a worker of an elastic job and `comm` only carries its byte
+    counters: every round gets its quorum's Comm from the sync group."""
+    session = open_session(cfg, comm, run, seat)
+    try:
+        return _train(cfg, session, run, device, resume)
+    finally:
+        session.close()
 
-    With a `seat` (elastic training) `comm` is only a placeholder: every synchronisation gets the
-    Comm of its quorum from the worker's Membership.
-    """
-    rank, world = (seat.index, cfg.workers) if seat else (comm.rank, comm.size)
+
+def _train(cfg: TrainConfig, session: LocalSession, run: RunDir, device, resume: bool) -> dict:
     corpus = load_corpus(cfg.data)
     train_tokens, eval_tokens = split_eval(corpus)
-    steps = total_steps(cfg, world)
+    steps = total_steps(cfg, session.world)
     fp = fingerprint(cfg, corpus.sha256)
-
-    sp = SeqParallel.from_config(cfg, comm, device)  # sequence parallelism (#6); off: a no-op
+    sp = SeqParallel.from_config(cfg, session.comm, device)  # sequence parallelism; off: a no-op
     model = build_model(
         cfg.model, vocab_size=corpus.vocab_size, seed=cfg.seed, device=device, attn_fn=sp.attn_fn
     )
@@ -133,17 +237,18 @@ def train_worker(
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, steps))
     t_start = time.perf_counter()  # the algorithm's set-up traffic belongs to the run's wall-clock
-    algo = build_algorithm(cfg, model, opt, comm)
+    algo = build_algorithm(cfg, model, opt, session.group, index=session.index)
+    state = TrainState(model, opt, sched, algo)
+    shard, shards, seed_offset = session.shard(sp)
     sampler = ShardSampler(
         train_tokens,
-        rank=(rank % world) if seat else sp.dp_rank,
-        world_size=world if seat else sp.dp_size,
+        rank=shard,
+        world_size=shards,
         batch_size=cfg.batch_size,
         seq_len=cfg.seq_len,
-        seed=cfg.seed
-        + 7919 * (rank // world),  # a worker beyond --workers shares a shard, not its batches
+        seed=cfg.seed + seed_offset,
     )
-    sampler = algo.wrap_sampler(sampler)  # label-flip attackers, gradient coding's parts (#7)
+    sampler = algo.wrap_sampler(sampler)  # label-flip attackers, gradient coding's parts
     evals = eval_batches(
         eval_tokens, batch_size=cfg.batch_size, seq_len=cfg.seq_len, num_batches=cfg.eval_batches
     )
@@ -151,232 +256,75 @@ def train_worker(
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
     timers = Timers()
-    start = 0
+    wall = lambda: timers.wall_offset + time.perf_counter() - t_start  # noqa: E731
+    resumed = None
     if resume and (ckpts := run.checkpoints()):
-        state = checkpoint.load(ckpts[-1].path, rank, fp)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        algo.load_state_dict(state["algo"])
-        comm.stats.load_state_dict(state["comm_stats"])
-        timers = Timers(**state["timers"])
-        start = state["step"]
-    if seat is None:
-        run.truncate_metrics(rank, start)
-    if rank == 0 and not resume and not (seat and seat.joining):
+        slot = session.checkpoint_slot() or (0, 1)
+        saved = checkpoint.load(ckpts[-1].path, slot[0] if ckpts[-1].world_size > 1 else 0, fp)
+        state.load_state_dict(saved)
+        if "digest" in saved and state.digest() != saved["digest"]:
+            raise CheckpointError(f"{ckpts[-1].path}: the loaded state differs from the saved one")
+        if ckpts[-1].world_size == session.world:  # this worker's own counters
+            session.stats.load_state_dict(saved["comm_stats"])
+            timers = Timers(**saved["timers"])
+        resumed = {"event": "resumed", "from_step": state.step, "digest": state.digest()}
+        run.truncate_metrics(session.index, state.step)
+    if session.index == 0 and session.fresh and not resume:
         write_json_atomic(
             run.meta_path,
             run_meta(
                 corpus=corpus,
                 model_params=model.num_params(),
-                world_size=world,
+                world_size=session.world,
                 device=device,
-                backend=comm.group.name() if comm.group is not None else "none",
+                backend=_backend(session.comm),
             ),
         )
 
-    chaos = parse_chaos(cfg) if not (seat and seat.joining) else Chaos()
-    tokens_per_step = cfg.batch_size * cfg.seq_len * (world if seat else sp.dp_size)
-    metrics = MetricsWriter(run.metrics_path(rank))
-    bar = ProgressBar(steps, start, f"{cfg.algo} x{world} {cfg.model}", enabled=rank == 0)
-    wall = lambda: timers.wall_offset + time.perf_counter() - t_start
-    eval_loss: float | None = None
-    loss_value = float("nan")
-
-    def checkpoint_state() -> dict[str, Any]:
-        return {
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "algo": algo.state_dict(),
-            "comm_stats": comm.stats.state_dict(),
-            "timers": {"compute": timers.compute, "wall_offset": wall()},
-        }
-
-    membership = job_store = None
-    healed_to: list[int] = []  # the step a heal jumped to, set by the membership's callback
-    position = {"step": start}
-    if seat is not None:
-        from lowband.fault.elastic import Membership
-
-        def live_state() -> dict[str, Any]:  # what a newcomer receives from this worker
-            return {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "algo": algo.state_dict(),
-                "step": position["step"],
-            }
-
-        def load_live_state(state: dict[str, Any]) -> None:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            algo.load_state_dict(state["algo"])
-            healed_to.append(int(state["step"]))
-            position["step"] = int(state["step"])
-
-        def write_event(event: dict[str, Any]) -> None:
-            metrics.write({**event, "step": position["step"], "wall_time": wall(), "rank": rank})
-
-        membership = Membership(
-            replica_id=f"replica_{seat.index}",
-            lighthouse=seat.lighthouse,
-            min_workers=cfg.min_workers,
-            state_dict=live_state,
-            load_state_dict=load_live_state,
-            link=LinkSpec.parse(cfg.link),
-            stats=comm.stats,
-            seed=cfg.seed,
-            timeout_s=cfg.timeout,
-            quorum_timeout_s=cfg.quorum_timeout,
-            joining=seat.joining,
-            on_event=write_event,
-        )
-        algo.attach(
-            membership,
-            join=seat.joining,
-            on_event=write_event,
-            parity_every=cfg.parity_every,
-            detect_every=cfg.detect_every,
-        )
-        if seat.joining:
-            write_event({"event": "joined", "replica": membership.replica_id})
-        job_store = _job_store(seat.store, cfg.quorum_timeout) if seat.store else None
-        if job_store is not None:
-            membership.job_finished = lambda: job_store.check(["lowband/finished"])
-            if not seat.joining:
-                _start_together(job_store, cfg.workers, cfg.quorum_timeout)
-
-    left = False
+    tokens_per_step = cfg.batch_size * cfg.seq_len * shards
+    metrics = MetricsWriter(run.metrics_path(session.index))
+    events = lambda e: metrics.write(  # noqa: E731
+        {**e, "step": state.step, "wall_time": wall(), "rank": session.index}
+    )
+    session.attach(state, events)
+    if resumed is not None:
+        events(resumed)
+    step_fn = TrainStep(state, sampler, sp.loss, device, autocast, cfg.grad_clip)
+    job = TrainJob(
+        cfg,
+        state,
+        step_fn,
+        lambda: evaluate(model, evals, device, autocast, sp.loss),
+        session,
+        run,
+        fp,
+        timers,
+        wall,
+        steps,
+        tokens_per_step,
+    )
     try:
-        step = start
-        while step < steps:
-            step += 1
-            position["step"] = step
-            t0, comm0 = time.perf_counter(), comm.stats.seconds
-            if not getattr(algo, "joining", False):
-                x, y = (t.to(device, non_blocking=True) for t in sampler.batch(step))
-                with autocast():
-                    loss = sp.loss(model, x, y)
-                loss.backward()
-            else:  # a newcomer heals inside the algorithm's hook before it trains
-                loss = torch.tensor(float("nan"))
-            algo.sync_gradients()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            algo.step()
-            if healed_to:  # this worker now holds a live peer's state, at the peer's step
-                step = position["step"] = healed_to.pop()
-                start = step - 1  # tokens/s of this worker count from here
-            loss_value = loss.item()  # also waits for the device
-            timers.compute += (time.perf_counter() - t0) - (comm.stats.seconds - comm0)
-
-            last = step == steps
-            do_eval = last or step % cfg.eval_every == 0
-            if do_eval:
-                eval_loss = evaluate(model, evals, device, autocast, sp.loss)
-            if do_eval or last or step % cfg.log_every == 0:
-                record = {
-                    "step": step,
-                    "tokens": step * tokens_per_step,
-                    "train_loss": loss_value,
-                    "lr": sched.get_last_lr()[0],
-                    "bytes_sent": comm.stats.bytes_sent,
-                    "bytes_recv": comm.stats.bytes_recv,
-                    "compute_time": timers.compute,
-                    "comm_time": comm.stats.seconds,
-                    "wall_time": wall(),
-                    "rank": rank,
-                    **algo.metrics(),
-                }
-                if do_eval:
-                    record["eval_loss"] = eval_loss
-                metrics.write(record)
-            if (
-                cfg.ckpt_every >= 0
-                and seat is None
-                and (last or (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0))
-            ):
-                checkpoint.save(run, step, rank, world, fp, checkpoint_state())
-                if rank == 0:
-                    run.prune_checkpoints(cfg.keep_checkpoints)
-            elapsed = wall() - timers.wall_offset
-            bar.update(
-                step,
-                tokens_per_s=(step - start) * tokens_per_step / max(elapsed, 1e-9),
-                loss=loss_value,
-                mb_sent=comm.stats.bytes_sent / 1e6,
-                eval_loss=eval_loss,
-                exposed_comm_s=comm.stats.seconds,
-                extra=algo.metrics(),
-            )
-            if chaos:
-                _inject(chaos, rank, step, metrics, membership)
-        algo.close()
-    except JobFinished:
-        left = True
-        write_event({"event": "left", "reason": "the job finished while this worker was behind"})
+        eval_loss, loss = run_loop(job, cfg, session, metrics, timers, wall)
     finally:
-        bar.close()
         metrics.close()
-        if membership is not None:
-            membership.shutdown()
-
-    if seat is not None and left:
-        return {}
-    if seat is not None:
-        if job_store is not None:
-            job_store.set(
-                "lowband/finished", str(step)
-            )  # no collective over a group that may have changed: the launcher merges
-        row = _summary_row(comm, timers, wall())
-        write_json_atomic(
-            run.path / "summaries" / f"rank{rank}.json",
-            {
-                "row": row,
-                "by_op": comm.stats.by_op(),
-                "eval_loss": eval_loss,
-                "train_loss": loss_value,
-            },
-        )
-        return {}
-    return _summarise(cfg, comm, run, steps, tokens_per_step, eval_loss, loss_value, timers, wall())
-
-
-def _job_store(address: str, timeout_s: float):
-    import datetime
-
-    import torch.distributed as dist
-
-    host, port = address.rsplit(":", 1)
-    return dist.TCPStore(
-        host, int(port), is_master=False, timeout=datetime.timedelta(seconds=timeout_s)
+    by_op = session.stats.by_op()
+    return session.finish(
+        _summary_row(session.comm, timers, wall()),
+        lambda table: _write_summary(
+            run, session, summary_from_rows(table, by_op, steps, tokens_per_step, eval_loss, loss)
+        ),
+        {"by_op": by_op, "eval_loss": eval_loss, "train_loss": loss},
     )
 
 
-def _start_together(store, workers: int, timeout_s: float) -> None:
-    """Wait until every first worker heartbeats to the Lighthouse, so the first quorum has them
-    all (otherwise the quickest would start alone and the others would heal from it)."""
-    store.add("lowband/ready", 1)
-    deadline = time.monotonic() + timeout_s
-    while store.add("lowband/ready", 0) < workers:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the first {workers} workers did not all start in {timeout_s:g}s")
-        time.sleep(0.05)
+def _backend(comm: Comm) -> str:
+    return comm.group.name() if comm.group is not None else "none"
 
 
-def _inject(chaos: Chaos, rank: int, step: int, metrics: MetricsWriter, membership) -> None:
-    if (rank, step) in chaos.kills:
-        metrics.close()
-        kill_self()  # injected fault: SIGKILL, no cleanup, as `kill -9` would
-    if (rank, step) in chaos.stalls:
-        stall_self(chaos.stalls[(rank, step)])
-    if (rank, step) in chaos.throttles and membership is not None:
-        membership.throttle(chaos.throttles[(rank, step)])
+def _write_summary(run: RunDir, session: LocalSession, summary: dict) -> dict:
+    if session.index == 0:
+        write_json_atomic(run.summary_path, summary)
+    return summary
 
 
 def _summary_row(comm: Comm, timers: Timers, wall_time: float) -> list[float]:
@@ -387,24 +335,6 @@ def _summary_row(comm: Comm, timers: Timers, wall_time: float) -> list[float]:
         comm.stats.seconds,
         wall_time,
     ]
-
-
-def _summarise(
-    cfg, comm: Comm, run: RunDir, steps, tokens_per_step, eval_loss, loss_value, timers, wall_time
-) -> dict:
-    """Gather every worker's totals (a few numbers, counted as 'summary' traffic) and write summary.json."""
-    mine = torch.tensor(
-        _summary_row(comm, timers, wall_time), dtype=torch.float64, device=comm.device
-    )
-    rows = [torch.empty_like(mine) for _ in range(comm.size)]
-    by_op = comm.stats.by_op()
-    comm.all_gather(rows, mine)
-    summary = summary_from_rows(
-        torch.stack(rows).cpu(), by_op, steps, tokens_per_step, eval_loss, loss_value
-    )
-    if comm.rank == 0:
-        write_json_atomic(run.summary_path, summary)
-    return summary
 
 
 def summary_from_rows(table, by_op, steps, tokens_per_step, eval_loss, loss_value) -> dict:

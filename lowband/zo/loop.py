@@ -30,10 +30,11 @@ from lowband.comm import Comm
 from lowband.config import FinetuneConfig
 from lowband.data import ShardSampler, eval_batches, load_corpus, split_eval
 from lowband.train import checkpoint
-from lowband.train.loop import MetricsWriter, Timers, _summarise, evaluate
+from lowband.train.chaos import Chaos
+from lowband.train.loop import MetricsWriter, Timers, evaluate, run_loop, summary_from_rows
 from lowband.train.meta import run_meta
-from lowband.train.progress import ProgressBar
 from lowband.train.rundir import RunDir, write_json_atomic
+from lowband.train.session import LocalSession
 from lowband.zo.distributed import ZOEntry, ZOLog, ZOTrainer, replay
 from lowband.zo.models import build_for_finetune
 
@@ -104,6 +105,65 @@ def param_digest(model: torch.nn.Module) -> bytes:
     for p in model.parameters():
         h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.digest()
+
+
+class FinetuneJob:
+    """`lowband finetune`'s job for the loop skeleton (lowband.train.loop.run_loop): one ZO step
+    per call, whose (seed, scalar) entries rank 0 appends to the log; checkpoints by rank 0 only."""
+
+    def __init__(
+        self, cfg, zo, sampler, loss_fn, device, log_file, run, fp, timers, wall, start,
+        *, label: str, tokens_per_step: int, evaluate,
+    ) -> None:  # fmt: skip
+        self.cfg, self.zo, self.sampler, self.loss_fn, self.device = (
+            cfg,
+            zo,
+            sampler,
+            loss_fn,
+            device,
+        )
+        self.log_file, self.run, self.fp, self.timers, self.wall = log_file, run, fp, timers, wall
+        self.steps, self.step, self.start_step = cfg.steps, start, start
+        self.label, self.tokens_per_step, self._evaluate = label, tokens_per_step, evaluate
+        self.abs_g = 0.0
+        self._since_ckpt = 0
+
+    def take_step(self) -> float:
+        self.step += 1
+        x, y = (t.to(self.device, non_blocking=True) for t in self.sampler.batch(self.step))
+        result = self.zo.step(self.loss_fn, (x, y), self.step)
+        self.abs_g = sum(abs(g) for g in result.grads) / len(result.grads)
+        if self.log_file is not None:
+            new = self.zo.log.entries[-len(result.grads) :]
+            line = [[e.slot, e.seed, e.code.hex()] for e in new]
+            self.log_file.write(json.dumps({"step": self.step, "entries": line}) + "\n")
+        return result.loss
+
+    def evaluate(self) -> float:
+        loss = self._evaluate()
+        self.zo.model.eval()  # evaluate() leaves the model in train mode
+        return loss
+
+    def metrics(self) -> dict[str, Any]:
+        return {"lr": self.cfg.lr, "zo_abs_g": self.abs_g}
+
+    def save(self, step: int) -> None:
+        if self.zo.comm.rank != 0:
+            return
+        zo = self.zo
+        since = ZOLog(**{**vars(zo.log), "entries": zo.log.entries[self._since_ckpt :]})
+        state = {
+            "model": zo.model.state_dict(),
+            "zo_log": since.to_json(),
+            "comm_stats": zo.comm.stats.state_dict(),
+            "timers": {"compute": self.timers.compute, "wall_offset": self.wall()},
+        }
+        checkpoint.save(self.run, step, 0, 1, self.fp, state)
+        self.run.prune_checkpoints(self.cfg.keep_checkpoints)
+        self._since_ckpt = len(zo.log.entries)
+
+    def close(self) -> None:
+        pass
 
 
 def finetune_worker(
@@ -191,78 +251,29 @@ def finetune_worker(
         if cfg.perturb_parallel
         else "zo"
     )
-    bar = ProgressBar(cfg.steps, start, f"{mode} x{world} {cfg.model}", enabled=rank == 0)
-    wall = lambda: timers.wall_offset + time.perf_counter() - t_start
-    eval_loss: float | None = None
-    loss_value = float("nan")
-    since_ckpt = 0
+    wall = lambda: timers.wall_offset + time.perf_counter() - t_start  # noqa: E731
+    job = FinetuneJob(
+        cfg, zo, sampler, loss_fn, device, log_file, run, fp, timers, wall, start,
+        label=f"{mode} x{world} {cfg.model}", tokens_per_step=tokens_per_step,
+        evaluate=lambda: evaluate(model, evals, device, autocast),
+    )  # fmt: skip
+    session = LocalSession(cfg, comm, chaos=Chaos())
     try:
-        for step in range(start + 1, cfg.steps + 1):
-            t0, comm0 = time.perf_counter(), comm.stats.seconds
-            x, y = (t.to(device, non_blocking=True) for t in sampler.batch(step))
-            result = zo.step(loss_fn, (x, y), step)
-            loss_value = result.loss
-            timers.compute += (time.perf_counter() - t0) - (comm.stats.seconds - comm0)
-            new = zo.log.entries[-len(result.grads) :]
-            if log_file is not None:
-                line = [[e.slot, e.seed, e.code.hex()] for e in new]
-                log_file.write(json.dumps({"step": step, "entries": line}) + "\n")
-
-            last = step == cfg.steps
-            do_eval = last or step % cfg.eval_every == 0
-            if do_eval:
-                eval_loss = evaluate(model, evals, device, autocast)
-                model.eval()  # evaluate() leaves the model in train mode
-            if do_eval or last or step % cfg.log_every == 0:
-                record = {
-                    "step": step,
-                    "tokens": step * tokens_per_step,
-                    "train_loss": loss_value,
-                    "lr": cfg.lr,
-                    "bytes_sent": comm.stats.bytes_sent,
-                    "bytes_recv": comm.stats.bytes_recv,
-                    "compute_time": timers.compute,
-                    "comm_time": comm.stats.seconds,
-                    "wall_time": wall(),
-                    "rank": rank,
-                    "zo_abs_g": sum(abs(g) for g in result.grads) / len(result.grads),
-                }
-                if do_eval:
-                    record["eval_loss"] = eval_loss
-                metrics.write(record)
-            if (
-                rank == 0
-                and cfg.ckpt_every >= 0
-                and (last or (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0))
-            ):
-                since = ZOLog(**{**vars(zo.log), "entries": zo.log.entries[since_ckpt:]})
-                state = {
-                    "model": model.state_dict(),
-                    "zo_log": since.to_json(),
-                    "comm_stats": comm.stats.state_dict(),
-                    "timers": {"compute": timers.compute, "wall_offset": wall()},
-                }
-                checkpoint.save(run, step, 0, 1, fp, state)
-                run.prune_checkpoints(cfg.keep_checkpoints)
-                since_ckpt = len(zo.log.entries)
-            elapsed = wall() - timers.wall_offset
-            bar.update(
-                step,
-                tokens_per_s=(step - start) * tokens_per_step / max(elapsed, 1e-9),
-                loss=loss_value,
-                mb_sent=comm.stats.bytes_sent / 1e6,
-                eval_loss=eval_loss,
-                exposed_comm_s=comm.stats.seconds,
-            )
+        eval_loss, loss_value = run_loop(job, cfg, session, metrics, timers, wall)
     finally:
-        bar.close()
         metrics.close()
         if log_file is not None:
             log_file.close()
 
-    summary = _summarise(
-        cfg, comm, run, cfg.steps, tokens_per_step, eval_loss, loss_value, timers, wall()
-    )
+    by_op = comm.stats.by_op()
+    summary = session.finish(
+        [float(comm.stats.bytes_sent), float(comm.stats.bytes_recv), timers.compute,
+         comm.stats.seconds, wall()],
+        lambda table: summary_from_rows(
+            table, by_op, cfg.steps, tokens_per_step, eval_loss, loss_value
+        ),
+        {},
+    )  # fmt: skip
     mine = param_digest(model)
     digest = torch.tensor(list(mine), dtype=torch.uint8, device=comm.device)
     digests = [torch.empty_like(digest) for _ in range(world)]

@@ -1,0 +1,210 @@
+"""The algorithm registry: names, options, the one place combinations are checked, and building.
+
+An algorithm registers itself by defining `name` on its class (lowband.algorithms.base); every
+module of this package is imported by `discover()`, so adding an algorithm is one new file here,
+and nothing else needs a line. Two classes claiming one name, an `Options` that is not a kw_only
+dataclass, or two algorithms giving one option different types fail loudly at import.
+
+`check(cfg)` is where every combination of options either passes or is refused with a reason
+(one ConfigError line): the algorithm's own options (unknown ones, values: `Options.__post_init__`),
+the run-level features it supports (`Algorithm.supports`), and what --elastic can and cannot be
+combined with. The CLI's `validate` and `build` both call it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from lowband.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from lowband.algorithms.base import Algorithm
+    from lowband.comm import Codec, Comm
+    from lowband.comm.sync import SyncGroup
+    from lowband.config import TrainConfig
+
+ALGORITHMS: dict[str, type[Algorithm]] = {}
+"""--algo name -> class, filled as the algorithm modules are imported."""
+
+FEATURES = {
+    "robust": "--aggregate (a robust rule) and --attack",
+    "stragglers": "--stragglers (gradient coding)",
+    "straggler_delay": "--slow-workers/--straggler-delay",
+    "seq_parallel": "--seq-parallel",
+}
+"""What each name in `Algorithm.supports` stands for, in the words of an error message."""
+
+ELASTIC_REFUSED = {
+    "stragglers": "gradient coding decodes from a fixed set of --workers; an elastic job drops "
+    "a straggler from the next quorum instead (--heartbeat-timeout)",
+    "seq_parallel": "sequence parallelism shards every sequence over fixed groups of --cp "
+    "ranks, which a changing quorum cannot keep",
+}
+"""Run-level features --elastic does not combine with, and why."""
+
+
+def register(cls: type[Algorithm]) -> None:
+    """Called by Algorithm.__init_subclass__ for every class that defines `name`."""
+    other = ALGORITHMS.get(cls.name)
+    if other is not None and other.__qualname__ != cls.__qualname__:
+        raise RuntimeError(
+            f"two algorithms are named {cls.name!r}: {other.__module__}.{other.__qualname__} "
+            f"and {cls.__module__}.{cls.__qualname__}"
+        )
+    options = cls.Options
+    if not dataclasses.is_dataclass(options) or not all(
+        f.kw_only for f in dataclasses.fields(options)
+    ):
+        raise RuntimeError(f"{cls.__qualname__}.Options must be a kw_only dataclass")
+    ALGORITHMS[cls.name] = cls
+    _check_option_types()
+
+
+def discover() -> dict[str, type[Algorithm]]:
+    """Import every module of lowband.algorithms (each registers what it defines)."""
+    import lowband.algorithms as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{info.name}")
+    return ALGORITHMS
+
+
+def get(name: str) -> type[Algorithm]:
+    discover()
+    if name not in ALGORITHMS:
+        raise ConfigError(f"unknown algorithm {name!r}; choose one of: {', '.join(ALGORITHMS)}")
+    return ALGORITHMS[name]
+
+
+def option_fields() -> dict[str, list[tuple[str, dataclasses.Field]]]:
+    """Option name -> [(algorithm name, its field)], over every registered algorithm."""
+    out: dict[str, list[tuple[str, dataclasses.Field]]] = {}
+    for name, cls in ALGORITHMS.items():
+        for f in dataclasses.fields(cls.Options):
+            out.setdefault(f.name, []).append((name, f))
+    return out
+
+
+def _check_option_types() -> None:
+    for option, owners in option_fields().items():
+        types = {str(f.type) for _, f in owners}
+        if len(types) > 1:
+            raise RuntimeError(
+                f"option {option!r} has different types in "
+                + ", ".join(f"{a} ({f.type})" for a, f in owners)
+            )
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def resolve_options(cfg: TrainConfig) -> Any:
+    """cfg.algo's Options, from the options given (cfg.options) and the defaults; validated."""
+    cls = get(cfg.algo)
+    own = {f.name for f in dataclasses.fields(cls.Options)}
+    for key in cfg.options:
+        if key not in own:
+            owners = [a for a, _ in option_fields().get(key, [])]
+            if not owners:
+                raise ConfigError(f"unknown algorithm option {_flag(key)}")
+            raise ConfigError(f"{_flag(key)} applies to --algo {', '.join(owners)}, not {cfg.algo}")
+    try:
+        return cls.Options(**cfg.options)
+    except TypeError as e:  # a value of the wrong type from a hand-written config
+        raise ConfigError(f"options of --algo {cfg.algo}: {e}") from None
+
+
+def check(cfg: TrainConfig) -> Any:
+    """Refuse, with a reason, any combination that cannot run; return the resolved options."""
+    from lowband.algorithms.robust import check_robust_options, gathers_updates
+    from lowband.seqpar.train import check_options as check_seqpar_options
+
+    cls = get(cfg.algo)
+    options = resolve_options(cfg)
+    wanted = {
+        "robust": gathers_updates(cfg),
+        "stragglers": cfg.stragglers > 0,
+        "straggler_delay": cfg.straggler_delay > 0 or cfg.slow_workers is not None,
+        "seq_parallel": cfg.seq_parallel is not None,
+    }
+    for feature, on in wanted.items():
+        if on and feature not in cls.supports:
+            able = [n for n, c in ALGORITHMS.items() if feature in c.supports]
+            raise ConfigError(
+                f"{FEATURES[feature]} apply to --algo {', '.join(able)}, not {cfg.algo}"
+            )
+    check_robust_options(cfg)
+    check_seqpar_options(cfg)
+    if cfg.elastic:
+        for feature, reason in ELASTIC_REFUSED.items():
+            if wanted[feature]:
+                raise ConfigError(f"--elastic does not combine with {FEATURES[feature]}: {reason}")
+        if cfg.device == "cuda":
+            raise ConfigError("--elastic runs on Gloo (CPU tensors) for now; drop --device cuda")
+        if gathers_updates(cfg):
+            from lowband.robust import check_tolerance
+
+            try:  # every committed round has at least --min-workers members
+                check_tolerance(cfg.aggregate, cfg.min_workers, cfg.byzantine_tolerance)
+            except ConfigError as e:
+                raise ConfigError(
+                    f"--elastic with --aggregate {cfg.aggregate}: --min-workers "
+                    f"{cfg.min_workers} is too few for the rule ({e})"
+                ) from None
+    return options
+
+
+@dataclasses.dataclass
+class Setup:
+    """The run-level pieces an algorithm may take when a run builds it (`from_options`)."""
+
+    seed: int = 0
+    reducer: Callable[[Codec], Any] = lambda codec: None
+    """The robust all-gather + rule for a codec, or None (--aggregate mean without --attack)."""
+    injector: Any = None
+    """lowband.coding.StragglerInjector: emulated slow workers (--straggler-delay), or None."""
+    code: Any = None
+    """lowband.coding.GradientCode for --stragglers, or None."""
+
+
+def build(
+    cfg: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    group: Comm | SyncGroup,
+    *,
+    index: int | None = None,
+) -> Algorithm:
+    """The algorithm of cfg, on `group` (a Comm or a SyncGroup). `index`: this worker's fixed
+    number (default: its rank), which decides whether it is one of the simulated attackers."""
+    from lowband.algorithms.robust import (
+        build_code,
+        build_injector,
+        build_reducer,
+        label_flip_classes,
+    )
+    from lowband.comm.sync import as_sync_group
+
+    options = check(cfg)
+    sync = as_sync_group(group)
+    index = sync.comm.rank if index is None else index
+    setup = Setup(
+        seed=cfg.seed,
+        reducer=lambda codec: build_reducer(cfg, sync.comm, codec),
+        injector=build_injector(cfg, cfg.workers),
+        code=build_code(cfg, cfg.workers) if cfg.stragglers > 0 else None,
+    )
+    algo = get(cfg.algo).from_options(model, optimizer, sync, options, setup)
+    algo.flip_labels = label_flip_classes(cfg, model, index, cfg.workers)
+    return algo
+
+
+__all__ = ["ALGORITHMS", "Setup", "build", "check", "discover", "get", "option_fields"]
