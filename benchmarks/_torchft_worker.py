@@ -183,9 +183,13 @@ def main() -> None:
     cfg = TrainConfig(
         algo="diloco", model=args.model, seed=args.seed, steps=args.steps,
         batch_size=args.batch_size, seq_len=args.seq_len, workers=args.workers,
-        sync_every=args.sync_every, outer_lr=args.outer_lr, outer_momentum=args.outer_momentum,
         eval_every=args.eval_every, eval_batches=args.eval_batches, device="cpu",
+        options=dict(
+            sync_every=args.sync_every, outer_lr=args.outer_lr,
+            outer_momentum=args.outer_momentum,
+        ),
     )  # fmt: skip
+    opts = cfg.options
     i, n, steps = args.replica, args.workers, args.steps
     device = torch.device("cpu")
 
@@ -201,7 +205,7 @@ def main() -> None:
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, steps))
     outer_opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.outer_lr, momentum=cfg.outer_momentum, nesterov=True
+        model.parameters(), lr=opts["outer_lr"], momentum=opts["outer_momentum"], nesterov=True
     )
     sampler = ShardSampler(
         train_tokens, rank=i, world_size=n, batch_size=cfg.batch_size,
@@ -253,7 +257,7 @@ def main() -> None:
         [model],
         opt,
         outer_opt,
-        sync_every=cfg.sync_every,
+        sync_every=opts["sync_every"],
         backup_device=device,
         pin_memory=False,
     ) as diloco:

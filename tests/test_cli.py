@@ -25,10 +25,14 @@ FAST = [
 
 
 def metrics(run: Path, rank: int = 0) -> list[dict]:
-    return [
-        json.loads(line)
-        for line in (run / "metrics" / f"rank{rank}.jsonl").read_text().splitlines()
-    ]
+    """The step lines of a worker's metrics (events, such as `resumed`, left out)."""
+    lines = (run / "metrics" / f"rank{rank}.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "event" not in r]
+
+
+def events(run: Path, kind: str, rank: int = 0) -> list[dict]:
+    lines = (run / "metrics" / f"rank{rank}.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("event") == kind]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -106,6 +110,8 @@ def test_resume_reproduces_the_uninterrupted_run(done_run, tmp_path, capsys):
     assert not (b / "summary.json").exists()
     assert main(["train", "--resume", str(b)]) == 0
     for rank in (0, 1):
+        (resumed,) = events(b, "resumed", rank)  # from checkpoint 6, its state proven by digest
+        assert resumed["from_step"] == 6
         ref, got = metrics(done_run, rank), metrics(b, rank)
         assert [m["step"] for m in got] == [m["step"] for m in ref]
         assert [m["train_loss"] for m in got] == [m["train_loss"] for m in ref]
@@ -150,7 +156,7 @@ def test_single_worker_runs_in_process(tmp_path):
         (["--seq-len", "10000000"], "seq_len"),
         (
             ["--algo", "diloco", "--fragments", "4"],
-            "--fragments applies to --algo streaming-diloco only",
+            "--fragments applies to --algo streaming-diloco, not diloco",
         ),
         (
             ["--algo", "streaming-diloco", "--sync-every", "10", "--fragments", "4"],
@@ -172,9 +178,12 @@ def test_single_worker_runs_in_process(tmp_path):
         (["--algo", "diloco", "--bits", "3"], "bits"),
         (["--algo", "streaming-diloco", "--mix", "2"], "--mix"),
         (["--algo", "noloco", "--group-size", "1"], "--group-size"),
-        (["--algo", "ddp", "--group-size", "2"], "--group-size applies to --algo noloco only"),
+        (["--algo", "ddp", "--group-size", "2"], "--group-size applies to --algo noloco, not ddp"),
         (["--algo", "co2", "--co2-delay", "3"], "--co2-delay"),
-        (["--outer-lr", "0.5"], "does not apply to --algo ddp"),
+        (
+            ["--outer-lr", "0.5"],
+            "--outer-lr applies to --algo streaming-diloco, diloco, noloco, co2, not ddp",
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, flags, needle):

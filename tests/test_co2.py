@@ -100,7 +100,14 @@ def test_delay1_applies_exactly_the_previous_rounds_average():
     def body(c):
         model, opt = make()
         algo = CO2(
-            model, opt, c, sync_every=H, outer_momentum=0.0, outer_lr=1.0, co2_lambda=1.0, co2_clip=None
+            model,
+            opt,
+            c,
+            sync_every=H,
+            outer_momentum=0.0,
+            outer_lr=1.0,
+            co2_lambda=1.0,
+            co2_clip=None,
         )
         start, before, after = flat(model).clone(), [], []
         for step in range(H * rounds):
@@ -141,7 +148,9 @@ def test_clipping_really_bounds_the_momentum():
 @pytest.mark.parametrize("clip", [1e-3, None])
 def test_clipping_in_training(clip):
     def body(c):
-        _, algo = train(c, lambda m, o, c: CO2(m, o, c, sync_every=3, co2_clip=clip, co2_delay=0), 6)
+        _, algo = train(
+            c, lambda m, o, c: CO2(m, o, c, sync_every=3, co2_clip=clip, co2_delay=0), 6
+        )
         return algo.momentum.abs().max().item()
 
     peak = max(run_ranks(2, body))

@@ -18,6 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("RUST_LOG", "warn")  # before torchft's first import: it reads it once
 import torchft  # noqa: E402, F401  - --elastic is built on it; make installs lowband[elastic]
@@ -252,7 +253,12 @@ def test_a_newcomer_joins_mid_run_and_a_wrong_token_is_refused(tmp_path):
     "flags, message",
     [
         (["--restarts", "1"], "--restarts needs --elastic"),
-        (["--elastic", "--algo", "co2", "--co2-delay", "0"], "overlapped form only"),
+        (["--elastic", "--stragglers", "1"], "--elastic does not combine with --stragglers"),
+        (["--elastic", "--seq-parallel", "ring", "--cp", "2"], "fixed groups of --cp ranks"),
+        (
+            ["--elastic", "--aggregate", "krum", "--byzantine-tolerance", "1"],
+            "--min-workers 1 is too few",
+        ),
         (["--elastic", "--min-workers", "5"], "--min-workers must be between"),
         (["--elastic", "--timeout", "0"], "--timeout must be positive"),
         (["--elastic", "--stall-at", "1:2"], "--stall-at takes RANK:STEP:SECONDS"),
@@ -286,3 +292,38 @@ def test_losing_every_worker_that_held_the_state_fails_clearly(tmp_path, capsys)
     assert "no live worker holds the job's state" in err and "Traceback" not in err
     restarts = _events(out, "worker_restarted")
     assert 2 <= len(restarts) <= 4, restarts  # one restart round, not a crash loop
+
+
+def test_elastic_and_byzantine_robust_together_survive_a_kill(tmp_path):
+    # 4 workers, the last one a sign-flip attacker; trimmed mean tolerating it over every quorum
+    # (--min-workers 3: no round commits with fewer); an honest worker is killed and restarts.
+    robust = ["--workers", "4", "--aggregate", "trimmed-mean", "--byzantine-tolerance", "1",
+              "--attack", "sign-flip", "--attackers", "1", *DILOCO]  # fmt: skip
+    ref = _train(tmp_path, "ref", *robust)
+    run = _train(
+        tmp_path, "kill", *robust, "--elastic", "--min-workers", "3", "--fail-at", "1:15",
+        "--restarts", "1",
+    )  # fmt: skip
+    assert len(_events(run, "worker_died")) == 1
+    assert len(_events(run, "recovered")) == 1
+    _check_invariants(run, syncs=10)
+    loss = lambda r: json.loads((r / "summary.json").read_text())["final_eval_loss"]  # noqa: E731
+    assert loss(run) == pytest.approx(loss(ref), rel=0.03)
+
+
+def test_every_worker_dies_and_the_job_resumes_from_its_checkpoint(tmp_path, capsys, fault_free):
+    out = tmp_path / "all"
+    flags = ["--workers", "3", "--elastic", *DILOCO, "--ckpt-every", "20"]
+    code = main(["train", "--out", str(out), *FAST, *flags, "--fail-at", "0:25,1:25,2:25"])
+    assert code == 1 and "every worker failed" in capsys.readouterr().err
+    saved = {c.name: c for c in (out / "ckpt").iterdir()}
+    assert "step_0000020" in saved  # the quorum's state at step 20
+    digest = torch.load(saved["step_0000020"] / "rank0.pt", weights_only=False)["digest"]
+
+    assert main(["train", "--resume", str(out)]) == 0
+    resumed = _events(out, "resumed")
+    assert len(resumed) == 3  # every worker, from the same state, bit for bit
+    assert {e["from_step"] for e in resumed} == {20} and {e["digest"] for e in resumed} == {digest}
+    _check_invariants(out, syncs=10)
+    loss = json.loads((out / "summary.json").read_text())["final_eval_loss"]
+    assert loss == pytest.approx(fault_free["elastic"], rel=0.03)

@@ -111,7 +111,9 @@ def test_one_group_gamma1_beta0_is_diloco_averaging():
         lambda c: flat(
             train(
                 c,
-                lambda m, o, c: NoLoCo(m, o, c, sync_every=H, group_size=n, outer_momentum=0.0, outer_lr=1.0),
+                lambda m, o, c: NoLoCo(
+                    m, o, c, sync_every=H, group_size=n, outer_momentum=0.0, outer_lr=1.0
+                ),
                 steps,
             )[0]
         ),

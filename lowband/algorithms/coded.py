@@ -28,6 +28,7 @@ from torch import nn
 from lowband.algorithms.ddp import DDP
 from lowband.coding import GradientCode, StragglerInjector, coded_round
 from lowband.comm import Comm
+from lowband.comm.sync import SyncGroup
 from lowband.errors import ConfigError
 
 
@@ -52,15 +53,15 @@ class CodedDDP(DDP):
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        comm: Comm,
+        comm: Comm | SyncGroup,
         *,
         code: GradientCode,
         injector: StragglerInjector | None = None,
     ) -> None:
         super().__init__(model, optimizer, comm)
-        if code.n != comm.size:
+        if code.n != self.comm.size:
             raise ConfigError(
-                f"a gradient code for {code.n} workers needs {code.n}, got {comm.size}"
+                f"a gradient code for {code.n} workers needs {code.n}, got {self.comm.size}"
             )
         self.code, self.straggler_injector = code, injector
         self.data_step: int | None = None

@@ -20,7 +20,6 @@ from contextlib import closing
 import torch
 import torch.distributed as dist
 
-from lowband.comm import Comm, LinkSpec
 from lowband.config import TrainConfig
 from lowband.launch.admission import open_admission
 from lowband.launch.events import EventLog
@@ -50,20 +49,18 @@ def launch_elastic(cfg: TrainConfig, run: RunDir, resume: bool = False) -> None:
 
 def join_job(payload: dict, device: str = "cpu") -> None:
     """Run one newcomer worker in this process (after `lowband join` was admitted)."""
-    from lowband.train.loop import Seat, train_worker
+    from lowband.train.loop import train_worker
+    from lowband.train.session import Seat, elastic_worker
 
     cfg = TrainConfig.from_dict(payload["config"])
     torch.set_num_threads(cfg.threads)
     quiet_torchft()
-    train_worker(
-        cfg,
-        Comm(None, LinkSpec.parse(cfg.link), seed=cfg.seed),
-        RunDir(payload["run"]),
-        torch.device(device),
-        seat=Seat(
-            index=int(payload["index"]),
-            lighthouse=payload["lighthouse"],
-            joining=True,
-            store=payload.get("store"),
-        ),
+    run = RunDir(payload["run"])
+    seat = Seat(
+        index=int(payload["index"]),
+        lighthouse=payload["lighthouse"],
+        joining=True,
+        store=payload.get("store"),
     )
+    comm, session = elastic_worker(cfg, run, seat)
+    train_worker(cfg, comm, run, torch.device(device), session=session)

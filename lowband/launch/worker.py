@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lowband.comm import Comm, LinkSpec
 from lowband.config import TrainConfig
 from lowband.errors import LowbandError
 from lowband.fault.elastic import JobStateLost
@@ -44,20 +43,17 @@ def elastic_worker_main(
     resume: bool,
 ) -> None:
     """Train as worker `index` of the elastic job; never returns (see the module docstring)."""
-    from lowband.train.loop import Seat, train_worker
+    from lowband.train.loop import train_worker
+    from lowband.train.session import Seat, elastic_worker
 
     cfg = TrainConfig.from_dict(cfg_dict)
     torch.set_num_threads(cfg.threads)
     quiet_torchft()
     try:
-        train_worker(
-            cfg,
-            Comm(None, LinkSpec.parse(cfg.link), seed=cfg.seed),
-            RunDir(run_path),
-            torch.device("cpu"),
-            resume=resume,
-            seat=Seat(index=index, lighthouse=lighthouse, joining=joining, store=store),
-        )
+        run = RunDir(run_path)
+        seat = Seat(index=index, lighthouse=lighthouse, joining=joining, store=store)
+        comm, session = elastic_worker(cfg, run, seat)
+        train_worker(cfg, comm, run, torch.device("cpu"), resume=resume, session=session)
     except JobStateLost as e:
         errors.put((index, 3, str(e)))
         sys.exit(3)

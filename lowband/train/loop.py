@@ -30,7 +30,7 @@ from lowband.train import checkpoint
 from lowband.train.meta import run_meta
 from lowband.train.progress import ProgressBar
 from lowband.train.rundir import RunDir, fingerprint, write_json_atomic
-from lowband.train.session import LocalSession, Seat, open_session
+from lowband.train.session import LocalSession
 from lowband.train.state import TrainState, TrainStep
 
 
@@ -207,12 +207,12 @@ def train_worker(
     run: RunDir,
     device: torch.device,
     resume: bool = False,
-    seat: Seat | None = None,
+    session: LocalSession | None = None,
 ) -> dict:
     """Train on this worker until cfg's last step; returns the run's summary (on every rank of a
-    static job). With a `seat` it is a worker of an elastic job and `comm` only carries its byte
-    counters: every round gets its quorum's Comm from the sync group."""
-    session = open_session(cfg, comm, run, seat)
+    static job). `session`: how this worker takes part (default: a static job on `comm`; the
+    elastic launcher passes an ElasticSession, whose rounds get their quorum's Comm)."""
+    session = session if session is not None else LocalSession(cfg, comm)
     try:
         return _train(cfg, session, run, device, resume)
     finally:

@@ -217,11 +217,11 @@ def _start_together(store, workers: int, timeout_s: float) -> None:
         time.sleep(0.05)
 
 
-def open_session(
-    cfg: TrainConfig, comm: Comm, run: RunDir, seat: Seat | None = None
-) -> LocalSession:
-    """The session of this worker: elastic when it has a seat, else static on `comm`."""
-    return LocalSession(cfg, comm) if seat is None else ElasticSession(cfg, seat, comm, run)
+def elastic_worker(cfg: TrainConfig, run: RunDir, seat: Seat) -> tuple[Comm, ElasticSession]:
+    """A worker's (Comm, session) in an elastic job: the Comm only carries its byte counters and
+    link, every round gets its quorum's Comm from the session's sync group."""
+    comm = Comm(None, LinkSpec.parse(cfg.link), seed=cfg.seed)
+    return comm, ElasticSession(cfg, seat, comm, run)
 
 
-__all__ = ["Seat", "LocalSession", "ElasticSession", "open_session"]
+__all__ = ["Seat", "LocalSession", "ElasticSession", "elastic_worker"]
