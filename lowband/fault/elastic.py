@@ -390,6 +390,11 @@ class ElasticGroup(SyncGroup):
         """Committed rounds (torchft's step; the first workers start at 1)."""
         return self.manager.current_step()
 
+    def restore_step(self, step: int) -> None:
+        """Resume the committed-round counter (a job resumed from a checkpoint); at least 1, so a
+        newcomer (step 0) still heals from this worker."""
+        self.manager.load_state_dict({"step": max(1, step), "batches_committed": 0})
+
     def throttle(self, factor: float) -> None:
         """Divide this worker's emulated bandwidth by `factor` (fault injection: --throttle-at)."""
         if self.link is None:

@@ -188,12 +188,14 @@ class TrainJob:
         if slot is None:
             return
         rank, world = slot
-        extra = {
-            "comm_stats": self.session.stats.state_dict(),
-            "timers": {"compute": self.timers.compute, "wall_offset": self.wall()},
-            "digest": self.state.digest(),
-        }
-        checkpoint.save(self.run, step, rank, world, self.fp, {**self.state.state_dict(), **extra})
+        state = self.state.state_dict()  # first: it lets a reduction in flight land (and count)
+        state.update(
+            comm_stats=self.session.stats.state_dict(),
+            timers={"compute": self.timers.compute, "wall_offset": self.wall()},
+            digest=self.state.digest(),
+            **self.session.checkpoint_extra(),
+        )
+        checkpoint.save(self.run, step, rank, world, self.fp, state)
         if rank == 0:
             self.run.prune_checkpoints(self.cfg.keep_checkpoints)
 
@@ -267,6 +269,7 @@ def _train(cfg: TrainConfig, session: LocalSession, run: RunDir, device, resume:
         if ckpts[-1].world_size == session.world:  # this worker's own counters
             session.stats.load_state_dict(saved["comm_stats"])
             timers = Timers(**saved["timers"])
+        session.resumed(saved)
         resumed = {"event": "resumed", "from_step": state.step, "digest": state.digest()}
         run.truncate_metrics(session.index, state.step)
     if session.index == 0 and session.fresh and not resume:

@@ -78,6 +78,13 @@ class LocalSession:
         """(rank, world size) of this worker's file in a checkpoint: every rank writes its own."""
         return self.index, self.world
 
+    def checkpoint_extra(self) -> dict[str, Any]:
+        """What the session adds to a checkpoint."""
+        return {}
+
+    def resumed(self, saved: dict[str, Any]) -> None:
+        """This worker has just loaded the checkpoint `saved`."""
+
     def after_step(self, step: int, before_kill: Callable[[], None]) -> None:
         """Faults injected after `step` (--fail-at, --stall-at, --throttle-at)."""
         if (self.index, step) in self.chaos.kills:
@@ -160,6 +167,13 @@ class ElasticSession(LocalSession):
         if self.group.comm.rank != 0 or not self.elastic.last_committed:
             return None
         return 0, 1
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {"committed": self.elastic.step}
+
+    def resumed(self, saved: dict[str, Any]) -> None:
+        # The job's committed rounds go on counting from the checkpoint's.
+        self.elastic.restore_step(int(saved.get("committed", 1)))
 
     def throttle(self, factor: float) -> None:
         self.elastic.throttle(factor)
