@@ -108,3 +108,31 @@ def test_ddp_bytes_per_step_are_a_ring_all_reduce_of_the_gradients():
     for sent, n_params in run_ranks(4, body):
         # 2(n-1)/n of the fp32 gradients, up to the uneven last chunk of the ring
         assert abs(sent - 1.5 * n_params * 4) <= 4 * 4
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_gradients_are_the_codecs_average_bit_for_bit(bits):
+    """--bits below 32: one quantized all-reduce of the whole gradient; every rank gets exactly
+    the textbook quantized average of the workers' gradients, and the wire carries codec bytes."""
+    from lowband.comm import get_codec
+    from lowband.comm.quantized import quantized_all_reduce_bytes, reference_quantized_all_reduce
+
+    codec = get_codec(bits)
+
+    def body(comm):
+        model = build_model(CFG, seed=7)
+        opt = make_opt(model)
+        algo = DDP(model, opt, comm, bits=bits)
+        x, y = batch(comm.rank, 0)
+        model.loss(x, y).backward()
+        mine = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone()
+        before = comm.stats.bytes_sent
+        algo.sync_gradients()
+        sent = comm.stats.bytes_sent - before
+        return mine, torch.cat([p.grad.reshape(-1) for p in model.parameters()]), sent
+
+    out = run_ranks(3, body)
+    expect = reference_quantized_all_reduce([o[0] for o in out], codec, op="avg")
+    for _, got, sent in out:
+        assert torch.equal(got, expect)
+        assert sent == quantized_all_reduce_bytes(expect.numel(), 3, codec)

@@ -128,8 +128,8 @@ class Recording(RobustReducer):
         super().__init__(*args, **kwargs)
         self.calls = []
 
-    def __call__(self, x, round_, key=0):
-        out = super().__call__(x, round_, key)
+    def __call__(self, x, round_, key=0, **kwargs):
+        out = super().__call__(x, round_, key, **kwargs)
         self.calls.append((round_, key, x.clone(), out.clone()))
         return out
 
@@ -351,15 +351,14 @@ BAD = [
     (["--attack", "ipm"], "needs --attackers 1"),
     (["--attackers", "1"], "needs an --attack"),
     (["--attack", "nope", "--attackers", "1"], "unknown --attack"),
-    (["--aggregate", "median", "--algo", "noloco"], "--aggregate applies to"),
-    (["--stragglers", "1", "--algo", "diloco"], "ddp only"),
+    (["--aggregate", "median", "--algo", "noloco"], "--aggregate and --attack apply to --algo"),
+    (["--stragglers", "1", "--algo", "diloco"], "apply to --algo ddp, not diloco"),
     (["--stragglers", "4", "--workers", "4"], "0 <= s <= n - 1"),
     (["--stragglers", "2", "--workers", "4", "--gradient-code", "fr"], "s + 1 to divide n"),
     (["--stragglers", "1", "--aggregate", "median"], "does not combine"),
     (["--gradient-code", "fr"], "needs --stragglers"),
     (["--straggler-delay", "0.5"], "needs --slow-workers"),
     (["--slow-workers", "1"], "needs a --straggler-delay"),
-    (["--bits", "8"], "does not apply to --algo ddp"),
 ]
 
 
@@ -372,11 +371,12 @@ def test_bad_combinations_exit_2_with_one_line(flags, message, tmp_path, capsys)
     assert not (tmp_path / "x").exists()
 
 
-def test_bits_apply_to_ddp_once_gradients_are_gathered():
+def test_bits_apply_to_ddp_gathered_or_all_reduced():
     from lowband.cli import validate
 
-    validate(TrainConfig(aggregate="median", bits=8))
-    validate(dataclasses.replace(TrainConfig(), attack="ipm", attackers=1, bits=4))
+    validate(TrainConfig(aggregate="median", options={"bits": 8}))
+    validate(dataclasses.replace(TrainConfig(), attack="ipm", attackers=1, options={"bits": 4}))
+    validate(TrainConfig(options={"bits": 8}))  # plain DDP: a quantized all-reduce
 
 
 def test_robust_ddp_resumes_centered_clipping_state():

@@ -34,7 +34,7 @@ ALGORITHMS: dict[str, type[Algorithm]] = {}
 """--algo name -> class, filled as the algorithm modules are imported."""
 
 FEATURES = {
-    "robust": "--aggregate (a robust rule) and --attack",
+    "robust": "--aggregate and --attack",
     "stragglers": "--stragglers (gradient coding)",
     "straggler_delay": "--slow-workers/--straggler-delay",
     "seq_parallel": "--seq-parallel",

@@ -99,6 +99,9 @@ def pairwise_sq_distances(updates_NV: Tensor) -> Tensor:
     g = gram64(updates_NV)
     sq = g.diagonal()
     dist = (sq[:, None] + sq[None, :] - 2 * g).clamp_min_(0)
+    # A Gram matrix from a matmul need not be bitwise symmetric; D must be, or two updates whose
+    # nearest neighbour is each other get different Krum scores and a tie breaks by rounding.
+    dist = (dist + dist.T) / 2
     dist.fill_diagonal_(0)
     return torch.where(torch.isfinite(dist), dist, torch.inf)
 
