@@ -161,20 +161,27 @@ def _check_data(cfg: TrainConfig, world: int):
     return corpus
 
 
-def _continued_config(run, saved, given: dict, options: dict, observation: set[str]):
-    """The saved config of a run being resumed, with the flags that may change applied; any flag
-    that would change what the run computes is refused (one line)."""
+def _resume(args, load_saved, given: dict, observation: set[str], options: dict | None = None):
+    """(run, config) of `--resume RUN`, for train and finetune alike: the run's saved config with
+    the flags that may change applied. Refused in one line: --out elsewhere, a folder that is not
+    such a run (load_saved raises), a flag that would change what the run computes."""
+    from lowband.train.rundir import RunDir
+
+    if args.out and Path(args.out) != Path(args.resume):
+        raise ConfigError("--resume continues a run in its own folder; drop --out")
+    run = RunDir(args.resume)
+    saved = load_saved(run)
     changed = sorted(
         _flag(k) for k, v in given.items() if k not in observation and v != getattr(saved, k)
     )
     saved_options = getattr(saved, "options", {})
-    changed += sorted(_flag(k) for k, v in options.items() if v != saved_options.get(k))
+    changed += sorted(_flag(k) for k, v in (options or {}).items() if v != saved_options.get(k))
     if changed:
         raise ConfigError(
             f"--resume continues {run.path} with its saved config; these flags would change "
             "what it computes: " + ", ".join(changed)
         )
-    return dataclasses.replace(saved, **given)
+    return run, dataclasses.replace(saved, **given)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -192,11 +199,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     torchrun = under_torchrun()
     rank0 = not torchrun or os.environ.get("RANK") == "0"
     if args.resume:
-        if args.out and Path(args.out) != Path(args.resume):
-            raise ConfigError("--resume continues a run in its own folder; drop --out")
-        run = RunDir(args.resume)
-        saved = run.load_config()
-        cfg = _continued_config(run, saved, given, options, _OBSERVATION_FIELDS)
+        run, cfg = _resume(args, RunDir.load_config, given, _OBSERVATION_FIELDS, options)
         cfg = dataclasses.replace(cfg, fail_at=given.get("fail_at"))  # faults are not resumed
     else:
         cfg = TrainConfig(**given, options=options)
@@ -310,25 +313,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         for f in dataclasses.fields(FinetuneConfig)
         if hasattr(args, f.name)
     }
-    if args.resume:
-        if args.out and Path(args.out) != Path(args.resume):
-            raise ConfigError("--resume continues a run in its own folder; drop --out")
-        run = RunDir(args.resume)
+    def load_saved(run):
         if not run.config_path.exists():
             raise RunDirError(f"--resume {run.path}: not a lowband run folder (no config.json)")
         saved = json.loads(run.config_path.read_text())
         if saved.get("algo") != "zo":
             raise ConfigError(f"--resume {run.path} is not a finetune run; use lowband train")
-        cfg = FinetuneConfig.from_dict(saved)
-        changed = sorted(
-            k for k, v in given.items() if k not in ELASTIC_FIELDS and v != getattr(cfg, k)
-        )
-        if changed:
-            raise ConfigError(
-                f"--resume continues {run.path} with its saved config; these flags would change "
-                "the update rule: " + ", ".join(_flag(k) for k in changed)
-            )
-        cfg = dataclasses.replace(cfg, **given)
+        return FinetuneConfig.from_dict(saved)
+
+    if args.resume:
+        run, cfg = _resume(args, load_saved, given, ELASTIC_FIELDS)
     else:
         cfg = FinetuneConfig(**given)
         if cfg.init is not None:

@@ -1,7 +1,7 @@
 """Fault tolerance building blocks: bit-parity of the shared state, C4-style detection, admission.
 
-Membership, quorum and live recovery (on torchft's Manager and Lighthouse) build on these.
-See docs/fault.md.
+The elastic sync group (lowband.fault.elastic.ElasticGroup: quorum and live recovery on torchft's
+Manager and Lighthouse) runs them after every committed round. See docs/fault.md.
 """
 
 from lowband.fault.admission import (
