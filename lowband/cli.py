@@ -313,6 +313,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         for f in dataclasses.fields(FinetuneConfig)
         if hasattr(args, f.name)
     }
+
     def load_saved(run):
         if not run.config_path.exists():
             raise RunDirError(f"--resume {run.path}: not a lowband run folder (no config.json)")

@@ -357,6 +357,14 @@ BAD = [
     (["--stragglers", "2", "--workers", "4", "--gradient-code", "fr"], "s + 1 to divide n"),
     (["--stragglers", "1", "--aggregate", "median"], "does not combine"),
     (["--gradient-code", "fr"], "needs --stragglers"),
+    (
+        ["--seq-parallel", "ring", "--cp", "2", "--aggregate", "median"],
+        "--seq-parallel does not combine with --aggregate and --attack: the ranks of a --cp group",
+    ),
+    (
+        ["--stragglers", "1", "--seq-parallel", "ring", "--cp", "2"],
+        "--stragglers (gradient coding) does not combine with --seq-parallel",
+    ),
     (["--straggler-delay", "0.5"], "needs --slow-workers"),
     (["--slow-workers", "1"], "needs a --straggler-delay"),
 ]

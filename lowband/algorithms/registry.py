@@ -38,16 +38,42 @@ FEATURES = {
     "stragglers": "--stragglers (gradient coding)",
     "straggler_delay": "--slow-workers/--straggler-delay",
     "seq_parallel": "--seq-parallel",
+    "elastic": "--elastic",
 }
 """What each name in `Algorithm.supports` stands for, in the words of an error message."""
 
-ELASTIC_REFUSED = {
-    "stragglers": "gradient coding decodes from a fixed set of --workers; an elastic job drops "
-    "a straggler from the next quorum instead (--heartbeat-timeout)",
-    "seq_parallel": "sequence parallelism shards every sequence over fixed groups of --cp "
-    "ranks, which a changing quorum cannot keep",
-}
-"""Run-level features --elastic does not combine with, and why."""
+CONFLICTS = [
+    (
+        "elastic",
+        "stragglers",
+        "gradient coding decodes from a fixed set of --workers; an elastic job drops a straggler "
+        "from the next quorum instead (--heartbeat-timeout)",
+    ),
+    (
+        "elastic",
+        "seq_parallel",
+        "sequence parallelism shards every sequence over fixed groups of --cp ranks, which a "
+        "changing quorum cannot keep",
+    ),
+    (
+        "stragglers",
+        "robust",
+        "gradient coding decodes the exact average from the survivors' coded sums, while a robust "
+        "rule needs every worker's own update",
+    ),
+    (
+        "seq_parallel",
+        "robust",
+        "the ranks of a --cp group hold partial gradients of the same sequences, not independent "
+        "updates a robust rule could compare",
+    ),
+    (
+        "stragglers",
+        "seq_parallel",
+        "gradient coding's data parts are whole workers' batches, which a --cp group shares",
+    ),
+]
+"""Pairs of run-level features that do not combine, and why (checked in this order)."""
 
 
 def register(cls: type[Algorithm]) -> None:
@@ -134,22 +160,23 @@ def check(cfg: TrainConfig) -> Any:
         "stragglers": cfg.stragglers > 0,
         "straggler_delay": cfg.straggler_delay > 0 or cfg.slow_workers is not None,
         "seq_parallel": cfg.seq_parallel is not None,
+        "elastic": cfg.elastic,
     }
     for feature, on in wanted.items():
-        if on and feature not in cls.supports:
+        if on and feature != "elastic" and feature not in cls.supports:
             able = [n for n, c in ALGORITHMS.items() if feature in c.supports]
             raise ConfigError(
                 f"{FEATURES[feature]} apply to --algo {', '.join(able)}, not {cfg.algo}"
             )
+    for a, b, reason in CONFLICTS:
+        if wanted[a] and wanted[b]:
+            raise ConfigError(f"{FEATURES[a]} does not combine with {FEATURES[b]}: {reason}")
     check_robust_options(cfg)
     check_seqpar_options(cfg)
     if cfg.elastic:
-        for feature, reason in ELASTIC_REFUSED.items():
-            if wanted[feature]:
-                raise ConfigError(f"--elastic does not combine with {FEATURES[feature]}: {reason}")
         if cfg.device == "cuda":
             raise ConfigError("--elastic runs on Gloo (CPU tensors) for now; drop --device cuda")
-        if gathers_updates(cfg):
+        if wanted["robust"]:
             from lowband.robust import check_tolerance
 
             try:  # every committed round has at least --min-workers members

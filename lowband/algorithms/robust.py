@@ -79,8 +79,6 @@ def check_robust_options(cfg: TrainConfig) -> None:
     if s < 0:
         raise ConfigError(f"--stragglers must be 0 or more, got {s}")
     if s > 0:
-        if robust or cfg.attack is not None:
-            raise ConfigError("--stragglers does not combine with a robust --aggregate or --attack")
         build_code(cfg, n)
     elif cfg.gradient_code is not None:
         raise ConfigError("--gradient-code needs --stragglers 1 or more")
