@@ -44,12 +44,11 @@ def timed_syncs(comm, rounds: int) -> dict[str, list[float]]:
     for r in range(1, rounds + 1):
         comm.barrier()
         t0 = time.perf_counter()
-        noloco._outer_step(r)
+        noloco.step()  # sync_every=1: every step is one outer round
         out["noloco"].append(time.perf_counter() - t0)
         comm.barrier()
         t0 = time.perf_counter()
-        diloco._start(0, due=r)
-        diloco._finish(0, r)
+        diloco.step()
         out["diloco"].append(time.perf_counter() - t0)
         comm.barrier()
         t0 = time.perf_counter()

@@ -106,6 +106,16 @@ class _DoneWork:
         raise RuntimeError
 
 
+class _Wire:
+    """This worker's emulated uplink and downlink: when each is next free (emulated end of the
+    last operation on it). Shared by the Comms a worker derives from one another."""
+
+    def __init__(self) -> None:
+        self.up_free = 0.0
+        self.down_free = 0.0
+        self.lock = threading.Lock()
+
+
 class Comm:
     """Byte-counting, link-emulating view of one process group."""
 
@@ -126,13 +136,18 @@ class Comm:
         self.rank = group.rank() if group is not None else 0
         self.size = group.size() if group is not None else 1
         self._rng = random.Random(seed * 100_003 + self.rank)
-        self._link_free = 0.0  # emulated end of the last operation on this worker's uplink
-        self._down_free = 0.0  # ... and of the last pure receive on its downlink
-        self._link_lock = threading.Lock()
+        self._wire = _Wire()
         self._thread_state = threading.local()
         self.observers: list[Callable[[str, float, float, bool], None]] = []
         """Called after every wait with (op, issue time, seconds blocked, background), e.g. by the
         C4-style detector (lowband.fault.detector). Observers must not issue operations."""
+
+    def derive(self, group: dist.ProcessGroup) -> Comm:
+        """A Comm over another group of the same ranks (a private group for background
+        reductions) that shares this one's byte counters, link, emulated wire and observers."""
+        other = Comm(group, self.link, stats=self.stats, device=self.device)
+        other._rng, other._wire, other.observers = self._rng, self._wire, self.observers
+        return other
 
     # -- background threads -------------------------------------------------------------------
     @property
@@ -156,14 +171,16 @@ class Comm:
         # A pure receive arrives over the sender's uplink, not ours: it queues on our downlink,
         # so a pair exchange (send + recv) overlaps as on a full-duplex link.
         downlink = traffic.sent == 0 and traffic.recv > 0
-        free = self._down_free if downlink else self._link_free
-        end = max(t_done, free) + self.link.sample_time(
-            traffic.critical_bytes, traffic.rounds, self._rng
-        )
-        if downlink:
-            self._down_free = end
-        else:
-            self._link_free = end
+        wire = self._wire
+        with wire.lock:  # a background thread may share the wire
+            free = wire.down_free if downlink else wire.up_free
+            end = max(t_done, free) + self.link.sample_time(
+                traffic.critical_bytes, traffic.rounds, self._rng
+            )
+            if downlink:
+                wire.down_free = end
+            else:
+                wire.up_free = end
         delay = end - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
