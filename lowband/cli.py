@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from lowband.config import TrainConfig, field_docs
-from lowband.errors import CheckpointError, ConfigError, LowbandError, RunDirError
+from lowband.errors import ConfigError, LowbandError, RunDirError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -216,10 +216,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     world = cfg.workers
     corpus = _check_data(cfg, world)
 
-    if args.resume:
-        ckpts = run.checkpoints()
-        if not ckpts:
-            raise CheckpointError(f"{run.path} has no complete checkpoint to resume from")
+    if args.resume and not (ckpts := run.checkpoints()):
+        # Stopped before its first checkpoint: nothing to continue from, so it starts again.
+        print(
+            f"{run.path} has no complete checkpoint yet: starting it from step 0", file=sys.stderr
+        )
+    elif args.resume:
         # An elastic job's checkpoint holds one state, the one its quorum committed.
         run.verify_checkpoint(
             ckpts[-1], fingerprint(cfg, corpus.sha256), 1 if cfg.elastic else world
@@ -564,18 +566,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lowband.launch.signals import Stopped, stop_on_signals
+
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
+        with stop_on_signals():  # SIGTERM, SIGHUP: as Ctrl-C (lowband.launch.signals)
+            return args.fn(args)
     except LowbandError as e:
         print(f"lowband: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        how = f"stopped by {e}" if isinstance(e, Stopped) else "interrupted"
         print(
-            "lowband: interrupted; resume with --resume RUN from the last checkpoint",
+            f"lowband: {how}; the workers were stopped; resume with --resume RUN from the last "
+            "checkpoint",
             file=sys.stderr,
         )
-        return 130
+        return 128 + e.signum if isinstance(e, Stopped) else 130
     except Exception as e:
         from lowband.launch import WorkerFailed
 

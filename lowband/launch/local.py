@@ -27,6 +27,7 @@ from lowband.comm import Comm, LinkSpec
 from lowband.config import TrainConfig
 from lowband.errors import ConfigError, LowbandError
 from lowband.launch.failures import WorkerFailed, worker_messages
+from lowband.launch.signals import exit_with_parent
 from lowband.train.loop import train_worker
 from lowband.train.rundir import RunDir
 
@@ -123,6 +124,7 @@ def _worker_main(
     cfg_cls: type,
 ) -> None:
     """One spawned worker (step 2); exits 2 on bad input, 1 on anything else."""
+    exit_with_parent()
     cfg = cfg_cls.from_dict(cfg_dict)
     torch.set_num_threads(cfg.threads)
     try:

@@ -43,9 +43,11 @@ def elastic_worker_main(
     resume: bool,
 ) -> None:
     """Train as worker `index` of the elastic job; never returns (see the module docstring)."""
+    from lowband.launch.signals import exit_with_parent
     from lowband.train.loop import train_worker
     from lowband.train.session import Seat, elastic_worker
 
+    exit_with_parent()
     cfg = TrainConfig.from_dict(cfg_dict)
     torch.set_num_threads(cfg.threads)
     quiet_torchft()

@@ -272,6 +272,8 @@ def _train(cfg: TrainConfig, session: LocalSession, run: RunDir, device, resume:
         session.resumed(saved)
         resumed = {"event": "resumed", "from_step": state.step, "digest": state.digest()}
         run.truncate_metrics(session.index, state.step)
+    elif resume:  # stopped before its first checkpoint: it starts again
+        run.truncate_metrics(session.index, 0)
     if session.index == 0 and session.fresh and not resume:
         write_json_atomic(
             run.meta_path,
