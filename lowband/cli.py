@@ -127,7 +127,7 @@ def validate(cfg: TrainConfig) -> None:
 
 def _validate_elastic(cfg: TrainConfig) -> None:
     if not cfg.elastic:
-        for name in ("restarts", "lighthouse", "stall_at", "throttle_at"):
+        for name in ("restarts", "lighthouse", "stall_at", "throttle_at", "kill_joiner"):
             if getattr(cfg, name) != getattr(TrainConfig(), name):
                 raise ConfigError(f"{_flag(name)} needs --elastic")
         return

@@ -75,7 +75,7 @@ class TrainConfig:
     byzantine_tolerance: int = 0
     """f, the Byzantine workers the --aggregate rule is set to tolerate (2f < workers; trimmed-mean drops f each side, krum needs workers > 2f + 2, bulyan workers >= 4f + 3)."""
     attack: str | None = None
-    """Testing aid: the last --attackers ranks misbehave: sign-flip, ipm, alie, gaussian, random (their update is replaced; they see the honest updates) or label-flip (they train on flipped targets)."""
+    """Testing aid: the last --attackers ranks misbehave: sign-flip, ipm, alie, gaussian, random, nan, inf (their update is replaced; they see the honest updates) or label-flip (they train on flipped targets)."""
     attackers: int = 0
     """Testing aid: how many workers run --attack: always the LAST ranks, so rank 0's logs stay honest."""
     stragglers: int = 0
@@ -136,6 +136,8 @@ class TrainConfig:
     """Fault injection: RANK:STEP:SECONDS stops that worker (SIGSTOP) for that long after that step, then SIGCONT."""
     throttle_at: str | None = None
     """Fault injection: RANK:STEP:FACTOR divides that worker's emulated link bandwidth by FACTOR from that step on."""
+    kill_joiner: str | None = None
+    """Fault injection (elastic): SECONDS[,SECONDS...]: a restarted worker kills itself (SIGKILL) that long after it joined, while it waits for its quorum or heals; one value per restart (the first restart takes the first), later restarts are left alone."""
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR.get(self.model, 1e-3)

@@ -327,3 +327,22 @@ def test_every_worker_dies_and_the_job_resumes_from_its_checkpoint(tmp_path, cap
     _check_invariants(out, syncs=10)
     loss = json.loads((out / "summary.json").read_text())["final_eval_loss"]
     assert loss == pytest.approx(fault_free["elastic"], rel=0.03)
+
+
+def test_a_restart_killed_while_it_joins_or_heals_is_just_another_failure(tmp_path):
+    # Worker 1 dies at step 12; its first restart is killed 0.3 s after joining (waiting for its
+    # quorum), its second 1.2 s after (the 100 Mbit/s link makes the ~17 MB heal last ~1.4 s);
+    # the third heals. The survivors must not go down with the joiners, and nothing is lost.
+    run = _train(
+        tmp_path, "joinkill", "--workers", "3", "--elastic", *DILOCO, "--fail-at", "1:12",
+        "--restarts", "4", "--kill-joiner", "0.3,1.2", "--link", "100mbit:5ms",
+        "--heartbeat-timeout", "2", "--timeout", "10",
+    )  # fmt: skip
+    died = _events(run, "worker_died")
+    assert [e["index"] for e in died] == [1, 1, 1], died  # the kill -9, then the two joiners
+    assert len(_events(run, "worker_restarted")) == 3
+    assert _events(run, "recovered"), "the last restart never healed"
+    # A round a joiner died in is discarded by everybody (never applied): the others train on.
+    discarded = {e["local_step"] for e in _events(run, "sync_discarded") if e["rank"] == 0}
+    assert len(discarded) <= 2, discarded
+    _check_invariants(run, syncs=10 - len(discarded))

@@ -1,3 +1,4 @@
+import dataclasses
 import importlib
 import importlib.util
 import sys
@@ -7,14 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lowband.algorithms.robust import ATTACK_NAMES, check_robust_options
 from lowband.comm import get_codec
+from lowband.config import TrainConfig
 from lowband.errors import ConfigError
 from lowband.robust import (
     AGGREGATORS,
+    RobustReducer,
     apply_attack,
     bulyan,
     centered_clipping,
     coordinate_median,
+    finite_rows,
     flag_aggregator,
     flip_labels,
     geometric_median,
@@ -69,7 +74,9 @@ def ref_bulyan(x, f):
     for _ in range(n - 2 * f):
         sub = x[remaining]
         scores = ref_krum_scores(sub, max(len(remaining) - f - 2, 0))
-        selected.append(remaining.pop(scores.index(min(scores))))
+        # ties (f = 1 ends with zero neighbours, every score 0) go to the smallest row by value
+        best = min(range(len(scores)), key=lambda j: (scores[j], sub[j].tolist()))
+        selected.append(remaining.pop(best))
     sel = x[sorted(selected)]
     beta = sel.shape[0] - 2 * f
     out = torch.empty(x.shape[1], dtype=x.dtype)
@@ -284,6 +291,131 @@ def test_flag_keeps_fp32_and_zero_updates():
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
+# -- non-finite and absurd updates (issue #20) -----------------------------------------------------
+BAD_ROWS = {  # kind -> (the attacker row's entries, dtype)
+    "nan": (float("nan"), torch.float32),
+    "inf": (float("inf"), torch.float32),
+    "one-nan-entry": ("one-nan", f64),  # an honest-looking row with a single NaN
+    "1e19-fp32": (1e19, torch.float32),  # its sum of squares overflows fp32 at d = 1000
+    "1e300-fp64": (1e300, f64),  # and fp64's
+}
+SELECTING = ("coordinate_median", "trimmed_mean", "krum", "multi_krum", "bulyan")
+"""Rules whose output lies in the honest rows' coordinate box once the attacker is out."""
+AVERAGING = {
+    "mean": 1e-6,
+    "geometric_median": 0.05,
+    "centered_clipping": 0.3,
+    "flag_aggregator": 0.2,
+}
+"""The others: |out - honest mean| / |honest mean| at most this. Measured with an absurd row (a
+dropped row leaves under 0.002): geomed 0.016; centered clipping 0.20, the attacker's clipped
+tau / n; flag 0.14, the attacker's direction, orthogonal to Y, still counts in the 1/n."""
+
+
+def with_bad_row(kind, d=1000, at=2):
+    """Six honest rows (cluster) and, at row `at`, one attacker row of the given kind."""
+    value, dtype = BAD_ROWS[kind]
+    _, honest = cluster(6, 0, d=d, dtype=dtype)
+    bad = honest[:1].clone()
+    if value == "one-nan":
+        bad[0, d // 2] = float("nan")
+    else:
+        bad.fill_(value)
+    return torch.cat([honest[:at], bad, honest[at:]]), honest
+
+
+@pytest.mark.parametrize("kind", BAD_ROWS)
+def test_one_non_finite_or_absurd_row_does_not_reach_any_rule_output(kind):
+    x, honest = with_bad_row(kind)
+    assert finite_rows(x)[1] == (0 if kind.startswith("1e") else 1)
+    assert torch.equal(finite_rows(honest)[0], honest)  # clean input: the rows themselves
+    lo, hi = honest.min(0).values, honest.max(0).values
+    centre = honest.mean(0)
+    assert set(SELECTING) | set(AVERAGING) == set(AGGREGATORS)
+    for name in AGGREGATORS:
+        out = get_aggregator(name, f=1)(x)
+        assert out.shape == centre.shape and out.dtype == x.dtype, name
+        assert bool(torch.isfinite(out).all()), (kind, name)
+        if name in SELECTING:
+            assert bool(((out >= lo) & (out <= hi)).all()), (kind, name)
+        elif name != "mean" or not kind.startswith("1e"):  # the mean tolerates no finite attacker
+            rel = float(torch.linalg.vector_norm(out - centre) / torch.linalg.vector_norm(centre))
+            assert rel <= AVERAGING[name], (kind, name, rel)
+
+
+def test_stateful_centered_clipping_recovers_after_a_bad_round():
+    for kind in BAD_ROWS:
+        x, honest = with_bad_row(kind)
+        cc = get_aggregator("centered_clipping")
+        assert bool(torch.isfinite(cc(x)).all()), kind
+        for _ in range(3):  # clean rounds: the reference moves back to the honest mean
+            out = cc(honest)
+        assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(cc.reference).all()), kind
+        centre = honest.mean(0)
+        err = torch.linalg.vector_norm(out - centre) / torch.linalg.vector_norm(centre)
+        assert err <= 0.01, (kind, float(err))
+
+
+def test_no_finite_row_gives_no_update():
+    x = torch.full((7, 5), float("nan"), dtype=f64)
+    x[3] = float("inf")
+    for name in AGGREGATORS:
+        assert torch.equal(get_aggregator(name, f=1)(x), torch.zeros(5, dtype=f64)), name
+    cc = get_aggregator("centered_clipping")
+    ref = cc(torch.randn(7, 5, dtype=f64)).clone()
+    assert torch.equal(cc(x), torch.zeros(5, dtype=f64))
+    assert torch.equal(cc.reference, ref)  # a round with nothing to aggregate keeps the reference
+
+
+def test_rejected_rows_count_against_f():
+    """The dropped rows were Byzantine: a rule runs on the rest with f lowered by their number, so
+    its precondition still holds (krum n = 5, f = 1 with one row dropped: 4 rows, f = 0)."""
+    x, honest = cluster(4, 0, seed=7)
+    x = torch.cat([x, torch.full((1, 16), float("nan"), dtype=f64)])
+    torch.testing.assert_close(trimmed_mean(x, 1), honest.mean(0))  # f = 0 left: the mean
+    torch.testing.assert_close(multi_krum(x, 1), honest.mean(0))  # m = n - f = 4: all honest
+    assert any(torch.equal(krum(x, 1), h) for h in honest)
+    rows = torch.cat([honest, honest[:2], x[4:]])  # n = 7 = 4f + 3 with f = 1, one row NaN
+    torch.testing.assert_close(bulyan(rows, 1), rows[:6].mean(0))  # f = 0 left: all, averaged
+
+
+# -- tie-breaks: no rule depends on the order of the rows -------------------------------------------
+def tied_rows():
+    """+-e_1, +-e_2, +-e_3 and one attacker at (10, 10, 10, 10): integer distances, so every honest
+    Krum score ties exactly (8 with n - f - 2 = 4 neighbours)."""
+    e = torch.eye(4, dtype=f64)[:3]
+    return torch.cat([e, -e, torch.full((1, 4), 10.0, dtype=f64)])
+
+
+SELECTIONS = {
+    "krum": lambda t: krum(t, 1),
+    "multi_krum": lambda t: multi_krum(t, 1),
+    "multi_krum(m=3)": lambda t: multi_krum(t, 1, m=3),
+    "krum(neighbours=0)": lambda t: krum(t, 1, neighbours=0),
+    "bulyan": lambda t: bulyan(t, 1),  # f = 1: the last Krum steps have zero neighbours
+}
+
+
+@pytest.mark.parametrize("data", ["tied", "cluster"])
+def test_no_rule_depends_on_the_order_of_the_rows(data):
+    x = tied_rows() if data == "tied" else cluster(6, 1, seed=6, outlier=3.0)[0]
+    gen = torch.Generator().manual_seed(0)
+    perms = [torch.randperm(7, generator=gen) for _ in range(6)] + [torch.arange(6, -1, -1)]
+    for name, rule in SELECTIONS.items():
+        expect = rule(x)
+        for p in perms:
+            assert torch.equal(rule(x[p]), expect), (data, name, p.tolist())
+    if data == "tied":
+        # the documented rule: the lexicographically smallest of the tied rows, -e_1
+        assert krum(x, 1).tolist() == [-1.0, 0.0, 0.0, 0.0]
+        return
+    for name in AGGREGATORS:  # fresh rules: centered clipping starts from zeros each time
+        expect = get_aggregator(name, f=1)(x)
+        for p in perms:
+            out = get_aggregator(name, f=1)(x[p])
+            torch.testing.assert_close(out, expect, rtol=1e-9, atol=1e-9, msg=name)
+
+
 # -- attacks ---------------------------------------------------------------------------------------
 def test_attacks_follow_their_definitions():
     h = torch.randn(7, 12, dtype=f64)
@@ -298,6 +430,16 @@ def test_attacks_follow_their_definitions():
     assert flip_labels(torch.tensor([0, 3, 9]), 10).tolist() == [9, 6, 0]
     # ALIE's z_max (Baruch et al.): n = 50, f = 24 -> s = 2, Phi^-1(48/50)
     assert alie_z_max(50, 24) == pytest.approx(1.7507, abs=1e-4)
+
+
+def test_nan_and_inf_attacks():
+    h = torch.randn(5, 3, dtype=f64)
+    assert torch.isnan(get_attack("nan")(h, 2)).all() and get_attack("nan")(h, 2).shape == (2, 3)
+    assert torch.equal(get_attack("inf")(h, 1), torch.full((1, 3), float("inf"), dtype=f64))
+    for name in ("nan", "inf"):  # --attack nan / --attack inf pass the CLI's checks
+        assert name in ATTACK_NAMES
+        cfg = TrainConfig(workers=4, aggregate="median", byzantine_tolerance=1, attack=name)
+        check_robust_options(dataclasses.replace(cfg, attackers=1))
 
 
 def test_attack_registry_errors_and_apply():
@@ -405,6 +547,21 @@ def test_robust_all_reduce_identical_on_all_ranks_and_counts_bytes(name, f, code
     assert expect == (n - 1) * codec.payload_bytes(numel)
     for r in res:
         assert r[2]["bytes_sent"] == expect and r[2]["bytes_recv"] == expect
+
+
+def _reducer_body(comm, attack):
+    reducer = RobustReducer(comm, "median", 1, attack=attack, attackers=[comm.size - 1])
+    x = torch.randn(33, generator=torch.Generator().manual_seed(comm.rank))
+    return x, reducer(x, 0), reducer.last_rejected
+
+
+@pytest.mark.parametrize("attack", ["nan", "inf"])
+def test_reducer_drops_and_counts_non_finite_updates(attack):
+    res = run_ranks(4, _reducer_body, attack)
+    honest = torch.stack([r[0] for r in res[:3]])
+    for _, out, rejected in res:
+        assert rejected == 1
+        assert torch.equal(out, coordinate_median(honest))
 
 
 # -- end to end: 10 simulated workers, logistic regression -------------------------------------------

@@ -22,7 +22,7 @@ from lowband.config import TrainConfig
 from lowband.errors import ConfigError
 from lowband.robust import ATTACKS, RobustReducer, get_aggregator, get_attack
 
-ATTACK_NAMES = ("sign-flip", "ipm", "alie", "gaussian", "random", "label-flip")
+ATTACK_NAMES = ("sign-flip", "ipm", "alie", "gaussian", "random", "nan", "inf", "label-flip")
 
 
 def _key(name: str) -> str:

@@ -124,6 +124,11 @@ class JobStateLost(LowbandError):
     """A newcomer found no live worker holding the job's state: every one that had it is gone."""
 
 
+class HealFailed(RuntimeError):
+    """A newcomer's download of a live peer's state failed (its source died or hung): it exits
+    like any failed worker (a restart may try again), the others go on."""
+
+
 class ElasticGroup(SyncGroup):
     """This worker's seat in an elastic job, as a sync group (module docstring)."""
 
@@ -248,6 +253,13 @@ class ElasticGroup(SyncGroup):
                 if attempt == 2:
                     raise
         self.healed = self._loading
+        if self.joining and not self.healed and self.manager.errored() is not None:
+            # The heal itself failed (its source died or hung mid-transfer): this worker has no
+            # state to take part with. It leaves; the others discard the round and go on.
+            raise HealFailed(
+                f"{self.replica_id}: healing from a live peer failed "
+                f"({str(self.manager.errored()).splitlines()[0][:200]})"
+            )
         if self.joining and not self.healed:
             # Every worker in the quorum is a newcomer (step 0): the workers that held the job's
             # state are all gone, and an elastic job keeps it nowhere else.
@@ -259,12 +271,25 @@ class ElasticGroup(SyncGroup):
         self.joining = False
         quorum_id = self.manager._quorum_id  # torchft exposes no getter; read-only use
         self._new_quorum = quorum_id != self._quorum_id
+        group = None
         if self._new_quorum:
             self._quorum_id = quorum_id
-            self.comm = Comm(self.pg.parent, self.link, stats=self.stats, seed=self.seed)
+            try:
+                group = self.pg.parent
+            except Exception as e:  # noqa: BLE001 - torchft could not configure the quorum's
+                # group (a member died while it was being set up) and has reported it: this
+                # round cannot commit, so take it alone and rebuild at the next quorum.
+                self.report(e)
+                self._quorum_id = None
+        if group is not None:
+            self.comm = Comm(group, self.link, stats=self.stats, seed=self.seed)
             self.detector.comm = self.comm
             self.comm.observers.append(self.detector.record)
             self._exchange_members()
+        elif self._new_quorum:
+            self.comm = Comm(None, self.link, stats=self.stats, seed=self.seed)
+            self._members, self._contributing = [self.index], [not self.healed]
+            self.contributors = 1
         else:  # the same members as last time, none of them healing: everybody contributes
             self.contributors = self.comm.size
             self._contributing = [True] * self.comm.size

@@ -11,12 +11,16 @@ are omniscient, as in the papers: they see every honest update of the round befo
     gaussian    N(mu, sigma^2 I), mu = 0, sigma = 1, per attacker   (ByzFL Gaussian)
     random      a uniformly random direction with the honest mean's norm (times scale), per
                 attacker: a plausible-size update that carries no information
+    nan         every entry NaN (what a diverged worker sends)          issue #20
+    inf         every entry +inf                                         issue #20
     label_flip  data level, not here: attackers train on flip_labels(y, classes) and send an
                 honest-looking update computed from it. A loader hook applies flip_labels to the
                 attacker ranks' batches (the Byzantine rank's data loader, not the aggregator).
 
-std is the sample standard deviation (n - 1 in the denominator), as in ByzFL. sign_flip, ipm and
-alie send the same vector from every attacker (they agree); gaussian and random draw one each.
+std is the sample standard deviation (n - 1 in the denominator), as in ByzFL. sign_flip, ipm,
+alie, nan and inf send the same vector from every attacker (they agree); gaussian and random draw
+one each. Every rule drops nan and inf rows before it runs (lowband.robust.aggregators.finite_rows),
+so these two check that nothing non-finite reaches the model, or crashes a rank.
 """
 
 from __future__ import annotations
@@ -40,7 +44,9 @@ __all__ = [
     "flip_labels",
     "gaussian",
     "get_attack",
+    "inf_update",
     "ipm",
+    "nan_update",
     "random_direction",
     "sign_flip",
 ]
@@ -106,6 +112,16 @@ def random_direction(
     return (scale * torch.linalg.vector_norm(honest_HV.mean(dim=0)).cpu() * z).to(honest_HV.device)
 
 
+def nan_update(honest_HV: Tensor, f: int, generator: torch.Generator | None = None) -> Tensor:
+    """An update full of NaN, as from a worker whose loss diverged."""
+    return honest_HV.new_full((f, honest_HV.shape[1]), float("nan"))
+
+
+def inf_update(honest_HV: Tensor, f: int, generator: torch.Generator | None = None) -> Tensor:
+    """An update full of +inf."""
+    return honest_HV.new_full((f, honest_HV.shape[1]), float("inf"))
+
+
 def flip_labels(targets: Tensor, num_classes: int) -> Tensor:
     """Label flipping, the data-level attack: class y becomes num_classes - 1 - y."""
     return num_classes - 1 - targets
@@ -135,6 +151,8 @@ ATTACKS: dict[str, Attack] = {
     "alie": alie,
     "gaussian": gaussian,
     "random": random_direction,
+    "nan": nan_update,
+    "inf": inf_update,
 }
 """name -> attack(honest_HV, f, generator=None, **options). label_flip is data level (flip_labels)."""
 

@@ -7,7 +7,8 @@ A Byzantine-robust rule needs the individual updates, not their sum, so this is 
     2. comm.all_gather the payloads: rank r receives everybody's;
     3. decode every payload, our own included, so each rank works from the same bytes;
     4. (simulation only) replace the attacker ranks' rows with attack(honest rows);
-    5. run the aggregator on the stacked (n, V) tensor.
+    5. run the aggregator on the stacked (n, V) tensor. Every rule first drops rows with NaN or
+       inf (finite_rows), so one such worker cannot crash or poison any rank.
 
 Steps 3-5 are deterministic functions of the same bytes, so the result is identical on every
 rank, bit for bit (the attack's generator must be seeded the same on every rank). Bytes per rank:
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 
 from lowband.comm import Codec, Comm, get_codec
-from lowband.robust.aggregators import check_tolerance
+from lowband.robust.aggregators import check_tolerance, finite_rows
 from lowband.robust.attacks import apply_attack
 
 __all__ = ["RobustReducer", "robust_all_reduce", "robust_all_reduce_bytes"]
@@ -74,6 +75,7 @@ class RobustReducer:
     one aggregator per `key` (a fragment), since centered clipping carries its previous output from
     round to round. Simulated attackers (attack, attackers) draw their noise from a generator seeded
     by (seed, round, key), the same on every rank, so the aggregate stays identical everywhere.
+    `last_rejected` counts the rows the last call's rule dropped as non-finite.
     """
 
     def __init__(
@@ -100,6 +102,8 @@ class RobustReducer:
         self._aggregators: dict[int, Callable[[Tensor], Tensor]] = {}
         self.attack = get_attack(attack) if attack is not None else None
         self.attackers = tuple(attackers) if attack is not None else ()
+        self.last_rejected = 0
+        """Rows with NaN or inf that the last call's rule dropped (the same on every rank)."""
 
     def __call__(
         self,
@@ -129,10 +133,16 @@ class RobustReducer:
         if key not in self._aggregators:
             self._aggregators[key] = self._make()
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + round_) * 1_009 + key)
+        rule = self._aggregators[key]
+
+        def counted(updates_NV: Tensor) -> Tensor:
+            self.last_rejected = finite_rows(updates_NV)[1]
+            return rule(updates_NV)
+
         return robust_all_reduce(
             comm,
             x,
-            self._aggregators[key],
+            counted,
             self.codec,
             attack=self.attack,
             attackers=attackers,

@@ -31,6 +31,11 @@ What we do differently, and why:
   flag mean (all weights 1), which is what a random start's first iteration gives up to O(1/V)
   terms, and is deterministic, so every rank computes the same Y without a shared seed.
 
+Non-finite and absurd updates: flag_aggregator drops rows with NaN or inf first (finite_rows;
+zeros if none is left). Where a sum of squares could overflow fp64, the Gram matrix is built from
+each row divided by a power of two near its largest entry, so a 1e300 row does not overflow into
+inf * 0 = NaN, which made eigh fail to converge and crash every rank. The division is exact.
+
 Not robust to everything: the rule is sign blind (x and -x span the same line), so an attack along
 the honest direction (sign flip, IPM) keeps a full weight and only its norm is bounded, exactly as
 for the mean of normalized updates. See docs/robust_and_coding.md for measurements.
@@ -42,7 +47,7 @@ import torch
 from torch import Tensor
 
 from lowband.errors import ConfigError
-from lowband.robust.aggregators import _check_updates, gram64
+from lowband.robust.aggregators import _check_updates, _gram64, _no_update, _pow2_scale, finite_rows
 
 __all__ = ["flag_aggregator", "flag_subspace"]
 
@@ -89,20 +94,33 @@ def _weights(k: Tensor, c: Tensor, lam: float) -> Tensor:
     return a
 
 
+def _check_options(r: int, lam: float, iters: int) -> None:
+    if not isinstance(r, int) or r < 1:
+        raise ConfigError(f"flag_aggregator needs an integer r >= 1, got {r!r}")
+    if lam < 0 or iters < 1:
+        raise ConfigError("flag_aggregator needs lam >= 0 and iters >= 1")
+
+
 def flag_subspace(
     updates_NV: Tensor, r: int = 1, lam: float = 0.0, iters: int = 10, tol: float = 1e-10
 ) -> tuple[Tensor, Tensor, Tensor]:
     """FlagIRLS in the span of the updates. Returns (C, K, norms): Y = X C with X the unit
     directions as columns, K = X^T X, norms = ||g_i||; all fp64, all n x n work."""
-    n, _ = _check_updates(updates_NV)
-    if not isinstance(r, int) or r < 1:
-        raise ConfigError(f"flag_aggregator needs an integer r >= 1, got {r!r}")
-    if lam < 0 or iters < 1:
-        raise ConfigError("flag_aggregator needs lam >= 0 and iters >= 1")
-    g = gram64(updates_NV)
-    norms = g.diagonal().clamp_min(0).sqrt()
-    inv = torch.where(norms > 0, 1 / norms, torch.zeros_like(norms))
+    n, d = _check_updates(updates_NV)
+    _check_options(r, lam, iters)
+    # Where a sum of squares could overflow fp64 (a 1e300 row), row i is divided by s_i, a power
+    # of two near its largest entry: exact, so K (cosines) is the same as from the raw rows.
+    scale = None
+    if d:
+        amax = torch.maximum(updates_NV.amax(dim=1), -updates_NV.amin(dim=1)).to(torch.float64)
+        big = float(amax.max())
+        if big * big * d >= torch.finfo(torch.float64).max / 4:
+            scale = _pow2_scale(amax)
+    g = _gram64(updates_NV, scale=scale)
+    unit = g.diagonal().clamp_min(0).sqrt()  # ||g_i|| / s_i
+    inv = torch.where(unit > 0, 1 / unit, torch.zeros_like(unit))
     k = g * inv[:, None] * inv[None, :]
+    norms = unit if scale is None else unit * scale  # inf only beyond fp64: its 1 / norm is 0
     v, sig = _whiten(k)
     if sig.numel() == 0:  # every update is zero
         return k.new_zeros(n, 0), k, norms
@@ -131,18 +149,23 @@ def flag_aggregator(
 
     r: subspace dimension (the paper uses 1, 4, 8; at most n). lam: weight of the pairwise term.
     rescale: True returns median_i ||g_i|| * (1/n) sum_i Y Y^T x_i; False the reference's
-    (1/r) sum_i Y Y^T x_i.
+    (1/r) sum_i Y Y^T x_i. Rows with NaN or inf are dropped first (zeros if none is left).
     """
-    n, _ = _check_updates(updates_NV)
-    c, k, norms = flag_subspace(updates_NV, r, lam, iters)
+    _check_updates(updates_NV)
+    _check_options(r, lam, iters)
+    x, _ = finite_rows(updates_NV)
+    n = x.shape[0]
+    if n == 0:
+        return _no_update(updates_NV)
+    c, k, norms = flag_subspace(x, r, lam, iters)
     inv = torch.where(norms > 0, 1 / norms, torch.zeros_like(norms))
     # sum_i Y Y^T x_i = X C C^T K 1, and X = G diag(inv) with G the raw updates as columns.
     if c.shape[1] == 0:
-        return torch.zeros_like(updates_NV[0])
+        return _no_update(updates_NV)
     coeff = c @ (c.T @ k.sum(dim=1))  # (n,) in the x basis
     if rescale:
         coeff = coeff * (norms.quantile(0.5) / n)  # mean of the two middle norms for even n
     else:
         coeff = coeff / r
-    coeff = (coeff * inv).to(updates_NV.dtype)
-    return coeff @ updates_NV
+    coeff = (coeff * inv).to(x.dtype)
+    return coeff @ x

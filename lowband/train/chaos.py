@@ -9,8 +9,10 @@ wants it (a sync step, mid-way between syncs) and the run stays reproducible:
                                    -CONT` wakes it SECONDS later (heartbeats stop too, as for a
                                    frozen host)
   --throttle-at RANK:STEP:FACTOR   the worker's emulated link gets FACTOR times less bandwidth
+  --kill-joiner SECONDS[,...]      (elastic) the k-th restart of a worker SIGKILLs itself that long
+                                   after it joined: mid-quorum or mid-heal
 
-A worker restarted after a crash (elastic, --restarts) does not fire the faults again.
+A worker restarted after a crash (elastic, --restarts) does not fire the first three again.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ class Chaos:
     kills: set[tuple[int, int]] = field(default_factory=set)
     stalls: dict[tuple[int, int], float] = field(default_factory=dict)
     throttles: dict[tuple[int, int], float] = field(default_factory=dict)
+    joiner_kills: list[float] = field(default_factory=list)
+    """--kill-joiner: seconds after joining at which the k-th restart of a worker kills itself."""
 
     def __bool__(self) -> bool:
         return bool(self.kills or self.stalls or self.throttles)
@@ -66,6 +70,17 @@ def parse_chaos(cfg: TrainConfig) -> Chaos:
         chaos.stalls[(r, s)] = secs
     for r, s, factor in _items("--throttle-at", cfg.throttle_at, 3, cfg.workers):
         chaos.throttles[(r, s)] = factor
+    if cfg.kill_joiner:
+        try:
+            chaos.joiner_kills = [float(x) for x in cfg.kill_joiner.split(",")]
+        except ValueError:
+            raise ConfigError(
+                f"--kill-joiner takes SECONDS[,SECONDS...], got {cfg.kill_joiner!r}"
+            ) from None
+        if not all(0 <= x < 3600 for x in chaos.joiner_kills):
+            raise ConfigError(
+                f"--kill-joiner: each delay must be in [0, 3600) s, got {cfg.kill_joiner}"
+            )
     if chaos.throttles and not cfg.link:
         raise ConfigError("--throttle-at slows the emulated link: give --link too")
     return chaos

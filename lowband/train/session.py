@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -154,9 +155,21 @@ class ElasticSession(LocalSession):
         self.elastic.register_state(state.state_dict, state.load_state_dict)
         if self.seat.joining:
             state.algo.joining = True  # its first round heals it
+            self._kill_if_asked()
             self.event({"event": "joined", "replica": self.elastic.replica_id})
         elif self._store is not None:
             _start_together(self._store, self.cfg.workers, self.cfg.quorum_timeout)
+
+    def _kill_if_asked(self) -> None:
+        """--kill-joiner: the k-th restart of this worker (k = the `joined` events its metrics
+        file already holds) kills itself after the k-th delay, wherever its join then is."""
+        delays = parse_chaos(self.cfg).joiner_kills
+        path = self.run.metrics_path(self.index)
+        k = path.read_text().count('"event": "joined"') if path.exists() else 0
+        if k < len(delays):
+            timer = threading.Timer(delays[k], kill_self)
+            timer.daemon = True
+            timer.start()
 
     def shard(self, sp: Any) -> tuple[int, int, int]:
         # A worker beyond --workers shares a shard, not its batches.
