@@ -41,7 +41,7 @@ def timed_syncs(comm, rounds: int) -> dict[str, list[float]]:
     noloco = NoLoCo(model, opt, comm, sync_every=1, group_size=2)
     diloco = DiLoCo(model, opt, comm, sync_every=1)
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    for r in range(1, rounds + 1):
+    for _ in range(rounds):
         comm.barrier()
         t0 = time.perf_counter()
         noloco.step()  # sync_every=1: every step is one outer round

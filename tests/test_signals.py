@@ -4,7 +4,6 @@ and a run stopped before its first checkpoint can be resumed (it starts again fr
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
