@@ -136,3 +136,32 @@ def test_quantized_gradients_are_the_codecs_average_bit_for_bit(bits):
     for _, got, sent in out:
         assert torch.equal(got, expect)
         assert sent == quantized_all_reduce_bytes(expect.numel(), 3, codec)
+
+
+def test_misuse_is_refused_loudly():
+    from lowband.algorithms import DiLoCo
+
+    model = build_model(CFG, seed=7)
+    opt = make_opt(model)
+    with DiLoCo(model, opt, Comm(None), sync_every=2) as algo:
+        x, y = batch(0, 0)
+        model.loss(x, y).backward()
+        opt.step()  # the hook takes the step
+        assert algo.local_step == 1
+        with pytest.raises(RuntimeError, match="already calls it after every optimizer step"):
+            algo.step()  # the everyday mistake: stepping it by hand too
+        assert algo.local_step == 1
+    algo.step()  # outside the `with`, calling it yourself is the way
+    assert algo.local_step == 2
+
+    stray = torch.nn.Parameter(torch.zeros(3))
+    foreign = torch.optim.SGD([*model.parameters(), stray], lr=0.1)
+    with pytest.raises(ValueError, match="not a parameter of the model"):
+        DDP(model, foreign, Comm(None))
+
+
+def test_stats_reset():
+    comm = Comm(None)
+    comm.stats.add("all_reduce", seconds=2.0)
+    comm.stats.reset()
+    assert comm.stats.seconds == 0 and comm.stats.by_op() == {}

@@ -43,6 +43,20 @@ def write_flat(params: list[torch.Tensor], flat: torch.Tensor) -> None:
         offset += p.numel()
 
 
+def _check_optimizer_covers_model(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """An inner optimizer that steps tensors which are not the model's parameters would move
+    them outside every synchronisation: refuse it (ValueError naming the first one)."""
+    own = {id(p) for p in model.parameters()}
+    for group in optimizer.param_groups:
+        for i, p in enumerate(group["params"]):
+            if id(p) not in own:
+                raise ValueError(
+                    f"the optimizer steps a tensor that is not a parameter of the model (param "
+                    f"group {optimizer.param_groups.index(group)}, index {i}, shape "
+                    f"{tuple(p.shape)}): lowband synchronises the model's parameters only"
+                )
+
+
 def parameter_digest(tensors: list[torch.Tensor]) -> int:
     """A 63-bit digest of the tensors' exact bytes (sha256), equal only for bit-identical values."""
     h = hashlib.sha256()
@@ -112,6 +126,7 @@ class Algorithm:
     ) -> None:
         self.model = model
         self.optimizer = optimizer
+        _check_optimizer_covers_model(model, optimizer)
         self.sync = as_sync_group(group)
         self.local_step = 0
         self.flip_labels: int | None = None
@@ -199,14 +214,26 @@ class Algorithm:
 
     # -- context manager: install the hooks on the optimizer ------------------------------------
     def __enter__(self):
+        step = self.step
+
+        def called_twice(*_: Any, **__: Any) -> None:
+            raise RuntimeError(
+                f"{type(self).__name__}.step() called inside `with algo:`: the context manager "
+                "already calls it after every optimizer step, so every outer step would run twice; "
+                "remove the call from your loop (or drop the `with` and call sync_gradients() and "
+                "step() yourself)"
+            )
+
         self._hooks = [
             self.optimizer.register_step_pre_hook(lambda *_: self.sync_gradients()),
-            self.optimizer.register_step_post_hook(lambda *_: self.step()),
+            self.optimizer.register_step_post_hook(lambda *_: step()),
         ]
+        self.step = called_twice  # shadows the method until __exit__
         return self
 
     def __exit__(self, *exc) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        self.__dict__.pop("step", None)
         self.close()

@@ -163,6 +163,11 @@ class CommStats:
                 for k, v in sorted(self.ops.items())
             }
 
+    def reset(self) -> None:
+        """Start counting afresh (e.g. after a warm-up, or after an algorithm's start-up check)."""
+        with self._lock:
+            self.ops = {}
+
     def state_dict(self) -> dict:
         return {"ops": self.by_op()}
 
