@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from lowband.algorithms import ALGORITHMS, Algorithm  # noqa: E402
 from lowband.comm import Comm, CommStats, LinkSpec, get_codec, quantized_all_reduce  # noqa: E402
 from lowband.comm.sync import StaticGroup, SyncGroup  # noqa: E402
+from lowband.fault.elastic import ElasticGroup, start_lighthouse  # noqa: E402 - torchft on use
 from lowband.errors import LowbandError  # noqa: E402
 
 # Every registered algorithm is exported under its class name: lowband.DiLoCo, lowband.CO2, ...
@@ -19,6 +20,8 @@ globals().update({cls.__name__: cls for cls in ALGORITHMS.values()})
 __all__ = [
     *sorted(cls.__name__ for cls in ALGORITHMS.values()),
     "Algorithm",
+    "ElasticGroup",
+    "start_lighthouse",
     "StaticGroup",
     "SyncGroup",
     "Comm",

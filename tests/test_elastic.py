@@ -346,3 +346,37 @@ def test_a_restart_killed_while_it_joins_or_heals_is_just_another_failure(tmp_pa
     discarded = {e["local_step"] for e in _events(run, "sync_discarded") if e["rank"] == 0}
     assert len(discarded) <= 2, discarded
     _check_invariants(run, syncs=10 - len(discarded))
+
+
+def test_fault_tolerance_in_your_own_loop(tmp_path):
+    """examples/elastic_own_loop.py: two workers under a Lighthouse; one is killed (-9) mid-run
+    and started again with --join; it heals from the survivor and both end bit-identical."""
+    import lowband
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "elastic_own_loop.py"
+    lighthouse = lowband.start_lighthouse(1, join_timeout_s=3, heartbeat_timeout_s=2)
+    common = ["--lighthouse", lighthouse.address(), "--steps", "400", "--sync-every", "20"]
+
+    def start(*flags: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, str(example), *common, *flags],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+
+    try:
+        survivor, victim = start("--replica", "0"), start("--replica", "1")
+        for line in victim.stdout:  # let it train and commit a few rounds, then kill -9
+            if "step 60 " in line:
+                break
+        victim.kill()
+        victim.communicate(timeout=30)
+        rejoined = start("--replica", "1", "--join")
+        out_new, _ = rejoined.communicate(timeout=300)
+        out_old, _ = survivor.communicate(timeout=300)
+    finally:
+        lighthouse.shutdown()
+    assert survivor.returncode == 0 and rejoined.returncode == 0, out_old[-2000:] + out_new[-2000:]
+    assert "replica 1 healed at step" in out_new
+    final = [line.split()[-1] for out in (out_old, out_new) for line in out.splitlines()
+             if "done: global parameters" in line]  # fmt: skip
+    assert len(final) == 2 and final[0] == final[1], (out_old[-1500:], out_new[-1500:])

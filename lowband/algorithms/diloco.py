@@ -350,13 +350,20 @@ class StreamingDiLoCo(Algorithm):
     # -- the hook after every inner step --------------------------------------------------------
     def step(self) -> None:
         if self.joining:
-            self.join()  # heals to its source's step, then starts the fragment its source starts
-        else:
-            super().step()
-            t = self.local_step
-            fragment = self._fragment_due_at(t + self.tau)
-            if fragment is not None:
-                self._sync_round((fragment, t + self.tau))
+            self.join()
+            return
+        super().step()
+        t = self.local_step
+        fragment = self._fragment_due_at(t + self.tau)
+        if fragment is not None:
+            self._sync_round((fragment, t + self.tau))
+        if self._pending is not None and self._pending[1] == self.local_step:
+            self._finish()
+
+    def join(self) -> None:
+        """A newcomer: heal to its source's step, start the fragment its source starts, and land
+        it at once if it is due now (TAU = 0)."""
+        super().join()
         if self._pending is not None and self._pending[1] == self.local_step:
             self._finish()
 

@@ -25,6 +25,17 @@ The life of one round (DDP: every step; DiLoCo: every H steps; Streaming: every 
      so often exchanges collective timings (lowband.fault.detector). False: the algorithm rolls
      the round back and calls `discarded()`; a replica that fell behind heals at its next quorum.
 
+From your own loop (examples/elastic_own_loop.py; torchft's names in brackets):
+
+    group = ElasticGroup(index=i,                        # [replica_id = f"replica_{i}"]
+                         lighthouse="http://host:29510",  # [lighthouse_addr]
+                         min_workers=1,                   # [min_replica_size]
+                         joining=restarted)               # a newcomer heals before it trains
+    algo = lowband.DiLoCo(model, opt, group, sync_every=100)
+    group.register_state(state_dict, load_state_dict)    # [register_state_dict_fn]
+    if restarted:
+        algo.join()                                       # heal, then take part in the round
+
 Nothing waits forever: every wait has a timeout (`--timeout` for collectives and state transfer,
 `--quorum-timeout` for a quorum). A newcomer (`joining=True`) asks for a quorum before any step;
 its committed step is 0 while the job's is at least 1 (the first workers start at step 1: "the
@@ -139,9 +150,9 @@ class ElasticGroup(SyncGroup):
         *,
         index: int,
         lighthouse: str,
-        min_workers: int,
-        link: LinkSpec | None,
-        stats: CommStats,
+        min_workers: int = 1,
+        link: LinkSpec | None = None,
+        stats: CommStats | None = None,
         seed: int = 0,
         hostname: str = "localhost",
         timeout_s: float = 60.0,
@@ -158,7 +169,8 @@ class ElasticGroup(SyncGroup):
 
         self.index = index
         self.replica_id = f"replica_{index}"
-        self.link, self.stats, self.seed = link, stats, seed
+        self.link, self.seed = link, seed
+        self.stats = stats if stats is not None else CommStats()
         self._on_event = on_event
         self.parity_every, self.detect_every = parity_every, detect_every
         self.timeout = datetime.timedelta(seconds=timeout_s)
@@ -187,7 +199,7 @@ class ElasticGroup(SyncGroup):
         self.joining = joining
         if not joining:  # the initial state exists: a newcomer (step 0) will always heal from us
             self.manager.load_state_dict({"step": 1, "batches_committed": 0})
-        self.comm = Comm(None, link, stats=stats, seed=seed)
+        self.comm = Comm(None, link, stats=self.stats, seed=seed)
         # Every participant computes the same slow-rank verdict; only the flagged one logs it.
         self.detector = Detector(
             self.comm,
