@@ -11,8 +11,8 @@ __version__ = "0.1.0"
 from lowband.algorithms import ALGORITHMS, Algorithm  # noqa: E402
 from lowband.comm import Comm, CommStats, LinkSpec, get_codec, quantized_all_reduce  # noqa: E402
 from lowband.comm.sync import StaticGroup, SyncGroup  # noqa: E402
-from lowband.fault.elastic import ElasticGroup, start_lighthouse  # noqa: E402 - torchft on use
 from lowband.errors import LowbandError  # noqa: E402
+from lowband.fault.elastic import ElasticGroup, start_lighthouse  # noqa: E402 - torchft on use
 
 # Every registered algorithm is exported under its class name: lowband.DiLoCo, lowband.CO2, ...
 globals().update({cls.__name__: cls for cls in ALGORITHMS.values()})
