@@ -74,10 +74,14 @@ class TrainConfig:
     """How workers' updates are combined: mean (the all-reduce) or a Byzantine-robust rule over all-gathered updates (fp32, or --bits): median, trimmed-mean, krum, multi-krum, bulyan, geomed, centered-clipping, flag. ddp: gradients; diloco, streaming-diloco: pseudo-gradients."""
     byzantine_tolerance: int = 0
     """f, the Byzantine workers the --aggregate rule is set to tolerate (2f < workers; trimmed-mean drops f each side, krum needs workers > 2f + 2, bulyan workers >= 4f + 3)."""
+    krum_neighbours: str = "paper"
+    """Krum and Multi-Krum: the neighbours a score sums over: paper (n - f - 2, Blanchard et al.) or byzfl (n - f - 1, byzfl's convention); docs/robust_and_coding.md measures the difference."""
     attack: str | None = None
     """Testing aid: the last --attackers ranks misbehave: sign-flip, ipm, alie, gaussian, random, nan, inf (their update is replaced; they see the honest updates) or label-flip (they train on flipped targets)."""
     attackers: int = 0
-    """Testing aid: how many workers run --attack: always the LAST ranks, so rank 0's logs stay honest."""
+    """Testing aid: how many workers run --attack (which ones: --attackers-at)."""
+    attackers_at: str = "last"
+    """Testing aid: which workers run --attack: last (the last --attackers, so rank 0 stays honest), first, or random (drawn from --seed). Robust rules that break ties by position would otherwise favour one placement."""
     stragglers: int = 0
     """DDP gradient coding: tolerate s stragglers. Every worker computes the gradients of s + 1 data parts (s + 1 times the compute) and each step finishes on the first workers - s arrivals, with the exact average."""
     gradient_code: str | None = None

@@ -494,6 +494,9 @@ def test_aggregators_agree_with_byzfl(byzfl, n, f):
     # averages n - f: same rule once the neighbour count is matched.
     torch.testing.assert_close(krum(x, f, neighbours=n - f - 1), byzfl.agg.Krum(f=f)(x))
     torch.testing.assert_close(
+        krum(x, f, slack=1), byzfl.agg.Krum(f=f)(x)
+    )  # --krum-neighbours byzfl
+    torch.testing.assert_close(
         multi_krum(x, f, m=n - f, neighbours=n - f - 1), byzfl.agg.MultiKrum(f=f)(x), **close
     )
     # Weiszfeld with ByzFL's smoothing nu = 0.1, run to convergence on both sides.

@@ -323,10 +323,16 @@ def test_cli_robust_run_end_to_end(tmp_path, small_text):
     out = tmp_path / "r"
     argv = ["train", "--aggregate", "flag", "--byzantine-tolerance", "2", "--attack", "alie"]
     argv += ["--attackers", "2", "--workers", "6", "--steps", "20", "--out", str(out), *FAST]
-    argv += ["--data", small_text]
+    argv += ["--data", small_text, "--attackers-at", "random"]
     assert main(argv) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["steps"] == 20 and np.isfinite(s["final_eval_loss"])
+    # what the loss was measured under is said in the summary and in the report's run table
+    assert s["robust"] == "flag f=2 vs alie x2 (random)"
+    from lowband.report import write_report
+
+    page = write_report([out], tmp_path / "report").read_text()
+    assert "flag f=2 vs alie x2 (random)" in page
     numel = build_model("1m", vocab_size=256).num_params()
     # 20 steps of fp32 gradients all-gathered from 5 peers, plus the 8-byte start-up digests
     assert s["bytes_by_op"]["all_gather"] == 20 * 5 * 4 * numel + 5 * 8
@@ -357,6 +363,21 @@ BAD = [
     (["--stragglers", "2", "--workers", "4", "--gradient-code", "fr"], "s + 1 to divide n"),
     (["--stragglers", "1", "--aggregate", "median"], "does not combine"),
     (["--gradient-code", "fr"], "needs --stragglers"),
+    (["--attack", "ipm", "--attackers", "1", "--attackers-at", "middle"], "--attackers-at must be"),
+    (["--aggregate", "median", "--krum-neighbours", "byzfl"], "applies to --aggregate krum"),
+    (
+        [
+            "--aggregate",
+            "krum",
+            "--byzantine-tolerance",
+            "1",
+            "--workers",
+            "5",
+            "--krum-neighbours",
+            "all",
+        ],
+        "--krum-neighbours must be paper or byzfl",
+    ),
     (
         ["--seq-parallel", "ring", "--cp", "2", "--aggregate", "median"],
         "--seq-parallel does not combine with --aggregate and --attack: the ranks of a --cp group",
@@ -416,3 +437,27 @@ def test_robust_ddp_resumes_centered_clipping_state():
     straight, resumed = run_ranks(3, body, -1), run_ranks(3, body, 2)
     for a, b in zip(straight[0], resumed[0]):
         assert torch.equal(a, b)
+
+
+def test_attackers_can_sit_anywhere():
+    assert attacker_ranks(10, 3) == [7, 8, 9]
+    assert attacker_ranks(10, 3, "first") == [0, 1, 2]
+    drawn = attacker_ranks(10, 3, "random", seed=5)
+    assert drawn == attacker_ranks(10, 3, "random", seed=5)  # the same on every worker
+    assert len(set(drawn)) == 3 and all(0 <= r < 10 for r in drawn)
+    assert {tuple(attacker_ranks(10, 3, "random", seed=s)) for s in range(20)} != {tuple(drawn)}
+
+
+def test_krum_neighbours_reach_the_rule():
+    from lowband.algorithms.robust import build_reducer
+    from lowband.robust.aggregators import krum
+
+    # 9 rows, f = 2: the paper's 5 neighbours and byzfl's 6 pick different rows here
+    x = torch.randn(9, 7, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    assert not torch.equal(krum(x, 2, slack=1), krum(x, 2, slack=2))
+    for choice, slack in (("byzfl", 1), ("paper", 2)):
+        cfg = TrainConfig(
+            workers=9, aggregate="krum", byzantine_tolerance=2, krum_neighbours=choice
+        )
+        reducer = build_reducer(cfg, Comm(None), get_codec(32))
+        assert torch.equal(reducer._make()(x), krum(x, 2, slack=slack))

@@ -3,8 +3,9 @@
 Which algorithms take them is declared on each algorithm (`supports`) and checked in
 lowband.algorithms.registry.check; this module checks the features' own values.
 
-Attacker ranks are the LAST `--attackers` ranks (n - a .. n - 1), so rank 0, which writes the
-run's summary and the progress bar, is always honest. Update attacks (sign-flip, ipm, alie,
+Attacker ranks are the LAST `--attackers` ranks (n - a .. n - 1) by default, so rank 0, which
+writes the run's summary and the progress bar, stays honest; `--attackers-at first|random` puts
+them elsewhere, so that no measurement depends on where the attackers sit. Update attacks (sign-flip, ipm, alie,
 gaussian, random) are simulated omnisciently, as in the papers: the updates are all-gathered and
 every rank replaces the attackers' rows with attack(honest rows) before aggregating
 (lowband.robust.collective), so the mean, too, goes through the all-gather under an attack.
@@ -13,6 +14,8 @@ the update they send is honestly computed from the flipped data.
 """
 
 from __future__ import annotations
+
+import random
 
 from torch import nn
 
@@ -29,9 +32,32 @@ def _key(name: str) -> str:
     return name.strip().lower().replace("-", "_")
 
 
-def attacker_ranks(world: int, attackers: int) -> list[int]:
-    """The ranks that run --attack: the last `attackers` ones."""
+ATTACKERS_AT = ("last", "first", "random")
+
+
+def attacker_ranks(world: int, attackers: int, at: str = "last", seed: int = 0) -> list[int]:
+    """The workers that run --attack: the last `attackers` (default), the first, or a random
+    set drawn from the seed (the same on every worker)."""
+    if at == "first":
+        return list(range(attackers))
+    if at == "random":
+        return sorted(random.Random(f"attackers:{seed}").sample(range(world), attackers))
     return list(range(world - attackers, world))
+
+
+def robust_label(cfg: dict) -> str | None:
+    """A short description of the run's robust settings (console, report), or None."""
+    agg, attack = cfg.get("aggregate", "mean"), cfg.get("attack")
+    if _key(agg) in ("mean", "avg", "average") and attack is None:
+        return None
+    out = (
+        agg
+        if _key(agg) in ("mean", "avg", "average")
+        else f"{agg} f={cfg.get('byzantine_tolerance', 0)}"
+    )
+    if attack is not None:
+        out += f" vs {attack} x{cfg.get('attackers', 0)} ({cfg.get('attackers_at', 'last')})"
+    return out
 
 
 def update_attack(cfg: TrainConfig) -> str | None:
@@ -69,6 +95,14 @@ def check_robust_options(cfg: TrainConfig) -> None:
             get_attack(cfg.attack)
         if a < 1:
             raise ConfigError(f"--attack {cfg.attack} needs --attackers 1 or more")
+    if cfg.krum_neighbours not in ("paper", "byzfl"):
+        raise ConfigError(f"--krum-neighbours must be paper or byzfl, got {cfg.krum_neighbours!r}")
+    if cfg.krum_neighbours != "paper" and _key(cfg.aggregate) not in ("krum", "multi_krum"):
+        raise ConfigError("--krum-neighbours applies to --aggregate krum or multi-krum")
+    if cfg.attackers_at not in ATTACKERS_AT:
+        raise ConfigError(
+            f"--attackers-at must be one of {', '.join(ATTACKERS_AT)}, got {cfg.attackers_at!r}"
+        )
     if a < 0 or (a > 0 and cfg.attack is None):
         raise ConfigError(f"--attackers {a} needs an --attack (and must be 0 or more)")
     if a > 0 and a >= n:
@@ -125,17 +159,25 @@ def build_reducer(cfg: TrainConfig, comm: Comm, codec: Codec) -> RobustReducer |
         cfg.byzantine_tolerance,
         codec,
         attack=update_attack(cfg),
-        attackers=attacker_ranks(cfg.workers, cfg.attackers),
+        attackers=attacker_ranks(cfg.workers, cfg.attackers, cfg.attackers_at, cfg.seed),
         seed=cfg.seed,
         world_size=cfg.workers,
+        options=_rule_options(cfg),
     )
+
+
+def _rule_options(cfg: TrainConfig) -> dict:
+    """Keyword arguments of the rule itself, from the run's flags."""
+    if _key(cfg.aggregate) in ("krum", "multi_krum"):
+        return {"slack": 1 if cfg.krum_neighbours == "byzfl" else 2}
+    return {}
 
 
 def label_flip_classes(cfg: TrainConfig, model: nn.Module, rank: int, world: int) -> int | None:
     """The class count whose targets this rank flips under --attack label-flip, else None."""
     if cfg.attack is None or _key(cfg.attack) != "label_flip":
         return None
-    if rank not in attacker_ranks(world, cfg.attackers):
+    if rank not in attacker_ranks(world, cfg.attackers, cfg.attackers_at, cfg.seed):
         return None
     classes = getattr(getattr(model, "cfg", None), "vocab_size", None)
     if classes is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+from lowband.algorithms.robust import robust_label
 from lowband.config import TrainConfig
 from lowband.train.loop import summary_from_rows, total_steps
 from lowband.train.rundir import RunDir, write_json_atomic
@@ -36,4 +37,6 @@ def write_summary(
         first["train_loss"],
     )
     summary["elastic"] = {"finished": sorted(finished), "failed": sorted(failed)}
+    if (robust := robust_label(cfg.to_dict())) is not None:
+        summary["robust"] = robust
     write_json_atomic(run.summary_path, summary)

@@ -118,6 +118,14 @@ def _best_index(values: Sequence[float]) -> int | None:
     return min(finite)[1] if len(values) > 1 and finite else None
 
 
+def _robust_note(cfg: dict[str, Any]) -> str:
+    """The aggregator, f and attack of a run (a loss under attack is not a clean loss)."""
+    from lowband.algorithms.robust import robust_label
+
+    label = robust_label(cfg)
+    return f'<br><span class="muted">{_esc(label)}</span>' if label else ""
+
+
 def _table(runs: Sequence[RunData], finals: list[dict[str, Any]], colours: list[str]) -> str:
     # A crashed run sent fewer bytes only because it stopped early: "best" is among complete runs
     # (when there are any). Eval losses compete only with eval losses, unless no run has one.
@@ -154,7 +162,7 @@ def _table(runs: Sequence[RunData], finals: list[dict[str, Any]], colours: list[
         util = fin["compute_utilisation"]
         cells = [
             f'<td><span class="swatch" style="background:{colour}"></span>{_esc(run.label)}</td>',
-            f"<td>{_esc(cfg.get('algo'))}</td>",
+            f"<td>{_esc(cfg.get('algo'))}{_robust_note(cfg)}</td>",
             f'<td class="num">{_esc(cfg.get("workers", fin["workers"]))}</td>',
             f"<td>{_esc(cfg.get('link'))}</td>",
             f"<td>{model}</td>",

@@ -295,27 +295,38 @@ def _check_neighbours(n: int, neighbours: int | None) -> None:
         raise ConfigError(f"krum needs 0 <= neighbours <= n - 1 = {n - 1}, got {neighbours}")
 
 
-def _krum_neighbours(n: int, f: int, neighbours: int | None) -> int:
-    """n - f - 2 (Blanchard et al.) or the caller's count, within the n - 1 others of a row."""
-    return max(n - f - 2, 0) if neighbours is None else min(neighbours, n - 1)
+def _krum_neighbours(n: int, f: int, neighbours: int | None, slack: int = 2) -> int:
+    """n - f - slack (slack 2: Blanchard et al.; 1: byzfl's convention), or the caller's count,
+    within the n - 1 others of a row."""
+    return max(n - f - slack, 0) if neighbours is None else min(neighbours, n - 1)
 
 
-def krum(updates_NV: Tensor, f: int, neighbours: int | None = None) -> Tensor:
-    """The update whose n - f - 2 nearest neighbours are closest (sum of squared distances)."""
+def _check_slack(slack: int) -> None:
+    if slack not in (1, 2):
+        raise ConfigError(
+            f"krum's neighbour slack must be 1 (n - f - 1) or 2 (n - f - 2), got {slack}"
+        )
+
+
+def krum(updates_NV: Tensor, f: int, neighbours: int | None = None, slack: int = 2) -> Tensor:
+    """The update whose n - f - slack nearest neighbours are closest (sum of squared distances);
+    slack 2 is the paper's, 1 byzfl's (--krum-neighbours; docs/robust_and_coding.md)."""
     n, _ = _check_updates(updates_NV)
     _check_f(f)
     check_tolerance("krum", n, f)
     _check_neighbours(n, neighbours)
+    _check_slack(slack)
     x, f = _finite(updates_NV, f)
     if x.shape[0] == 0:
         return _no_update(updates_NV)
     order = row_order(x)
-    scores = krum_scores(_sq_distances(x, order), _krum_neighbours(x.shape[0], f, neighbours))
+    k = _krum_neighbours(x.shape[0], f, neighbours, slack)
+    scores = krum_scores(_sq_distances(x, order), k)
     return x[_by_score(scores, _ranks(order))[0]].clone()
 
 
 def multi_krum(
-    updates_NV: Tensor, f: int, m: int | None = None, neighbours: int | None = None
+    updates_NV: Tensor, f: int, m: int | None = None, neighbours: int | None = None, slack: int = 2
 ) -> Tensor:
     """Average of the m updates with the best Krum scores (m defaults to n - f)."""
     n, _ = _check_updates(updates_NV)
@@ -325,12 +336,14 @@ def multi_krum(
     if not 1 <= m <= n:
         raise ConfigError(f"multi_krum needs 1 <= m <= n = {n}, got m = {m}")
     _check_neighbours(n, neighbours)
+    _check_slack(slack)
     x, f = _finite(updates_NV, f)
     if x.shape[0] == 0:
         return _no_update(updates_NV)
     order = row_order(x)
     rank = _ranks(order)
-    scores = krum_scores(_sq_distances(x, order), _krum_neighbours(x.shape[0], f, neighbours))
+    k = _krum_neighbours(x.shape[0], f, neighbours, slack)
+    scores = krum_scores(_sq_distances(x, order), k)
     best = _by_score(scores, rank)[: min(m, x.shape[0])]  # n - f stays n - f after rejection
     return x[sorted(best, key=rank.__getitem__)].mean(dim=0)  # summed in row_order
 

@@ -89,6 +89,7 @@ class RobustReducer:
         attackers: Sequence[int] = (),
         seed: int = 0,
         world_size: int | None = None,
+        options: dict | None = None,
     ) -> None:
         from lowband.robust.aggregators import get_aggregator
         from lowband.robust.attacks import get_attack
@@ -97,7 +98,8 @@ class RobustReducer:
         self.n = world_size if world_size is not None else comm.size
         """The workers the rule is set up for (an elastic round checks its own count)."""
         self.codec = codec if codec is not None else get_codec("fp32")
-        self._make = lambda: get_aggregator(aggregate, f=f, n=self.n)
+        options = dict(options or {})  # the rule's own keyword arguments (krum's slack, ...)
+        self._make = lambda: get_aggregator(aggregate, f=f, n=self.n, **options)
         self._make()  # the rule's precondition on (n, f), checked now
         self._aggregators: dict[int, Callable[[Tensor], Tensor]] = {}
         self.attack = get_attack(attack) if attack is not None else None

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from lowband.algorithms import build_algorithm
+from lowband.algorithms.robust import robust_label
 from lowband.comm import Comm
 from lowband.config import TrainConfig
 from lowband.data import ShardSampler, eval_batches, load_corpus, split_eval
@@ -170,7 +171,8 @@ class TrainJob:
         self.cfg, self.state, self.take_step, self.evaluate = cfg, state, step_fn, evaluate
         self.session, self.run, self.fp, self.timers, self.wall = session, run, fp, timers, wall
         self.steps, self.tokens_per_step = steps, tpt
-        self.label = f"{cfg.algo} x{session.world} {cfg.model}"
+        robust = robust_label(cfg.to_dict())
+        self.label = f"{cfg.algo} x{session.world} {cfg.model}" + (f" · {robust}" if robust else "")
 
     @property
     def step(self) -> int:
@@ -316,7 +318,10 @@ def _train(cfg: TrainConfig, session: LocalSession, run: RunDir, device, resume:
     return session.finish(
         _summary_row(session.comm, timers, wall()),
         lambda table: _write_summary(
-            run, session, summary_from_rows(table, by_op, steps, tokens_per_step, eval_loss, loss)
+            run,
+            session,
+            summary_from_rows(table, by_op, steps, tokens_per_step, eval_loss, loss),
+            cfg,
         ),
         {"by_op": by_op, "eval_loss": eval_loss, "train_loss": loss},
     )
@@ -326,7 +331,9 @@ def _backend(comm: Comm) -> str:
     return comm.group.name() if comm.group is not None else "none"
 
 
-def _write_summary(run: RunDir, session: LocalSession, summary: dict) -> dict:
+def _write_summary(run: RunDir, session: LocalSession, summary: dict, cfg) -> dict:
+    if (robust := robust_label(cfg.to_dict())) is not None:
+        summary["robust"] = robust  # the rule, f and attack: what the loss was measured under
     if session.index == 0:
         write_json_atomic(run.summary_path, summary)
     return summary
