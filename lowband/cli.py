@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from lowband.config import TrainConfig, field_docs
+from lowband.config import FINETUNE_RANGES, TRAIN_RANGES, TrainConfig, check_ranges, field_docs
 from lowband.errors import ConfigError, LowbandError, RunDirError
 
 
@@ -91,33 +91,14 @@ def validate(cfg: TrainConfig) -> None:
     from lowband.comm import LinkSpec
     from lowband.models import PRESETS
 
+    check_ranges(cfg, TRAIN_RANGES)  # every numeric flag: finite and in its declared range
     check_algorithm(cfg)  # the algorithm's options and every combination with it
     if cfg.model not in PRESETS:
         raise ConfigError(
             f"unknown model preset {cfg.model!r}; choose one of: {', '.join(PRESETS)}"
         )
-    for name in (
-        "workers",
-        "steps",
-        "batch_size",
-        "seq_len",
-        "eval_every",
-        "eval_batches",
-        "log_every",
-        "threads",
-    ):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{_flag(name)} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.tokens is not None and cfg.tokens < 1:
-        raise ConfigError(f"--tokens must be at least 1, got {cfg.tokens}")
-    if cfg.ckpt_every < -1:
-        raise ConfigError(
-            f"--ckpt-every must be -1 (never), 0 (at the end) or more, got {cfg.ckpt_every}"
-        )
     if cfg.schedule not in ("cosine", "linear", "constant"):
         raise ConfigError(f"unknown --schedule {cfg.schedule!r}; choose cosine, linear or constant")
-    if cfg.lr is not None and not cfg.lr > 0:
-        raise ConfigError(f"--lr must be positive, got {cfg.lr}")
     LinkSpec.parse(cfg.link)
     from lowband.train.chaos import parse_chaos
 
@@ -135,13 +116,6 @@ def _validate_elastic(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"--min-workers must be between 1 and --workers ({cfg.workers}), got {cfg.min_workers}"
         )
-    if cfg.restarts < 0:
-        raise ConfigError(f"--restarts must be 0 or more, got {cfg.restarts}")
-    for name in ("timeout", "quorum_timeout", "heartbeat_timeout", "join_timeout"):
-        if not getattr(cfg, name) > 0:
-            raise ConfigError(f"{_flag(name)} must be positive, got {getattr(cfg, name)}")
-    if cfg.parity_every < 0 or cfg.detect_every < 0:
-        raise ConfigError("--parity-every and --detect-every must be 0 (never) or more")
 
 
 def _check_data(cfg: TrainConfig, world: int):
@@ -272,22 +246,10 @@ def validate_finetune(cfg) -> None:
     from lowband.zo.models import check_model_name
     from lowband.zo.spsa import RESTORE_MODES
 
+    check_ranges(cfg, FINETUNE_RANGES)  # every numeric flag: finite and in its declared range
     check_model_name(cfg.model)
-    for name in ("workers", "steps", "batch_size", "seq_len", "samples", "eval_every"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{_flag(name)} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("eval_batches", "log_every", "threads"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{_flag(name)} must be at least 1, got {getattr(cfg, name)}")
     if cfg.bits not in (8, 32):
         raise ConfigError(f"--bits must be 8 (one byte, log scale) or 32 (fp32), got {cfg.bits}")
-    for name in ("lr", "eps"):
-        if not getattr(cfg, name) > 0:
-            raise ConfigError(f"{_flag(name)} must be positive, got {getattr(cfg, name)}")
-    if cfg.weight_decay < 0:
-        raise ConfigError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
-    if not -64 <= cfg.center <= 64:
-        raise ConfigError(f"--center must be in [-64, 64], got {cfg.center}")
     if cfg.perturb_parallel and cfg.workers % 2:
         raise ConfigError(
             f"--perturb-parallel pairs workers (+eps, -eps): --workers must be even, got {cfg.workers}"

@@ -232,6 +232,53 @@ class FinetuneConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+# The range of every numeric option (inclusive; None: unbounded on that side). check_ranges
+# refuses a value outside it, and any NaN or infinity, before anything is written; the CLI's
+# generated test drives every numeric flag through 0, -1, NaN, inf and an absurd value.
+BIG = 10**9
+TRAIN_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "seed": (0, 2**63 - 1), "steps": (1, BIG), "tokens": (1, 10**18), "batch_size": (1, 2**20),
+    "seq_len": (1, 2**24), "lr": (1e-12, 10.0), "warmup_steps": (0, BIG),
+    "min_lr_ratio": (0.0, 1.0), "weight_decay": (0.0, 10.0), "grad_clip": (0.0, 1e6),
+    "workers": (1, 4096), "threads": (1, 1024), "byzantine_tolerance": (0, 4096),
+    "attackers": (0, 4096), "stragglers": (0, 4096), "slow_workers": (0, 4096),
+    "straggler_delay": (0.0, 3600.0), "cp": (1, 4096), "cp_ulysses": (1, 4096),
+    "eval_every": (1, BIG), "eval_batches": (1, 10**6), "log_every": (1, BIG),
+    "ckpt_every": (-1, BIG), "keep_checkpoints": (1, 10**6), "min_workers": (1, 4096),
+    "restarts": (0, 10**6), "timeout": (1e-3, 1e7), "quorum_timeout": (1e-3, 1e7),
+    "heartbeat_timeout": (1e-3, 1e7), "join_timeout": (1e-3, 1e7), "parity_every": (0, BIG),
+    "detect_every": (0, BIG),
+}  # fmt: skip
+FINETUNE_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "seed": (0, 2**63 - 1), "steps": (1, BIG), "batch_size": (1, 2**20), "seq_len": (1, 2**24),
+    "lr": (1e-12, 10.0), "eps": (1e-12, 1.0), "weight_decay": (0.0, 10.0), "bits": (8, 32),
+    "center": (-64, 64), "samples": (1, 10**6), "workers": (1, 4096), "threads": (1, 1024),
+    "eval_every": (1, BIG), "eval_batches": (1, 10**6), "log_every": (1, BIG),
+    "ckpt_every": (-1, BIG), "keep_checkpoints": (1, 10**6),
+}  # fmt: skip
+
+
+def check_ranges(obj: object, ranges: dict[str, tuple[float | None, float | None]]) -> None:
+    """ConfigError (one line) for a numeric field that is NaN, infinite or outside its range."""
+    import math
+
+    from lowband.errors import ConfigError
+
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{flag} must be a finite number, got {value}")
+        lo, hi = ranges.get(f.name, (None, None))
+        if lo is not None and value < lo:
+            floor = "positive" if isinstance(lo, float) and 0 < lo <= 1e-3 else f"at least {lo}"
+            raise ConfigError(f"{flag} must be {floor}, got {value}")
+        if hi is not None and value > hi:
+            raise ConfigError(f"{flag} must be at most {hi}, got {value}")
+
+
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring under each field of a dataclass (its bases' too), read from its source."""
@@ -253,4 +300,7 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-__all__ = ["TrainConfig", "FinetuneConfig", "field_docs", "DEFAULT_LR", "field"]
+__all__ = [
+    "TrainConfig", "FinetuneConfig", "field_docs", "DEFAULT_LR", "field", "check_ranges",
+    "TRAIN_RANGES", "FINETUNE_RANGES",
+]  # fmt: skip

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import pkgutil
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -142,6 +143,9 @@ def resolve_options(cfg: TrainConfig) -> Any:
             if not owners:
                 raise ConfigError(f"unknown algorithm option {_flag(key)}")
             raise ConfigError(f"{_flag(key)} applies to --algo {', '.join(owners)}, not {cfg.algo}")
+    for key, value in cfg.options.items():  # NaN passes many a range check: refuse it here
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{_flag(key)} must be a finite number, got {value}")
     try:
         return cls.Options(**cfg.options)
     except TypeError as e:  # a value of the wrong type from a hand-written config
