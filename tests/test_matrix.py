@@ -71,7 +71,7 @@ def _train(comm, cfg: TrainConfig, elastic: bool):
     sampler = algo.wrap_sampler(
         ShardSampler(TOKENS, rank=comm.rank, world_size=3, batch_size=2, seq_len=16, seed=0)
     )
-    for step in range(1, 13):
+    for step in range(1, 9):  # rounds at 4 and 8 (2 and 4 ... for streaming); round 2 fails
         x, y = sampler.batch(step)
         model.loss(x.long(), y.long()).backward()
         algo.sync_gradients()

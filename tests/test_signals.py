@@ -4,6 +4,7 @@ and a run stopped before its first checkpoint can be resumed (it starts again fr
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -53,8 +54,18 @@ def _wait_gone(pids: list[int], seconds: float) -> list[int]:
     return [p for p in pids if _alive(p)]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
-def test_sigterm_and_sighup_stop_the_workers_and_say_how_to_resume(tmp_path, sig):
+def test_sighup_is_handled_like_sigterm():
+    from lowband.launch.signals import Stopped, stop_on_signals
+
+    with pytest.raises(Stopped) as stopped, stop_on_signals():
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(5)  # the handler raises in the main thread before this returns
+    assert stopped.value.signum == signal.SIGHUP and isinstance(stopped.value, KeyboardInterrupt)
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL  # restored after the block
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM])
+def test_sigterm_stops_the_workers_and_says_how_to_resume(tmp_path, sig):
     run = tmp_path / "run"
     proc = _start(run, "--steps", "5000", "--ckpt-every", "5")
     workers = _children(proc.pid)

@@ -263,7 +263,13 @@ class CO2(Algorithm):
     # -- life cycle, metrics, state -------------------------------------------------------------
     def close(self) -> None:
         if self._pending is not None:  # let the in-flight reduction land; it stays pending
-            self._pending = (self._pending[0], self._reducer.result(self._pending[1]))
+            round_, work = self._pending
+            try:
+                self._pending = (round_, self._reducer.result(work))
+            except Exception as e:  # noqa: BLE001 - static: raised again; elastic: dropped
+                self._pending = None
+                self._reducer.close()
+                self.sync.report(e)
         self._reducer.close()
 
     def metrics(self) -> dict[str, Any]:

@@ -460,7 +460,13 @@ class StreamingDiLoCo(Algorithm):
     # -- life cycle, metrics, state -------------------------------------------------------------
     def close(self) -> None:
         if self._pending is not None and not isinstance(self._pending[2], BaseException):
-            self._result()  # let the in-flight reduction land; its result stays pending
+            try:
+                self._result()  # let the in-flight reduction land; its result stays pending
+            except Exception as e:  # noqa: BLE001 - static: raised again; elastic: kept failed
+                fragment, due, _ = self._pending
+                self._pending = (fragment, due, e)
+                self._reducer.close()
+                self.sync.report(e)
         self._reducer.close()
 
     def metrics(self) -> dict[str, Any]:
