@@ -185,6 +185,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         cfg = dataclasses.replace(cfg, workers=int(os.environ["WORLD_SIZE"]))
     validate(cfg)
+    if not torchrun:  # the device is checked before the run folder exists (torchrun: per host)
+        from lowband.launch import pick_device
+
+        pick_device(cfg, 1 if cfg.elastic else cfg.workers)
     # Stored resolved (defaults included), so the run folder says what ran.
     cfg = dataclasses.replace(cfg, options=dataclasses.asdict(check_algorithm(cfg)))
     world = cfg.workers
@@ -306,6 +310,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if torchrun:
         cfg = dataclasses.replace(cfg, workers=int(os.environ["WORLD_SIZE"]))
     validate_finetune(cfg)
+    if not torchrun:  # before the run folder exists
+        from lowband.launch import pick_device
+
+        pick_device(cfg, cfg.workers)
     groups = cfg.workers // 2 if cfg.perturb_parallel else cfg.workers
     corpus = _check_data(cfg, groups)
     ckpt, last = (

@@ -312,3 +312,31 @@ def test_streaming_diloco_resumes_from_a_checkpoint_taken_mid_flight(tmp_path, c
         settled = lambda ms: [m["bytes_sent"] for m in ms if m["step"] % 4 == 0]  # noqa: E731
         assert settled(got) == settled(want)
     assert metrics(ref)[-1]["outer_step"] == 3  # syncs at 4, 8, 12
+
+
+@pytest.mark.parametrize(
+    "command, flags, message",
+    [
+        ("train", ["--device", "tpu"], "unknown --device 'tpu'"),
+        ("finetune", ["--device", "tpu"], "unknown --device 'tpu'"),
+    ]
+    + (
+        []
+        if __import__("torch").cuda.is_available()
+        else [("train", ["--device", "cuda"], "--device cuda needs")]
+    ),
+)
+def test_a_refused_device_leaves_no_run_folder(tmp_path, capsys, command, flags, message):
+    out = tmp_path / "x"
+    assert main([command, *flags, "--out", str(out)]) == 2
+    assert message in error_line(capsys)
+    assert not out.exists()  # the same --out is still free
+
+
+def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path, capsys, done_run):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(["train", "--out", str(blocker / "run"), *FAST]) == 2
+    assert "cannot create the run folder" in error_line(capsys)
+    assert main(["report", str(done_run), "--out", str(blocker / "report")]) == 2
+    assert "cannot create the report folder" in error_line(capsys)

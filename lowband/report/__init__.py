@@ -38,7 +38,12 @@ def write_report(
         raise LowbandError("no run folders given to report on")
     runs = [load_run(p, label) for p, label in zip(paths, unique_labels(paths))]
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # read-only, below a file: one line, not a traceback
+        from lowband.errors import RunDirError
+
+        raise RunDirError(f"cannot create the report folder {out_dir}: {e.strerror or e}") from None
 
     pngs = write_plots(runs, out_dir)
     images = {pngs[key].name: (AXES[key].title, pngs[key].read_bytes()) for key in AXES}

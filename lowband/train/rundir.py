@@ -99,9 +99,14 @@ class RunDir:
 
     def create(self, cfg: TrainConfig) -> None:
         self.check_new()
-        self.metrics_dir.mkdir(parents=True, exist_ok=True)
-        self.ckpt_dir.mkdir(exist_ok=True)
-        write_json_atomic(self.config_path, cfg.to_dict())
+        try:
+            self.metrics_dir.mkdir(parents=True, exist_ok=True)
+            self.ckpt_dir.mkdir(exist_ok=True)
+            write_json_atomic(self.config_path, cfg.to_dict())
+        except OSError as e:  # read-only, below a file, no space: one line, not a traceback
+            raise RunDirError(
+                f"cannot create the run folder {self.path}: {e.strerror or e}"
+            ) from None
 
     def load_config(self) -> TrainConfig:
         if not self.config_path.exists():
