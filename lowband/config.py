@@ -160,9 +160,10 @@ class TrainConfig:
 
         discover()
         names = {f.name for f in dataclasses.fields(cls)}
+        known = option_fields()
         options = dict(d.get("options") or {})
         for k, v in d.items():
-            if k not in names and k in option_fields() and v is not None and k not in options:
+            if k not in names and k in known and v is not None and k not in options:
                 options[k] = v
         return cls(**{k: v for k, v in d.items() if k in names and k != "options"}, options=options)
 

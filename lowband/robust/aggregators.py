@@ -308,21 +308,33 @@ def _check_slack(slack: int) -> None:
         )
 
 
+def _krum_ranking(
+    updates_NV: Tensor, f: int, neighbours: int | None, slack: int
+) -> tuple[Tensor, list[int], list[int]] | None:
+    """(the rows that count, each row's rank in row_order, row indices best Krum score first;
+    ties by value), or None when no row is finite. Shared by Krum and Multi-Krum."""
+    _check_neighbours(updates_NV.shape[0], neighbours)
+    _check_slack(slack)
+    x, f = _finite(updates_NV, f)
+    if x.shape[0] == 0:
+        return None
+    order = row_order(x)
+    rank = _ranks(order)
+    k = _krum_neighbours(x.shape[0], f, neighbours, slack)
+    return x, rank, _by_score(krum_scores(_sq_distances(x, order), k), rank)
+
+
 def krum(updates_NV: Tensor, f: int, neighbours: int | None = None, slack: int = 2) -> Tensor:
     """The update whose n - f - slack nearest neighbours are closest (sum of squared distances);
     slack 2 is the paper's, 1 byzfl's (--krum-neighbours; docs/robust_and_coding.md)."""
     n, _ = _check_updates(updates_NV)
     _check_f(f)
     check_tolerance("krum", n, f)
-    _check_neighbours(n, neighbours)
-    _check_slack(slack)
-    x, f = _finite(updates_NV, f)
-    if x.shape[0] == 0:
+    ranking = _krum_ranking(updates_NV, f, neighbours, slack)
+    if ranking is None:
         return _no_update(updates_NV)
-    order = row_order(x)
-    k = _krum_neighbours(x.shape[0], f, neighbours, slack)
-    scores = krum_scores(_sq_distances(x, order), k)
-    return x[_by_score(scores, _ranks(order))[0]].clone()
+    x, _, best = ranking
+    return x[best[0]].clone()
 
 
 def multi_krum(
@@ -335,16 +347,11 @@ def multi_krum(
     m = n - f if m is None else m
     if not 1 <= m <= n:
         raise ConfigError(f"multi_krum needs 1 <= m <= n = {n}, got m = {m}")
-    _check_neighbours(n, neighbours)
-    _check_slack(slack)
-    x, f = _finite(updates_NV, f)
-    if x.shape[0] == 0:
+    ranking = _krum_ranking(updates_NV, f, neighbours, slack)
+    if ranking is None:
         return _no_update(updates_NV)
-    order = row_order(x)
-    rank = _ranks(order)
-    k = _krum_neighbours(x.shape[0], f, neighbours, slack)
-    scores = krum_scores(_sq_distances(x, order), k)
-    best = _by_score(scores, rank)[: min(m, x.shape[0])]  # n - f stays n - f after rejection
+    x, rank, best = ranking
+    best = best[: min(m, x.shape[0])]  # n - f stays n - f after rejection
     return x[sorted(best, key=rank.__getitem__)].mean(dim=0)  # summed in row_order
 
 

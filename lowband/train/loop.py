@@ -259,23 +259,11 @@ def _train(cfg: TrainConfig, session: LocalSession, run: RunDir, device, resume:
     use_bf16 = device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
-    timers = Timers()
+    timers, resumed = Timers(), None
+    if resume:
+        resumed, saved_timers = _load_checkpoint(run, session, state, fp)
+        timers = saved_timers or timers
     wall = lambda: timers.wall_offset + time.perf_counter() - t_start  # noqa: E731
-    resumed = None
-    if resume and (ckpts := run.checkpoints()):
-        slot = session.checkpoint_slot() or (0, 1)
-        saved = checkpoint.load(ckpts[-1].path, slot[0] if ckpts[-1].world_size > 1 else 0, fp)
-        state.load_state_dict(saved)
-        if "digest" in saved and state.digest() != saved["digest"]:
-            raise CheckpointError(f"{ckpts[-1].path}: the loaded state differs from the saved one")
-        if ckpts[-1].world_size == session.world:  # this worker's own counters
-            session.stats.load_state_dict(saved["comm_stats"])
-            timers = Timers(**saved["timers"])
-        session.resumed(saved)
-        resumed = {"event": "resumed", "from_step": state.step, "digest": state.digest()}
-        run.truncate_metrics(session.index, state.step)
-    elif resume:  # stopped before its first checkpoint: it starts again
-        run.truncate_metrics(session.index, 0)
     if session.index == 0 and session.fresh and not resume:
         write_json_atomic(
             run.meta_path,
@@ -325,6 +313,32 @@ def _train(cfg: TrainConfig, session: LocalSession, run: RunDir, device, resume:
         ),
         {"by_op": by_op, "eval_loss": eval_loss, "train_loss": loss},
     )
+
+
+def _load_checkpoint(
+    run: RunDir, session: LocalSession, state: TrainState, fp: str
+) -> tuple[dict | None, Timers | None]:
+    """Load the newest checkpoint into `state`, proved by its digest: the `resumed` event and, for
+    this worker's own file, its timers. None, None when there is none: a run stopped before its
+    first checkpoint starts again from step 0."""
+    ckpts = run.checkpoints()
+    if not ckpts:
+        run.truncate_metrics(session.index, 0)
+        return None, None
+    ckpt = ckpts[-1]
+    rank = (session.checkpoint_slot() or (0, 1))[0] if ckpt.world_size > 1 else 0
+    saved = checkpoint.load(ckpt.path, rank, fp)
+    state.load_state_dict(saved)
+    digest = state.digest()
+    if "digest" in saved and digest != saved["digest"]:
+        raise CheckpointError(f"{ckpt.path}: the loaded state differs from the saved one")
+    timers = None
+    if ckpt.world_size == session.world:  # this worker's own counters
+        session.stats.load_state_dict(saved["comm_stats"])
+        timers = Timers(**saved["timers"])
+    session.resumed(saved)
+    run.truncate_metrics(session.index, state.step)
+    return {"event": "resumed", "from_step": state.step, "digest": digest}, timers
 
 
 def _backend(comm: Comm) -> str:

@@ -127,7 +127,10 @@ class ElasticSession(LocalSession):
     def __init__(self, cfg: TrainConfig, seat: Seat, comm: Comm, run: RunDir) -> None:
         from lowband.fault.elastic import ElasticGroup
 
-        super().__init__(cfg, comm, chaos=Chaos() if seat.joining else None)
+        chaos = parse_chaos(cfg)  # a restart fires only --kill-joiner, never the others again
+        super().__init__(
+            cfg, comm, Chaos(joiner_kills=chaos.joiner_kills) if seat.joining else chaos
+        )
         self.seat, self.run, self.cfg = seat, run, cfg
         self.index, self.world = seat.index, cfg.workers
         self.fresh = not seat.joining
@@ -163,7 +166,7 @@ class ElasticSession(LocalSession):
     def _kill_if_asked(self) -> None:
         """--kill-joiner: the k-th restart of this worker (k = the `joined` events its metrics
         file already holds) kills itself after the k-th delay, wherever its join then is."""
-        delays = parse_chaos(self.cfg).joiner_kills
+        delays = self.chaos.joiner_kills
         path = self.run.metrics_path(self.index)
         k = path.read_text().count('"event": "joined"') if path.exists() else 0
         if k < len(delays):
