@@ -19,3 +19,9 @@ class CheckpointError(LowbandError):
 
 class RunDirError(LowbandError):
     """An output folder that already holds a different run (nothing is overwritten)."""
+
+
+class RunFileError(LowbandError):
+    """A file of a run folder (config, checkpoint sidecar, summary, elastic file) that cannot be
+    read, is not valid JSON, or does not hold what lowband writes there. The message names the
+    file; nothing is changed on disk."""

@@ -19,6 +19,7 @@ import hashlib
 import math
 import os
 import platform
+import stat
 import sysconfig
 from dataclasses import dataclass, field
 
@@ -83,7 +84,8 @@ def load_corpus(spec: str | os.PathLike[str] | None = None) -> Corpus:
     The string `"stdlib"` always means the standard library, even if a file of that name exists.
 
     Raises:
-        DataError: with a one-line message when the path is missing, unreadable or empty, a
+        DataError: with a one-line message when the path is missing, unreadable, empty or not
+            a regular file or directory (a FIFO, socket or device: reading it could block), a
             directory holds no usable files (or mixes `.bin` and text), or a `.bin` file has an
             odd number of bytes.
     """
@@ -93,6 +95,7 @@ def load_corpus(spec: str | os.PathLike[str] | None = None) -> Corpus:
     path = os.path.expanduser(name)
     if not os.path.exists(path):
         raise DataError(f"data path {name!r} does not exist")
+    _check_kind(name, path)
     if os.path.isdir(path):
         return _load_directory(name, path)
     if path.endswith(BIN_SUFFIX):
@@ -183,6 +186,23 @@ def _walk(root: str, *, suffixes: tuple[str, ...], skip_dir) -> list[tuple[str, 
                 found.append((prefix + f, full))
     found.sort()
     return found
+
+
+def _check_kind(name: str, path: str) -> None:
+    """DataError unless `path` is a regular file or a directory: reading a FIFO, a socket or a
+    device would block forever (or never end), so they are refused before anything is opened."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return
+    kinds = [
+        (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+    ]  # fmt: skip
+    kind = next((text for test, text in kinds if test(mode)), "not a regular file")
+    raise DataError(
+        f"data path {name!r} is {kind}, not a file or a directory; lowband reads corpora from "
+        "files (copy the stream to a file first)"
+    )
 
 
 def _concat(files: list[tuple[str, str]]) -> bytes:

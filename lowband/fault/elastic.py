@@ -93,6 +93,57 @@ def start_lighthouse(
     )
 
 
+LIGHTHOUSE_TIMEOUT_S = 5.0
+"""How long `check_lighthouse` waits for a Lighthouse to connect and answer before giving up."""
+
+
+def check_lighthouse(address: str, timeout_s: float = LIGHTHOUSE_TIMEOUT_S) -> None:
+    """ConfigError, in one line and within about `timeout_s` seconds, unless `address` is an
+    http(s)://HOST:PORT URL at which a torchft Lighthouse answers.
+
+    torchft itself would wait its connect timeout (--timeout, 60 s by default) and then fail with
+    a traceback, or, at a port that accepts connections but never answers, wait for a quorum until
+    --quorum-timeout. The check asks for the Lighthouse's status page (plain HTTP, no proxy): a
+    malformed address, a refused connection, silence and an answer from something else are each
+    one line.
+    """
+    import http.client
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    try:
+        url = urllib.parse.urlsplit(address)
+        port = url.port
+    except ValueError:
+        url, port = None, None
+    if url is None or url.scheme not in ("http", "https") or not url.hostname or port is None:
+        host, _, port_text = address.rpartition(":")
+        bare = "://" not in address and host and port_text.isdigit()  # HOST:PORT
+        hint = f"; did you mean http://{address}?" if bare else ""
+        raise ConfigError(
+            f"--lighthouse {address!r} is not a Lighthouse URL: expected http://HOST:PORT{hint}"
+        )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    where = f"--lighthouse {address}"
+    try:
+        with opener.open(f"{url.scheme}://{url.netloc}/status", timeout=timeout_s) as reply:
+            body = reply.read(1 << 16)
+    except urllib.error.HTTPError as e:  # an HTTP server, but one without a Lighthouse's page
+        raise ConfigError(f"{where} answers HTTP {e.code}: not a torchft Lighthouse") from None
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, TimeoutError):
+            raise ConfigError(f"{where} did not answer within {timeout_s:g}s") from None
+        reason = getattr(e.reason, "strerror", None) or e.reason
+        raise ConfigError(f"{where}: nothing answers there ({reason})") from None
+    except TimeoutError:
+        raise ConfigError(f"{where} did not answer within {timeout_s:g}s") from None
+    except (OSError, http.client.HTTPException) as e:
+        raise ConfigError(f"{where}: no Lighthouse answers there ({type(e).__name__})") from None
+    if b"quorum" not in body.lower():
+        raise ConfigError(f"{where} answers, but not as a torchft Lighthouse")
+
+
 def _link_transport(timeout: datetime.timedelta, owner: ElasticGroup):
     """torchft's HTTP checkpoint transport, timed, with the download charged to the emulated link.
 

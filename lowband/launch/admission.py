@@ -7,6 +7,9 @@
 3. Write RUN/elastic.json (the admission HOST:PORT), where `lowband join RUN` looks on this host.
 4. Print how to add a worker, from this host or from another.
 Admissions and refusals go to the event log.
+
+`lowband join` reads RUN/elastic.json with `admission_address` and the server's answer with
+`parse_admission`: a corrupt or mistyped one is one line naming it (RunFileError).
 """
 
 from __future__ import annotations
@@ -15,11 +18,44 @@ import json
 import os
 import socket
 import sys
+from pathlib import Path
+from typing import Any
 
 from lowband.config import TrainConfig
+from lowband.errors import ConfigError, RunFileError
 from lowband.fault.admission import AdmissionServer, generate_secret
 from lowband.launch.events import EventLog
-from lowband.train.rundir import RunDir, write_json_atomic
+from lowband.train.rundir import RunDir, check_fields, read_json, write_json_atomic
+
+ELASTIC_INFO = {"admission": str, "workers": int}
+"""The shape of RUN/elastic.json (step 3)."""
+PAYLOAD = {"lighthouse": str, "store": str, "config": dict, "run": str, "index": int}
+"""The shape of the admission server's answer to an admitted joiner (step 2)."""
+
+
+def admission_address(run: str | Path) -> str:
+    """The admission HOST:PORT of the elastic job running in `run` (its elastic.json)."""
+    info = Path(run) / "elastic.json"
+    if not info.exists():
+        raise ConfigError(f"{run} is not a running elastic job (no elastic.json)")
+    addr = read_json(info, ELASTIC_INFO)["admission"]
+    host, sep, port = addr.rpartition(":")
+    if not (sep and host and port.isdigit()):
+        raise RunFileError(f"{info} is corrupt: 'admission' should be HOST:PORT, found {addr!r}")
+    return addr
+
+
+def parse_admission(answer: bytes) -> dict[str, Any]:
+    """The admission server's answer (step 2) as a checked dict."""
+    where = "the admission server's answer"
+    try:
+        payload = json.loads(answer)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunFileError(f"{where} is corrupt: not valid JSON ({e})") from None
+    if not isinstance(payload, dict):
+        raise RunFileError(f"{where} is corrupt: it should be a JSON object")
+    check_fields(where, payload, PAYLOAD, {})
+    return payload
 
 
 def open_admission(

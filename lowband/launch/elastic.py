@@ -21,13 +21,13 @@ import torch
 import torch.distributed as dist
 
 from lowband.config import TrainConfig
-from lowband.launch.admission import open_admission
+from lowband.launch.admission import PAYLOAD, open_admission
 from lowband.launch.events import EventLog
 from lowband.launch.lighthouse import Lighthouse
 from lowband.launch.summary import write_summary
 from lowband.launch.supervisor import supervise
 from lowband.launch.worker import quiet_torchft
-from lowband.train.rundir import RunDir
+from lowband.train.rundir import RunDir, check_fields
 
 
 def launch_elastic(cfg: TrainConfig, run: RunDir, resume: bool = False) -> None:
@@ -36,6 +36,8 @@ def launch_elastic(cfg: TrainConfig, run: RunDir, resume: bool = False) -> None:
     The job goes on while at least --min-workers are alive. With `resume` the first workers load
     the newest checkpoint; restarted and admitted workers heal from a live peer instead.
     """
+    if resume:  # what the job reads back (metrics, the summaries merged at the end): a corrupt
+        run.check_readable()  # file is refused now, before any is truncated, not after the job
     quiet_torchft()  # 1.
     with Lighthouse(cfg) as lighthouse, EventLog(run.path / "metrics" / "events.jsonl") as events:
         host = socket.gethostname()  # 2.
@@ -52,6 +54,7 @@ def join_job(payload: dict, device: str = "cpu") -> None:
     from lowband.train.loop import train_worker
     from lowband.train.session import Seat, elastic_worker
 
+    check_fields("the admission server's answer", payload, PAYLOAD, {})
     cfg = TrainConfig.from_dict(payload["config"])
     torch.set_num_threads(cfg.threads)
     quiet_torchft()

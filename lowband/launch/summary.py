@@ -9,10 +9,9 @@ name (rank0.json when worker 0 finished).
 
 from __future__ import annotations
 
-import json
-
 from lowband.algorithms.robust import robust_label
 from lowband.config import TrainConfig
+from lowband.errors import RunFileError
 from lowband.train.loop import summary_from_rows, total_steps
 from lowband.train.rundir import RunDir, write_json_atomic
 
@@ -20,7 +19,9 @@ from lowband.train.rundir import RunDir, write_json_atomic
 def write_summary(
     cfg: TrainConfig, run: RunDir, finished: set[int], failed: dict[int, int]
 ) -> None:
-    parts = [json.loads(f.read_text()) for f in sorted((run.path / "summaries").glob("rank*.json"))]
+    parts = run.worker_summaries()  # each checked: a corrupt one is named, in one line
+    if not parts:
+        raise RunFileError(f"{run.path / 'summaries'} holds no worker summary (rank*.json)")
     rows = [s["row"] for s in parts]
     by_op: dict[str, dict[str, float]] = {}
     for s in parts:

@@ -10,6 +10,9 @@ A run folder, as the training loop writes it::
 
 Everything the report shows is computed from the metrics, so a crashed run (no summary.json, fewer
 lines, a half-written last line) is reported the same way as a finished one and marked incomplete.
+config.json, meta.json and summary.json are written atomically, so one that is not valid JSON, or
+whose fields are not of the types lowband writes, is corrupt: one line naming it
+(lowband.train.rundir.read_json), never a traceback from deep inside the report.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from lowband.errors import LowbandError
+from lowband.train.rundir import CORPUS, META, SUMMARY, check_fields, read_config, read_json
 
 _RANK_FILE = re.compile(r"^rank(\d+)\.jsonl$")
 
@@ -110,13 +114,18 @@ class RunData:
         for e in self.events:
             kinds.setdefault(e["event"], []).append(e)
         quorums = sorted(
-            {(e["step"], e["participants"]) for e in kinds.get("quorum", []) if "step" in e}
+            {
+                (e["step"], e["participants"])
+                for e in kinds.get("quorum", [])
+                if isinstance(e.get("step"), int) and isinstance(e.get("participants"), int)
+            }
         )
         recovered = kinds.get("recovered", [])
         # A stall is a synchronisation that took longer than usual: every quorum event's time
         # beyond the median synchronisation of the run, summed over the reference worker.
         ref = min(self.ranks) if self.ranks else 0
-        normal = [e["sync_s"] for e in kinds.get("quorum", []) if e.get("rank") == ref]
+        normal = [_num(e.get("sync_s")) for e in kinds.get("quorum", []) if e.get("rank") == ref]
+        normal = [x for x in normal if math.isfinite(x)]
         median = float(np.median(normal)) if normal else 0.0
         return {
             "participants": quorums,
@@ -125,7 +134,7 @@ class RunData:
             "joins": len(kinds.get("admitted", [])),
             "refused": len(kinds.get("admission_refused", [])),
             "recoveries": len(recovered),
-            "recovery_s": [float(e.get("transfer_s", e.get("seconds", 0.0))) for e in recovered],
+            "recovery_s": [_num(e.get("transfer_s", e.get("seconds", 0.0))) for e in recovered],
             "stalled_s": float(sum(max(0.0, s - median) for s in normal)),
             "discarded": len(kinds.get("sync_discarded", [])),
             "parity_repairs": len(kinds.get("parity_mismatch", [])),
@@ -206,9 +215,9 @@ def load_run(path: Path | str, label: str | None = None) -> RunData:
     if not metrics_dir.is_dir():
         raise LowbandError(f"{path} is not a run folder (no metrics/ directory)")
     warnings: list[str] = []
-    config = _read_json(path / "config.json", warnings) or {}
-    meta = _read_json(path / "meta.json", warnings) or {}
-    summary = _read_json(path / "summary.json", warnings, crash_ok=True)
+    config = _read_json(path / "config.json", warnings, read_config) or {}
+    meta = _read_json(path / "meta.json", warnings, _read_meta) or {}
+    summary = _read_json(path / "summary.json", warnings, _read_summary, crash_ok=True)
 
     ranks: dict[int, RankSeries] = {}
     events: list[dict[str, Any]] = []  # elastic training: failures, recoveries, quorums (#4)
@@ -218,7 +227,7 @@ def load_run(path: Path | str, label: str | None = None) -> RunData:
             continue
         lines = _read_jsonl(file, warnings)
         rank = int(match.group(1))
-        events += [{**r, "rank": rank} for r in lines if "event" in r]
+        events += [{**r, "rank": rank} for r in lines if isinstance(r.get("event"), str)]
         lines = [r for r in lines if "event" not in r]
         if lines:
             ranks[rank] = _to_series(rank, lines)
@@ -278,22 +287,24 @@ def unique_labels(paths: list[Path]) -> list[str]:
     return out
 
 
-def _read_json(file: Path, warnings: list[str], *, crash_ok: bool = False) -> dict[str, Any] | None:
-    """A JSON object, or None if the file is missing (noted in `warnings` unless `crash_ok`)."""
+def _read_json(file: Path, warnings: list[str], read, *, crash_ok: bool = False):
+    """read(file): a checked JSON object, or None if the file is missing (noted in `warnings`
+    unless `crash_ok`: a run that crashed wrote no summary)."""
     if not file.exists():
         if not crash_ok:
             warnings.append(f"{file.name} is missing")
         return None
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        if crash_ok:  # a summary half-written by a crash: the run simply did not finish
-            warnings.append(f"{file.name} is unreadable ({e}); treated as missing")
-            return None
-        raise LowbandError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise LowbandError(f"{file} should hold a JSON object, found {type(data).__name__}")
-    return data
+    return read(file)
+
+
+def _read_meta(file: Path) -> dict[str, Any]:
+    meta = read_json(file, optional=META)
+    check_fields(file, meta.get("corpus") or {}, {}, CORPUS)
+    return meta
+
+
+def _read_summary(file: Path) -> dict[str, Any]:
+    return read_json(file, optional=SUMMARY)
 
 
 def _read_jsonl(file: Path, warnings: list[str]) -> list[dict[str, Any]]:
@@ -322,13 +333,17 @@ def _launcher_events(file: Path, warnings: list[str]) -> list[dict[str, Any]]:
     if not file.exists():
         return []
     out = []
-    for n, text in enumerate(file.read_text().splitlines(), 1):
+    try:
+        raw = file.read_bytes().decode("utf-8", errors="replace").splitlines()
+    except OSError as e:
+        raise LowbandError(f"cannot read {file}: {e.strerror or e}") from None
+    for n, text in enumerate(raw, 1):
         try:
             record = json.loads(text)
         except ValueError:
             warnings.append(f"{file.name}: skipped an unreadable line ({n})")
             continue
-        if isinstance(record, dict) and "event" in record:
+        if isinstance(record, dict) and isinstance(record.get("event"), str):
             out.append(record)
     return out
 

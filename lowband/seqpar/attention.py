@@ -24,6 +24,11 @@ shards (full sequence, H/W heads), attention runs locally, an all-to-all turns t
 Needs H % W == 0; kv heads: K % W == 0, or W % K == 0 in which case each kv head is repeated
 W/K times before the all-to-all (its gradient sums back through the repeat); otherwise
 ConfigError. Hybrid (USP, Fang & Zhao 2024): Ulysses inside groups of U ranks, ring across.
+
+Before anything is sent, the ranks agree that their shards match (lowband.seqpar.agree: one
+all-gather of a few int64): shards of different lengths, shapes, dtypes or masks raise the same
+ConfigError on every rank instead of a Gloo abort on some. `check=False` skips it, for a caller
+that makes the same call on every rank by construction (lowband's training loop checks its first).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from torch.autograd import Function
 
 from lowband.comm import Comm
 from lowband.errors import ConfigError
+from lowband.seqpar.agree import agree, agree_2d, signature
 from lowband.seqpar.blocks import acc_dtype, block_backward, block_forward, merge_, select_backend
 from lowband.seqpar.layout import Call, Layout, Mask, Piece, concat_pieces, plan
 from lowband.seqpar.p2p import Pending, all_to_all, exchange
@@ -264,8 +270,13 @@ def _all_pieces(layout: Layout, padded: int) -> tuple[tuple[Piece, ...], ...]:
 def ring_attention(
     q: Tensor, k: Tensor, v: Tensor, comm: Comm, *, causal: bool = True, seq_len: int | None = None,
     cu_seqlens=None, scale: float | None = None, backend: str = "auto", layout: str = "zigzag",
+    check: bool = True,
 ) -> Tensor:  # fmt: skip
     """Ring attention over `comm`: kv blocks travel, queries stay (zigzag layout by default)."""
+    if check:
+        sig = signature(q, k, v, causal=causal, seq_len=seq_len, cu_seqlens=cu_seqlens,
+                        scale=scale, layout=layout)  # fmt: skip
+        agree(comm, sig, "ring_attention")
     _check(q, k, v)
     lay = Layout(layout, comm.size)
     mask, padded = _mask(lay, q.shape[2], causal, seq_len, cu_seqlens)
@@ -276,8 +287,13 @@ def ring_attention(
 def token_ring_attention(
     q: Tensor, k: Tensor, v: Tensor, comm: Comm, *, causal: bool = True, seq_len: int | None = None,
     cu_seqlens=None, scale: float | None = None, backend: str = "auto", layout: str = "zigzag",
+    check: bool = True,
 ) -> Tensor:  # fmt: skip
     """TokenRing over `comm`: queries travel one way, partial (out, lse) go back to their owner."""
+    if check:
+        sig = signature(q, k, v, causal=causal, seq_len=seq_len, cu_seqlens=cu_seqlens,
+                        scale=scale, layout=layout)  # fmt: skip
+        agree(comm, sig, "token_ring_attention")
     _check(q, k, v)
     lay = Layout(layout, comm.size)
     mask, padded = _mask(lay, q.shape[2], causal, seq_len, cu_seqlens)
@@ -307,8 +323,13 @@ def _ulysses_in(q, k, v, comm: Comm) -> tuple[Tensor, Tensor, Tensor]:
 def ulysses_attention(
     q: Tensor, k: Tensor, v: Tensor, comm: Comm, *, causal: bool = True, seq_len: int | None = None,
     cu_seqlens=None, scale: float | None = None, backend: str = "auto", layout: str = "contiguous",
+    check: bool = True,
 ) -> Tensor:  # fmt: skip
     """Ulysses over `comm`: all-to-all to head shards, local attention, all-to-all back."""
+    if check:
+        sig = signature(q, k, v, causal=causal, seq_len=seq_len, cu_seqlens=cu_seqlens,
+                        scale=scale, layout=layout)  # fmt: skip
+        agree(comm, sig, "ulysses_attention")
     _check(q, k, v)
     lay = Layout(layout, comm.size)
     mask, padded = _mask(lay, q.shape[2], causal, seq_len, cu_seqlens)
@@ -321,12 +342,17 @@ def ulysses_attention(
 def hybrid_attention(
     q: Tensor, k: Tensor, v: Tensor, ulysses_comm: Comm, ring_comm: Comm, *, causal: bool = True,
     seq_len: int | None = None, cu_seqlens=None, scale: float | None = None, backend: str = "auto",
+    check: bool = True,
 ) -> Tensor:  # fmt: skip
     """Ulysses inside `ulysses_comm` (U ranks) x zigzag ring across `ring_comm` (R ranks).
 
     This rank's shard is `Layout("hybrid", R*U, U).shard(x, dim, ring_comm.rank * U +
     ulysses_comm.rank)`: the two groups form a 2-D arrangement, any rank numbering works.
     """
+    if check:
+        sig = signature(q, k, v, causal=causal, seq_len=seq_len, cu_seqlens=cu_seqlens,
+                        scale=scale, layout="hybrid")  # fmt: skip
+        agree_2d(ulysses_comm, ring_comm, sig, "hybrid_attention")
     _check(q, k, v)
     U, R = ulysses_comm.size, ring_comm.size
     lay = Layout("hybrid", R * U, U)

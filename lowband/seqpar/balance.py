@@ -104,8 +104,9 @@ def balance(
 ) -> BalanceReport:
     """Balanced placement of `lengths` on `ranks` ranks of `capacity` tokens, with the naive one.
 
-    Raises ConfigError if a sequence cannot fit even over all ranks, or the batch as a whole
-    does not fit the ranks' capacity.
+    Where the greedy pass finds no room for a sequence, a fallback packs by tokens or splits
+    every sequence over all ranks (notes["fallback"] says which). Raises ConfigError if a
+    sequence cannot fit even over all ranks, or no placement of the batch is found.
     """
     _check(lengths, ranks, capacity)
     lengths = [int(n) for n in lengths]
@@ -128,11 +129,8 @@ def balance(
             options = [g for g in options if _room(tokens, g, need, capacity)]
             if options:
                 break
-            if d == ranks:
-                raise ConfigError(
-                    f"the batch ({sum(lengths):,} tokens) does not fit {ranks} ranks of "
-                    f"{capacity:,} tokens"
-                )
+            if d == ranks:  # the greedy order left no room: a fallback may still fit
+                return _fallback(lengths, ranks, capacity, a, b)
             d = next(x for x in _degrees(ranks) if x > d)  # spread wider where there is room
             need, share = shard_tokens(lengths[i], d), seq_cost(lengths[i], a, b) / d
         g = min(options, key=lambda g: (max(loads[r] for r in g), g[0]))
@@ -150,6 +148,108 @@ def balance(
         # better one, so the balanced placement is never worse than the baseline.
         balanced = Placement(list(naive.groups), list(naive.loads), list(naive.tokens))
     return BalanceReport(balanced, naive)
+
+
+def _fallback(lengths, ranks, capacity, a, b) -> BalanceReport:
+    """Where the greedy pass finds no room for a sequence, a placement may still fit: pack by
+    tokens alone (largest first, each on the fullest group it fits at its smallest degree, else a
+    wider one; failing that a bounded search), or split every sequence over all ranks (an equal
+    share of every sequence and of the cost on every rank), whichever fits with the lower maximum
+    cost. ConfigError when none fits: "does not fit" only where the tokens exceed the ranks'
+    capacity, else "found no placement", with what splitting over all ranks would need."""
+    costs = [seq_cost(n, a, b) for n in lengths]
+    found = []
+    packed = _pack(lengths, ranks, capacity) or _search(lengths, ranks, capacity)
+    if packed is not None:
+        loads = [0.0] * ranks
+        for g, c in zip(packed.groups, costs):
+            for r in g:
+                loads[r] += c / len(g)
+        found.append(("packed by tokens", Placement(packed.groups, loads, packed.tokens)))
+    need = sum(shard_tokens(n, ranks) for n in lengths)
+    if need <= capacity:
+        everyone = tuple(range(ranks))
+        spread = Placement([everyone] * len(lengths), [sum(costs) / ranks] * ranks, [need] * ranks)
+        found.append(("split over all ranks", spread))
+    if not found:
+        total = sum(lengths)
+        if total > ranks * capacity:
+            raise ConfigError(
+                f"the batch ({total:,} tokens) does not fit {ranks} ranks of {capacity:,} tokens"
+            )
+        raise ConfigError(
+            f"found no placement of the batch ({total:,} tokens) on {ranks} ranks of "
+            f"{capacity:,} tokens: split over all ranks it needs {need:,} tokens per rank, and "
+            "neither packing nor a bounded search found room; raise the capacity or use fewer "
+            "sequences per batch"
+        )
+    naive = _round_robin(
+        lengths, [_degree(n, ranks, capacity) for n in lengths], ranks, capacity, a, b
+    )
+    if max(naive.tokens) <= capacity:  # as in balance(): never worse than the baseline
+        found.append(
+            ("round-robin", Placement(list(naive.groups), list(naive.loads), list(naive.tokens)))
+        )
+    how, best = min(found, key=lambda item: item[1].max_load)
+    return BalanceReport(best, naive, {"fallback": how})
+
+
+def _pack(lengths, ranks, capacity) -> Placement | None:
+    """Best-fit decreasing by tokens; None if some sequence finds no room."""
+    tokens = [0] * ranks
+    groups: list[tuple[int, ...]] = [()] * len(lengths)
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for d in _degrees(ranks):
+            need = shard_tokens(lengths[i], d)
+            fits = [
+                tuple(range(s, s + d))
+                for s in range(0, ranks, d)
+                if _room(tokens, tuple(range(s, s + d)), need, capacity)
+            ]
+            if fits:
+                g = max(fits, key=lambda g: (max(tokens[r] for r in g), -g[0]))  # the fullest
+                groups[i] = g
+                for r in g:
+                    tokens[r] += need
+                break
+        else:
+            return None
+    return Placement(groups, [0.0] * ranks, tokens)
+
+
+def _search(lengths, ranks, capacity, budget: int = 20_000) -> Placement | None:
+    """Depth-first search over every sequence's aligned groups (largest first), at most `budget`
+    placements tried: finds room where packing greedily does not, on small batches."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    options = [
+        [
+            (tuple(range(s, s + d)), shard_tokens(lengths[i], d))
+            for d in _degrees(ranks)
+            for s in range(0, ranks, d)
+        ]
+        for i in order
+    ]
+    tokens, groups, tried = [0] * ranks, [()] * len(lengths), 0
+
+    def place(k: int) -> bool:
+        nonlocal tried
+        if k == len(order):
+            return True
+        for g, need in options[k]:
+            tried += 1
+            if tried > budget:
+                return False
+            if _room(tokens, g, need, capacity):
+                for r in g:
+                    tokens[r] += need
+                groups[order[k]] = g
+                if place(k + 1):
+                    return True
+                for r in g:
+                    tokens[r] -= need
+        return False
+
+    return Placement(groups, [0.0] * ranks, tokens) if place(0) else None
 
 
 def _trim(lengths, groups, loads, tokens, capacity, a, b) -> None:

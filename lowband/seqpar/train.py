@@ -95,6 +95,9 @@ class SeqParallel:
             raise ConfigError(f"unknown sequence parallelism {variant!r}")
         u = ulysses_comm.size if ulysses_comm is not None else 1
         self.layout = Layout(_LAYOUT[variant], cp_comm.size, u) if variant is not None else None
+        self._calls = 0
+        """Attention calls so far: the first checks that the group's shards match (one small
+        all-gather, lowband.seqpar.agree); the rest repeat it, the same on every rank."""
 
     @classmethod
     def from_config(cls, cfg, comm: Comm, device: torch.device) -> SeqParallel:
@@ -135,13 +138,16 @@ class SeqParallel:
         return None if self.variant is None else self._attention
 
     def _attention(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool) -> Tensor:
+        check, self._calls = self._calls == 0, self._calls + 1
         if self.variant == "ring":
-            return ring_attention(q, k, v, self.cp_comm, causal=causal)
+            return ring_attention(q, k, v, self.cp_comm, causal=causal, check=check)
         if self.variant == "tokenring":
-            return token_ring_attention(q, k, v, self.cp_comm, causal=causal)
+            return token_ring_attention(q, k, v, self.cp_comm, causal=causal, check=check)
         if self.variant == "ulysses":
-            return ulysses_attention(q, k, v, self.cp_comm, causal=causal)
-        return hybrid_attention(q, k, v, self.ulysses_comm, self.ring_comm, causal=causal)
+            return ulysses_attention(q, k, v, self.cp_comm, causal=causal, check=check)
+        return hybrid_attention(
+            q, k, v, self.ulysses_comm, self.ring_comm, causal=causal, check=check
+        )
 
     def shard(self, x_BL: Tensor) -> tuple[Tensor, Tensor]:
         """This rank's tokens of full-length rows and their positions (for RoPE)."""

@@ -49,6 +49,8 @@ def load(path: Path, rank: int, fp: str) -> dict[str, Any]:
         state = torch.load(f, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
         raise CheckpointError(f"cannot read checkpoint {f}: {type(e).__name__}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"cannot read checkpoint {f}: it holds no training state")
     if state.get("fingerprint") != fp or state.get("rank") != rank:
         raise CheckpointError(f"checkpoint {f} belongs to a different run or rank")
     return state
