@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from lowband.algorithms.base import Algorithm, ensure_same_start, flat_params, write_flat
-from lowband.errors import ConfigError
+from lowband.algorithms.registry import OptionError
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -30,8 +30,10 @@ class ParameterAveragingOptions:
     """Inner steps between two parameter averages."""
 
     def __post_init__(self) -> None:
-        if self.average_every < 1:
-            raise ConfigError(f"--average-every must be at least 1, got {self.average_every}")
+        if (
+            self.average_every < 1
+        ):  # "average_every ..." from Python, "--average-every ..." on the CLI
+            raise OptionError(f"{{average_every}} must be at least 1, got {self.average_every}")
 
 
 class ParameterAveraging(Algorithm):

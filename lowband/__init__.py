@@ -13,6 +13,7 @@ from lowband.comm import Comm, CommStats, LinkSpec, get_codec, quantized_all_red
 from lowband.comm.sync import StaticGroup, SyncGroup  # noqa: E402
 from lowband.errors import LowbandError  # noqa: E402
 from lowband.fault.elastic import ElasticGroup, start_lighthouse  # noqa: E402 - torchft on use
+from lowband.train.writer import RunWriter  # noqa: E402
 
 # Every registered algorithm is exported under its class name: lowband.DiLoCo, lowband.CO2, ...
 globals().update({cls.__name__: cls for cls in ALGORITHMS.values()})
@@ -28,6 +29,7 @@ __all__ = [
     "CommStats",
     "LinkSpec",
     "LowbandError",
+    "RunWriter",
     "get_codec",
     "quantized_all_reduce",
 ]

@@ -278,13 +278,13 @@ def test_state_dict_keeps_the_in_flight_average_and_resumes_bit_identically():
 
 def test_bad_settings():
     model, opt = make()
-    with pytest.raises(ConfigError, match="--co2-delay"):
+    with pytest.raises(ConfigError, match="co2_delay"):
         CO2(model, opt, Comm(None), co2_delay=2)
-    with pytest.raises(ConfigError, match="--co2-lambda"):
+    with pytest.raises(ConfigError, match="co2_lambda"):
         CO2(model, opt, Comm(None), co2_lambda=0.0)
-    with pytest.raises(ConfigError, match="--co2-clip"):
+    with pytest.raises(ConfigError, match="co2_clip"):
         CO2(model, opt, Comm(None), co2_clip=-1.0)
     with pytest.raises(ConfigError, match="beta"):
         CO2(model, opt, Comm(None), outer_momentum=1.0)
-    with pytest.raises(ConfigError, match="--sync-every"):
+    with pytest.raises(ConfigError, match="sync_every"):
         CO2(model, opt, Comm(None), sync_every=0)

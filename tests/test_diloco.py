@@ -216,11 +216,11 @@ def test_mix_limits(alpha):
 def test_bad_streaming_settings():
     model = build_model(CFG)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ConfigError, match="multiple of --fragments"):
+    with pytest.raises(ConfigError, match="multiple of fragments=4"):
         StreamingDiLoCo(model, opt, Comm(None), sync_every=10, fragments=4)
-    with pytest.raises(ConfigError, match="--overlap"):
+    with pytest.raises(ConfigError, match="overlap=2"):
         StreamingDiLoCo(model, opt, Comm(None), sync_every=8, fragments=4, overlap=2)
-    with pytest.raises(ConfigError, match="--mix"):
+    with pytest.raises(ConfigError, match="mix must be"):
         StreamingDiLoCo(model, opt, Comm(None), sync_every=8, fragments=2, mix=1.5)
 
 

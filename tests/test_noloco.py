@@ -267,9 +267,9 @@ def test_state_dict_round_trip_resumes_bit_identically():
 
 def test_bad_settings():
     model, opt = make()
-    with pytest.raises(ConfigError, match="--group-size"):
+    with pytest.raises(ConfigError, match="group_size"):
         NoLoCo(model, opt, Comm(None), group_size=1)
-    with pytest.raises(ConfigError, match="--sync-every"):
+    with pytest.raises(ConfigError, match="sync_every"):
         NoLoCo(model, opt, Comm(None), sync_every=0)
     with pytest.raises(ConfigError, match="beta"):
         NoLoCo(model, opt, Comm(None), outer_momentum=1.0)

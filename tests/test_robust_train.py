@@ -15,6 +15,7 @@ from lowband.algorithms.robust import attacker_ranks
 from lowband.cli import main
 from lowband.coding import StragglerInjector, cyclic_mds, fractional_repetition
 from lowband.comm import Comm, get_codec
+from lowband.comm.accounting import CommStats
 from lowband.config import TrainConfig
 from lowband.data import ShardSampler
 from lowband.models import ModelConfig, build_model
@@ -205,6 +206,7 @@ class _StandIn:
 
     def __init__(self, rank: int, size: int) -> None:
         self.rank, self.size, self.device = rank, size, torch.device("cpu")
+        self.stats = CommStats()
 
     def all_gather(self, outputs, tensor) -> None:
         for out in outputs:

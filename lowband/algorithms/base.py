@@ -72,9 +72,18 @@ def ensure_same_start(comm: Comm, groups: list[list[torch.Tensor]]) -> bool:
     Workers built from the same seed are already bit-identical: an all-gather of one 8-byte digest
     per worker proves it and no parameters travel. Otherwise rank 0 broadcasts every group.
     Returns True if a broadcast was needed.
+
+    Its bytes are counted as usual, its time as start-up (`CommStats.setup`): the all-gather
+    waits for the slowest worker to construct its algorithm, which says nothing about the
+    algorithm's communication.
     """
     if comm.size == 1:
         return False
+    with comm.stats.setup():
+        return _same_start(comm, groups)
+
+
+def _same_start(comm: Comm, groups: list[list[torch.Tensor]]) -> bool:
     mine = torch.tensor(
         [parameter_digest([t for g in groups for t in g])], dtype=torch.int64, device=comm.device
     )

@@ -59,10 +59,10 @@ from torch import nn
 
 from lowband.algorithms.base import Algorithm, ensure_same_start, flat_params, write_flat
 from lowband.algorithms.overlap import BackgroundReducer
+from lowband.algorithms.registry import OptionError, check_bits
 from lowband.comm import Comm, get_codec, quantized_all_reduce
 from lowband.comm.quantized import quantized_all_reduce_bytes
 from lowband.comm.sync import SyncGroup
-from lowband.errors import ConfigError
 
 __all__ = ["CO2", "co2_outer_step", "staleness_penalty"]
 
@@ -121,22 +121,22 @@ class CO2Options:
 
     def __post_init__(self) -> None:
         if self.sync_every < 1:
-            raise ConfigError(f"--sync-every must be at least 1, got {self.sync_every}")
+            raise OptionError(f"{{sync_every}} must be at least 1, got {self.sync_every}")
         if self.co2_delay not in (0, 1):
-            raise ConfigError(f"--co2-delay must be 0 or 1, got {self.co2_delay}")
+            raise OptionError(f"{{co2_delay}} must be 0 or 1, got {self.co2_delay}")
         if not 0.0 <= self.outer_momentum < 1.0:
-            raise ConfigError(
-                f"CO2 beta (--outer-momentum) must be in [0, 1), got {self.outer_momentum}"
+            raise OptionError(
+                f"CO2 beta ({{outer_momentum}}) must be in [0, 1), got {self.outer_momentum}"
             )
         if not self.outer_lr > 0:
-            raise ConfigError(f"CO2 outer lr (--outer-lr) must be positive, got {self.outer_lr}")
+            raise OptionError(f"CO2 outer lr ({{outer_lr}}) must be positive, got {self.outer_lr}")
         if not self.co2_lambda > 0:
-            raise ConfigError(f"--co2-lambda must be positive, got {self.co2_lambda}")
+            raise OptionError(f"{{co2_lambda}} must be positive, got {self.co2_lambda}")
         if self.co2_clip is not None and self.co2_clip < 0:
-            raise ConfigError(f"--co2-clip must be 0 (off) or positive, got {self.co2_clip}")
+            raise OptionError(f"{{co2_clip}} must be 0 (off) or positive, got {self.co2_clip}")
         if self.co2_gap_penalty not in (0, 1):
-            raise ConfigError(f"--co2-gap-penalty must be 0 or 1, got {self.co2_gap_penalty}")
-        get_codec(self.bits)
+            raise OptionError(f"{{co2_gap_penalty}} must be 0 or 1, got {self.co2_gap_penalty}")
+        check_bits(self.bits)
 
 
 class CO2(Algorithm):

@@ -29,10 +29,10 @@ import torch
 from torch import nn
 
 from lowband.algorithms.base import Algorithm, ensure_same_start, write_flat
+from lowband.algorithms.registry import OptionError, check_bits
 from lowband.coding import StragglerInjector
 from lowband.comm import Comm, get_codec, quantized_all_reduce
 from lowband.comm.sync import SyncGroup
-from lowband.errors import ConfigError
 from lowband.robust import RobustReducer
 
 
@@ -67,8 +67,8 @@ class DDPOptions:
 
     def __post_init__(self) -> None:
         if not self.bucket_mb > 0:
-            raise ConfigError(f"--bucket-mb must be positive, got {self.bucket_mb}")
-        get_codec(self.bits)
+            raise OptionError(f"{{bucket_mb}} must be positive, got {self.bucket_mb}")
+        check_bits(self.bits)
 
 
 class DDP(Algorithm):

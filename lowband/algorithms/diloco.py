@@ -48,6 +48,7 @@ from torch import nn
 
 from lowband.algorithms.base import Algorithm, ensure_same_start
 from lowband.algorithms.overlap import BackgroundReducer
+from lowband.algorithms.registry import OptionError, check_bits
 from lowband.comm import Comm, get_codec, quantized_all_reduce
 from lowband.comm.quantized import quantized_all_reduce_bytes
 from lowband.comm.sync import SyncGroup
@@ -78,15 +79,16 @@ def strided_fragments(model: nn.Module, num_fragments: int) -> list[list[nn.Para
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if num_fragments < 1:
-        raise ConfigError(f"--fragments must be at least 1, got {num_fragments}")
+        raise OptionError(f"{{fragments}} must be at least 1, got {num_fragments}")
     if num_fragments == 1:
         return [params]
     layers = getattr(model, "layers", None)
     if isinstance(layers, nn.ModuleList) and len(layers) >= num_fragments:
         return _strided_over(params, layers, num_fragments)
     if len(params) < num_fragments:
-        raise ConfigError(
-            f"--fragments {num_fragments} is more than the model's {len(params)} parameter tensors"
+        raise OptionError(
+            f"{{fragments=}} is more than the model's {len(params)} parameter tensors",
+            fragments=num_fragments,
         )
     cuts = balanced_cuts([_nbytes(p) for p in params], num_fragments)
     contiguous = [params[a:b] for a, b in zip(cuts, cuts[1:])]
@@ -238,12 +240,12 @@ class DiLoCoOptions:
 
     def __post_init__(self) -> None:
         if self.sync_every < 1:
-            raise ConfigError(f"--sync-every must be at least 1, got {self.sync_every}")
+            raise OptionError(f"{{sync_every}} must be at least 1, got {self.sync_every}")
         if not self.outer_lr > 0:
-            raise ConfigError(f"--outer-lr must be positive, got {self.outer_lr}")
+            raise OptionError(f"{{outer_lr}} must be positive, got {self.outer_lr}")
         if not 0.0 <= self.outer_momentum < 1.0:
-            raise ConfigError(f"--outer-momentum must be in [0, 1), got {self.outer_momentum}")
-        get_codec(self.bits)
+            raise OptionError(f"{{outer_momentum}} must be in [0, 1), got {self.outer_momentum}")
+        check_bits(self.bits)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -263,14 +265,17 @@ class StreamingDiLoCoOptions(DiLoCoOptions):
         super().__post_init__()
         p, tau, h = self.fragments, self.overlap, self.sync_every
         if p < 1 or h % p:
-            raise ConfigError(f"--sync-every {h} must be a multiple of --fragments {p}")
+            raise OptionError(
+                "{sync_every=} must be a multiple of {fragments=}", sync_every=h, fragments=p
+            )
         if tau < 0 or (tau > 0 and tau >= h // p):
-            raise ConfigError(
-                f"--overlap {tau} must be below --sync-every/--fragments = {h // p} "
-                "(one fragment's reduction must land before the next one starts)"
+            raise OptionError(
+                f"{{overlap=}} must be below {{sync_every}}/{{fragments}} = {h // p} "
+                "(one fragment's reduction must land before the next one starts)",
+                overlap=tau,
             )
         if not 0.0 <= self.mix <= 1.0:
-            raise ConfigError(f"--mix must be in [0, 1], got {self.mix}")
+            raise OptionError(f"{{mix}} must be in [0, 1], got {self.mix}")
 
 
 class StreamingDiLoCo(Algorithm):

@@ -67,9 +67,9 @@ import torch
 from torch import nn
 
 from lowband.algorithms.base import Algorithm, ensure_same_start, flat_params, write_flat
+from lowband.algorithms.registry import OptionError, check_bits
 from lowband.comm import Comm, get_codec
 from lowband.comm.sync import SyncGroup
-from lowband.errors import ConfigError
 
 __all__ = ["NoLoCo", "noloco_groups", "noloco_outer_step_reference"]
 
@@ -129,16 +129,16 @@ class NoLoCoOptions:
 
     def __post_init__(self) -> None:
         if self.sync_every < 1:
-            raise ConfigError(f"--sync-every must be at least 1, got {self.sync_every}")
+            raise OptionError(f"{{sync_every}} must be at least 1, got {self.sync_every}")
         if self.group_size < 2:
-            raise ConfigError(f"--group-size must be at least 2, got {self.group_size}")
+            raise OptionError(f"{{group_size}} must be at least 2, got {self.group_size}")
         if not 0.0 <= self.outer_momentum < 1.0:
-            raise ConfigError(
-                f"NoLoCo beta (--outer-momentum) must be in [0, 1), got {self.outer_momentum}"
+            raise OptionError(
+                f"NoLoCo beta ({{outer_momentum}}) must be in [0, 1), got {self.outer_momentum}"
             )
         if not 0.0 < self.outer_lr <= 1.0:
-            raise ConfigError(f"NoLoCo gamma (--outer-lr) must be in (0, 1], got {self.outer_lr}")
-        get_codec(self.bits)
+            raise OptionError(f"NoLoCo gamma ({{outer_lr}}) must be in (0, 1], got {self.outer_lr}")
+        check_bits(self.bits)
 
 
 class NoLoCo(Algorithm):

@@ -20,7 +20,10 @@ link model turns them into seconds (lowband.comm.link).
 
 from __future__ import annotations
 
+import contextlib
+import math
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 
@@ -105,16 +108,40 @@ class OpStats:
     """Time the caller was blocked in this operation (issue plus wait): exposed communication."""
     background_seconds: float = 0.0
     """Time spent in this operation by a background thread while training went on (overlapped)."""
+    setup_seconds: float = 0.0
+    """Time the caller was blocked in it during start-up (`CommStats.setup()`): mostly waiting for
+    the slowest worker to arrive, which is not a cost of the algorithm's communication."""
 
 
 @dataclass
 class CommStats:
-    """Counters of one worker, per operation name, since the stats were created."""
+    """Counters of one worker, per operation name, since the stats were created.
+
+    Every byte is counted. Seconds are counted in one of three places: `seconds` (exposed: the
+    caller was blocked), `background_seconds` (overlapped with training) or `setup_seconds`
+    (operations inside `with stats.setup():`, such as an algorithm's start-up check).
+    """
 
     ops: dict[str, OpStats] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()  # a background thread may count while the loop counts
+        self._local = threading.local()  # whether this thread is inside setup()
+
+    @contextlib.contextmanager
+    def setup(self) -> Iterator[None]:
+        """Count this thread's blocked time as start-up time, not as exposed communication.
+
+        An algorithm's constructor waits for the slowest worker to reach it (processes start
+        seconds apart); counted as exposed communication, that wait would dwarf a short run's
+        real communication time. Bytes are counted as usual.
+        """
+        outer = getattr(self._local, "setup", False)
+        self._local.setup = True
+        try:
+            yield
+        finally:
+            self._local.setup = outer
 
     def add(
         self,
@@ -131,6 +158,8 @@ class CommStats:
                 s.bytes_recv += traffic.recv
             if background:
                 s.background_seconds += seconds
+            elif getattr(self._local, "setup", False):
+                s.setup_seconds += seconds
             else:
                 s.seconds += seconds
 
@@ -150,6 +179,10 @@ class CommStats:
     def background_seconds(self) -> float:
         return sum(s.background_seconds for s in self.ops.values())
 
+    @property
+    def setup_seconds(self) -> float:
+        return sum(s.setup_seconds for s in self.ops.values())
+
     def by_op(self) -> dict[str, dict[str, float]]:
         with self._lock:
             return {
@@ -159,6 +192,7 @@ class CommStats:
                     "bytes_recv": v.bytes_recv,
                     "seconds": v.seconds,
                     "background_seconds": v.background_seconds,
+                    "setup_seconds": v.setup_seconds,
                 }
                 for k, v in sorted(self.ops.items())
             }
@@ -180,6 +214,25 @@ class CommStats:
                     int(v["bytes_recv"]),
                     float(v["seconds"]),
                     float(v.get("background_seconds", 0.0)),
+                    float(v.get("setup_seconds", 0.0)),
                 )
                 for k, v in state["ops"].items()
             }
+
+
+_BYTE_UNITS = ("B", "KB", "MB", "GB", "TB", "PB")
+
+
+def format_bytes(n: float | None) -> str:
+    """Bytes for people: '60 B', '1.23 KB', '45.6 MB' (decimal units, 1 KB = 1000 B, as link
+    speeds are; 3 significant digits). Every byte figure lowband prints goes through here."""
+    if n is None or not math.isfinite(n):
+        return "–"
+    if abs(n) < 999.5:
+        return f"{n:.0f} B"
+    for i, unit in enumerate(_BYTE_UNITS[1:], 1):
+        value = n / 1000**i
+        # Pick the first unit where the 3-digit rounding stays below 1000 (999.7 KB -> 1.00 MB).
+        if abs(float(f"{value:.3g}")) < 1000 or unit == _BYTE_UNITS[-1]:
+            return f"{value:#.3g}".rstrip(".") + f" {unit}"  # '#' keeps 1.00, 45.0
+    raise AssertionError("unreachable")

@@ -1,4 +1,4 @@
-"""The live progress line on rank 0: step, tokens/s, loss, megabytes sent, ETA.
+"""The live progress line on rank 0: step, tokens/s, loss, bytes sent, ETA.
 
 On a terminal it is a rich progress bar; elsewhere (CI, pipes, log files) a plain line at every
 10% so logs stay short.
@@ -18,6 +18,8 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+from lowband.comm.accounting import format_bytes
 
 
 class ProgressBar:
@@ -51,8 +53,9 @@ class ProgressBar:
         *,
         tokens_per_s: float,
         loss: float,
-        mb_sent: float,
-        eval_loss: float | None,
+        mb_sent: float | None = None,
+        eval_loss: float | None = None,
+        bytes_sent: float | None = None,
         exposed_comm_s: float = 0.0,
         extra: dict | None = None,
     ) -> None:
@@ -61,13 +64,15 @@ class ProgressBar:
         stats = f"{tokens_per_s:,.0f} tok/s  loss {loss:.3f}"
         if eval_loss is not None:
             stats += f"  eval {eval_loss:.3f}"
-        stats += f"  sent {mb_sent:,.1f} MB"
+        if bytes_sent is None:  # the older keyword, in megabytes
+            bytes_sent = round((mb_sent or 0.0) * 1e6)
+        stats += f"  sent {format_bytes(bytes_sent)}"
         stats += f"  comm {exposed_comm_s:,.1f}s"
         extra = extra or {}
         if "outer_step" in extra:
             stats += f"  outer {extra['outer_step']}"
         if extra.get("peak_sync_bytes"):
-            stats += f"  peak/sync {extra['peak_sync_bytes'] / 1e6:,.2f} MB"
+            stats += f"  peak/sync {format_bytes(extra['peak_sync_bytes'])}"
         if self._progress is not None:
             self._progress.update(self._task, completed=step, stats=stats)
         elif step >= self._next_print or step == self.total:

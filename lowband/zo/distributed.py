@@ -24,7 +24,9 @@ Modes (DistZO2, Wang et al. 2025: data parallel, perturbation parallel, and both
 Every rank decodes all codes (its own too) and applies the m updates in slot order, regenerating
 each z_k from its seed.
 
-Why ranks stay bit-identical: they start identical; the exact restore leaves each rank's
+Why ranks stay bit-identical: they start identical (the constructor proves it with one 8-byte
+digest per rank, and broadcasts rank 0's parameters only if they differ, as every algorithm does:
+lowband.algorithms.base.ensure_same_start); the exact restore leaves each rank's
 parameters as they were; and the update runs the same floating-point operations in the same
 order on the same inputs (decoded scalars, seeds) on every rank.
 
@@ -58,6 +60,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowband.algorithms.base import ensure_same_start
 from lowband.comm import Comm
 from lowband.zo import codec
 from lowband.zo.spsa import LossFn, Restore, noise, perturbed_loss, spsa_losses, two_point
@@ -192,6 +195,9 @@ class ZOTrainer:
         self.log = log if log is not None else ZOLog(lr=lr, wd=wd, bits=bits, center=center)
         """Append-only: (step, slot, seed, code) of every update applied, in order."""
         self._params = list(model.parameters())
+        # Ranks that start apart would drift apart silently: every update is applied locally.
+        self.broadcast_at_start = ensure_same_start(comm, [[p.data for p in self._params]])
+        """Whether the ranks started with different parameters and took rank 0's."""
         self.groups = comm.size // 2 if perturb_parallel else comm.size
         """Groups that each draw their own batch and seeds (ranks in data parallel, pairs in 2-D)."""
         self.group = comm.rank // 2 if perturb_parallel else comm.rank
