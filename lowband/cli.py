@@ -39,6 +39,12 @@ def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
             continue
         default = getattr(defaults, f.name)
         help_text = docs.get(f.name, "").replace("%", "%%")
+        if _type_of(f.type) is bool and "None" in str(f.type):  # on, off or automatic
+            parser.add_argument(
+                _flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS, help=help_text,
+            )  # fmt: skip
+            continue
         if _type_of(f.type) is bool:  # an on/off switch
             parser.add_argument(
                 _flag(f.name), dest=f.name, action="store_true", default=argparse.SUPPRESS,
@@ -116,6 +122,9 @@ def _validate_elastic(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"--min-workers must be between 1 and --workers ({cfg.workers}), got {cfg.min_workers}"
         )
+    from lowband.launch.lighthouse import check_lighthouse_flag
+
+    check_lighthouse_flag(cfg)  # a malformed or silent --lighthouse: one line, within 5 s
 
 
 def _check_data(cfg: TrainConfig, world: int):
@@ -229,13 +238,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _print_summary(run, seconds: float) -> None:
     import json
 
+    from lowband.comm.accounting import format_bytes
+
     if not run.summary_path.exists():
         return
     s = json.loads(run.summary_path.read_text())
     loss = s.get("final_eval_loss")
     print(
         f"done in {seconds:.1f}s: eval loss {loss:.4f}, {s['tokens_per_s']:,.0f} tokens/s, "
-        f"{s['bytes_sent_per_worker'] / 1e6:,.1f} MB sent per worker, "
+        f"{format_bytes(s['bytes_sent_per_worker'])} sent per worker, "
         f"compute utilisation {100 * s['compute_utilisation']:.0f}%\nrun folder: {run.path}",
         file=sys.stderr,
     )
@@ -268,8 +279,6 @@ def validate_finetune(cfg) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    import json
-
     from lowband.config import FinetuneConfig
     from lowband.launch import launch_local, launch_torchrun, under_torchrun
     from lowband.train.rundir import RunDir
@@ -282,16 +291,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         if hasattr(args, f.name)
     }
 
-    def load_saved(run):
-        if not run.config_path.exists():
-            raise RunDirError(f"--resume {run.path}: not a lowband run folder (no config.json)")
-        saved = json.loads(run.config_path.read_text())
-        if saved.get("algo") != "zo":
-            raise ConfigError(f"--resume {run.path} is not a finetune run; use lowband train")
-        return FinetuneConfig.from_dict(saved)
-
     if args.resume:
-        run, cfg = _resume(args, load_saved, given, ELASTIC_FIELDS)
+        run, cfg = _resume(args, RunDir.load_finetune_config, given, ELASTIC_FIELDS)
     else:
         cfg = FinetuneConfig(**given)
         if cfg.init is not None:
@@ -438,27 +439,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_join(args: argparse.Namespace) -> int:
     """Add one worker to a running elastic job, after proving the run's secret."""
-    import json
     import socket
 
     from lowband.fault.admission import load_secret, request_admission
     from lowband.launch import join_job
+    from lowband.launch.admission import admission_address, parse_admission
 
     addr = args.admission
     if addr is None:
         if args.run is None:
             raise ConfigError("lowband join needs RUN (a run folder) or --admission HOST:PORT")
-        info = Path(args.run) / "elastic.json"
-        if not info.exists():
-            raise ConfigError(f"{args.run} is not a running elastic job (no elastic.json)")
-        addr = json.loads(info.read_text())["admission"]
+        addr = admission_address(args.run)
     token = args.token or os.environ.get("LOWBAND_TOKEN")
     secret_file = args.token_file
     if token is None and secret_file is None and args.run is not None:
         secret_file = Path(args.run) / "secret"
     secret = load_secret(token, secret_file)
     joiner = f"{socket.gethostname()}-{os.getpid()}"
-    payload = json.loads(request_admission(addr, secret, joiner, timeout=args.timeout))
+    payload = parse_admission(request_admission(addr, secret, joiner, timeout=args.timeout))
     print(
         f"admitted to {payload['run']} as worker {payload['index']}; joining at the next synchronisation",
         file=sys.stderr,

@@ -65,6 +65,12 @@ class TrainConfig:
     threads: int = 1
     """CPU threads per worker process."""
 
+    # -- compute ---------------------------------------------------------------------------------
+    compile: bool | None = None
+    """Compile the model's forward and backward with torch.compile, block by block (--compile / --no-compile; default: on for CUDA, off on CPU, where the compile costs more than it saves on small models). Not with --seq-parallel, whose attention communicates."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward pass instead of keeping them: less memory for long sequences, about one more forward of compute."""
+
     # -- the algorithm's own options ------------------------------------------------------------
     options: dict = field(default_factory=dict)
     """The --algo's own options (e.g. sync_every, fragments, bits): each algorithm declares them in its Options dataclass (lowband.algorithms), which gives their flags, defaults and checks. A new run stores them resolved, defaults included."""
@@ -213,6 +219,8 @@ class FinetuneConfig:
     """cpu, cuda, or auto (one GPU per worker when there are enough GPUs, else CPU)."""
     threads: int = 1
     """CPU threads per worker process."""
+    compile: bool | None = None
+    """Draw the perturbations with a compiled kernel (torch.compile; the same numbers as eager, faster on large models; --compile / --no-compile; default: on for CUDA, off on CPU)."""
     eval_every: int = 50
     """Evaluate the held-out split every this many steps (and at the last step)."""
     eval_batches: int = 8

@@ -130,10 +130,15 @@ def test_all_reduce_counts_equal_a_hand_made_ring(n):
         assert native == ring
 
 
-def test_collectives_results_and_counts():
+@pytest.mark.parametrize("staged", [False, True], ids=["direct", "host-staged"])
+def test_collectives_results_and_counts(staged):
+    """Also through host copies (Comm.stage_on_host: GPU tensors on a Gloo group, when workers
+    share a GPU), driven here with CPU tensors: results land in the caller's tensors."""
     n = 4
 
     def body(comm: Comm):
+        if staged:
+            comm.stage_on_host = "always"
         r = comm.rank
         a = torch.full((8,), float(r))
         comm.all_reduce(a, op="avg")
@@ -213,3 +218,23 @@ def test_stats_state_roundtrip():
     t = CommStats()
     t.load_state_dict(s.state_dict())
     assert t.by_op() == s.by_op() and t.bytes_sent == 10 and math.isclose(t.seconds, 0.5)
+
+
+def test_host_staged_async_and_point_to_point_copy_back_on_wait():
+    def body(comm: Comm):
+        comm.stage_on_host = "always"
+        a = torch.full((5,), float(comm.rank + 1))
+        work = comm.all_reduce(a, op="avg", async_op=True)
+        before = a.clone()  # the caller's tensor is untouched until wait()
+        work.wait()
+        got = torch.empty(3)
+        if comm.rank == 0:
+            comm.send(torch.arange(3.0), dst=1)
+        else:
+            comm.recv(got, src=0)
+        return before, a, got
+
+    (b0, a0, _), (b1, a1, got) = run_ranks(2, body)
+    assert torch.equal(b0, torch.full((5,), 1.0)) and torch.equal(b1, torch.full((5,), 2.0))
+    assert torch.equal(a0, torch.full((5,), 1.5)) and torch.equal(a1, a0)
+    assert torch.equal(got, torch.arange(3.0))

@@ -78,7 +78,7 @@ def test_finetune_from_init_writes_a_reportable_run(tmp_path, pretrained):
     saved = torch.load(RunDir(pretrained).checkpoints()[-1].path / "rank0.pt")["model"]
     assert all(torch.equal(v, saved[k]) for k, v in start.state_dict().items())
     data = load_run(run.path)
-    assert data.config["algo"] == "zo" and len(data.eval_loss) == 1
+    assert data.config["algo"] == "zo" and list(data.eval_steps) == [0, 3]
     assert [len(e["entries"]) for e in map(json.loads, open(run.path / "zo_log.jsonl"))] == [1] * 3
     assert json.loads(run.summary_path.read_text())["replicas_identical"] is True
 
@@ -111,7 +111,7 @@ def test_resume_and_newcomers_replay_the_log(tmp_path):
     assert first[1]["param_digest"] == digest6
     # Bytes: one 1-byte code per worker per step; the ring all-gather charges (n-1) = 1 per step.
     lines = [json.loads(x) for x in open(run.metrics_path(0))]
-    assert [r["bytes_sent"] for r in lines] == [r["step"] for r in lines]
+    assert [r["bytes_sent"] for r in lines] == [r["step"] + 8 for r in lines]  # + the start check
 
     for step in (4, 6):
         shutil.rmtree(run.step_dir(step))
@@ -175,7 +175,8 @@ def test_cli_two_processes_perturbation_parallel(tmp_path, pretrained):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["replicas_identical"] and summary["mode"] == "zo-pp"
     # Per step: one 1-byte code in the all-gather, a 4-byte loss each way within the pair.
-    assert summary["bytes_by_op"] == {"all_gather": 3, "send": 12, "recv": 0}  # bytes sent
+    # + 8 bytes: the start check's digest.
+    assert summary["bytes_by_op"] == {"all_gather": 11, "send": 12, "recv": 0}  # bytes sent
 
 
 @pytest.mark.slow
@@ -190,4 +191,4 @@ def test_under_torchrun(tmp_path, pretrained):
     assert r.stderr.count("run folder:") == 1  # only rank 0 speaks
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["replicas_identical"]
-    assert summary["bytes_by_op"] == {"all_gather": 3}
+    assert summary["bytes_by_op"] == {"all_gather": 11}

@@ -9,15 +9,21 @@ dataclass, or two algorithms giving one option different types fail loudly at im
 (one ConfigError line): the algorithm's own options (unknown ones, values: `Options.__post_init__`),
 the run-level features it supports (`Algorithm.supports`), and what --elastic can and cannot be
 combined with. The CLI's `validate` and `build` both call it.
+
+An option's error names it as its reader wrote it: `OptionError` says `sync_every` to a Python
+caller (`lowband.DiLoCo(..., sync_every=0)`), and this module, the one place a run turns
+cfg.options into objects, rewords it as `--sync-every` for the CLI (`_as_flags`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import math
 import pkgutil
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from lowband.errors import ConfigError
@@ -40,6 +46,7 @@ FEATURES = {
     "straggler_delay": "--slow-workers/--straggler-delay",
     "seq_parallel": "--seq-parallel",
     "elastic": "--elastic",
+    "compile": "--compile",
 }
 """What each name in `Algorithm.supports` stands for, in the words of an error message."""
 
@@ -73,8 +80,64 @@ CONFLICTS = [
         "seq_parallel",
         "gradient coding's data parts are whole workers' batches, which a --cp group shares",
     ),
+    (
+        "compile",
+        "seq_parallel",
+        "sequence-parallel attention runs collectives inside every block, which torch.compile "
+        "would split into many graphs; drop --compile (it is off by default with --seq-parallel)",
+    ),
 ]
 """Pairs of run-level features that do not combine, and why (checked in this order)."""
+
+
+class OptionError(ConfigError):
+    """A bad algorithm option, named the way whoever passed it wrote it.
+
+    The message names options in braces: `OptionError("{sync_every} must be at least 1, got 0")`.
+    Raised from Python (an algorithm's constructor, its Options) it reads "sync_every must be at
+    least 1, got 0"; the CLI reads `as_flags()`: "--sync-every must be at least 1, got 0".
+    `{name=}` also gives the value, from `values`: `OptionError("{overlap=} must be below 2",
+    overlap=3)` reads "overlap=3 must be below 2", and on the CLI "--overlap 3 must be below 2".
+    """
+
+    _FIELD = re.compile(r"\{(\w+)(=?)\}")
+
+    def __init__(self, template: str, **values: Any) -> None:
+        self.template, self.values = template, values
+        super().__init__(self._render(lambda name: name, "{}={}"))
+
+    def as_flags(self) -> str:
+        """The message with every option named as its CLI flag."""
+        return self._render(_flag, "{} {}")
+
+    def _render(self, name_of: Callable[[str], str], with_value: str) -> str:
+        def field(m: re.Match) -> str:
+            name = name_of(m.group(1))
+            return with_value.format(name, self.values[m.group(1)]) if m.group(2) else name
+
+        return self._FIELD.sub(field, self.template)
+
+
+def check_bits(bits: Any) -> None:
+    """An OptionError naming `bits` unless it names a codec (lowband.comm.get_codec)."""
+    from lowband.comm import get_codec
+
+    try:
+        get_codec(bits)
+    except ConfigError:
+        raise OptionError(
+            "{bits=} is not a codec: expected 32, 16, 8 or 4 (or fp32, bf16, fp16, int8, int4)",
+            bits=bits,
+        ) from None
+
+
+@contextlib.contextmanager
+def _as_flags() -> Iterator[None]:
+    """Around the CLI's conversion of cfg.options to objects: option errors name flags."""
+    try:
+        yield
+    except OptionError as e:
+        raise ConfigError(e.as_flags()) from None
 
 
 def register(cls: type[Algorithm]) -> None:
@@ -147,7 +210,8 @@ def resolve_options(cfg: TrainConfig) -> Any:
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{_flag(key)} must be a finite number, got {value}")
     try:
-        return cls.Options(**cfg.options)
+        with _as_flags():
+            return cls.Options(**cfg.options)
     except TypeError as e:  # a value of the wrong type from a hand-written config
         raise ConfigError(f"options of --algo {cfg.algo}: {e}") from None
 
@@ -165,9 +229,10 @@ def check(cfg: TrainConfig) -> Any:
         "straggler_delay": cfg.straggler_delay > 0 or cfg.slow_workers is not None,
         "seq_parallel": cfg.seq_parallel is not None,
         "elastic": cfg.elastic,
+        "compile": cfg.compile is True,
     }
     for feature, on in wanted.items():
-        if on and feature != "elastic" and feature not in cls.supports:
+        if on and feature not in ("elastic", "compile") and feature not in cls.supports:
             able = [n for n, c in ALGORITHMS.items() if feature in c.supports]
             raise ConfigError(
                 f"{FEATURES[feature]} apply to --algo {', '.join(able)}, not {cfg.algo}"
@@ -233,9 +298,20 @@ def build(
         injector=build_injector(cfg, cfg.workers),
         code=build_code(cfg, cfg.workers) if cfg.stragglers > 0 else None,
     )
-    algo = get(cfg.algo).from_options(model, optimizer, sync, options, setup)
+    with _as_flags():  # a check the constructor makes on the model (e.g. --fragments)
+        algo = get(cfg.algo).from_options(model, optimizer, sync, options, setup)
     algo.flip_labels = label_flip_classes(cfg, model, index, cfg.workers)
     return algo
 
 
-__all__ = ["ALGORITHMS", "Setup", "build", "check", "discover", "get", "option_fields"]
+__all__ = [
+    "ALGORITHMS",
+    "OptionError",
+    "Setup",
+    "build",
+    "check",
+    "check_bits",
+    "discover",
+    "get",
+    "option_fields",
+]

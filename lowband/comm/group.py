@@ -138,6 +138,10 @@ class Comm:
         self._rng = random.Random(seed * 100_003 + self.rank)
         self._wire = _Wire()
         self._thread_state = threading.local()
+        self.stage_on_host: bool | str = group is not None and group.name() == "gloo"
+        """Gloo reads host memory: a GPU tensor travels through a host copy (several workers
+        sharing one GPU run Gloo, since NCCL refuses two ranks on one device). "always" copies CPU
+        tensors too: the tests drive the staging path with them."""
         self.observers: list[Callable[[str, float, float, bool], None]] = []
         """Called after every wait with (op, issue time, seconds blocked, background), e.g. by the
         C4-style detector (lowband.fault.detector). Observers must not issue operations."""
@@ -147,6 +151,8 @@ class Comm:
         reductions) that shares this one's byte counters, link, emulated wire and observers."""
         other = Comm(group, self.link, stats=self.stats, device=self.device)
         other._rng, other._wire, other.observers = self._rng, self._wire, self.observers
+        if self.stage_on_host == "always":
+            other.stage_on_host = "always"
         return other
 
     # -- background threads -------------------------------------------------------------------
@@ -196,6 +202,27 @@ class Comm:
             work.wait()
         return work
 
+    # -- host staging (stage_on_host) ---------------------------------------------------------
+    def _host(self, t: torch.Tensor) -> torch.Tensor:
+        """What the group reads: `t` itself, or a host copy of it (returned results are copied
+        back by `_back`)."""
+        if not self.stage_on_host or (t.device.type == "cpu" and self.stage_on_host != "always"):
+            return t
+        return t.detach().to("cpu", copy=True)
+
+    @staticmethod
+    def _back(pairs: list[tuple[torch.Tensor, torch.Tensor]], then=None) -> Callable[[], None]:
+        """A finish that runs `then` on the host buffers and copies them back to the originals."""
+
+        def finish() -> None:
+            if then is not None:
+                then()
+            for original, buf in pairs:
+                if buf is not original:
+                    original.copy_(buf)
+
+        return finish
+
     # -- collectives --------------------------------------------------------------------------
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum", async_op: bool = False) -> Work:
         """In-place all-reduce. op: sum | avg | max | min. avg divides after a sum (Gloo has no AVG)."""
@@ -205,25 +232,31 @@ class Comm:
             tensor.numel(), tensor.element_size(), self.rank, self.size
         )
 
+        buf = self._host(tensor)
+
         def launch():
             opts = dist.AllreduceOptions()
             opts.reduceOp = _REDUCE_OPS["sum" if op == "avg" else op]
-            return [self.group.allreduce([tensor], opts)]
+            return [self.group.allreduce([buf], opts)]
 
-        finish = (lambda: tensor.div_(self.size)) if op == "avg" and self.size > 1 else None
-        return self._issue("all_reduce", traffic, launch, async_op, finish)
+        average = (lambda: buf.div_(self.size)) if op == "avg" and self.size > 1 else None
+        return self._issue(
+            "all_reduce", traffic, launch, async_op, self._back([(tensor, buf)], average)
+        )
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0, async_op: bool = False) -> Work:
         traffic = acc.broadcast_traffic(
             tensor.numel(), tensor.element_size(), self.rank, src, self.size
         )
 
+        buf = self._host(tensor)
+
         def launch():
             opts = dist.BroadcastOptions()
             opts.rootRank = src
-            return [self.group.broadcast([tensor], opts)]
+            return [self.group.broadcast([buf], opts)]
 
-        return self._issue("broadcast", traffic, launch, async_op)
+        return self._issue("broadcast", traffic, launch, async_op, self._back([(tensor, buf)]))
 
     def all_gather(
         self, outputs: list[torch.Tensor], tensor: torch.Tensor, async_op: bool = False
@@ -236,8 +269,13 @@ class Comm:
         )
         if self.size == 1:
             outputs[0].copy_(tensor)
+        bufs, buf = [self._host(o) for o in outputs], self._host(tensor)
         return self._issue(
-            "all_gather", traffic, lambda: [self.group.allgather([outputs], [tensor])], async_op
+            "all_gather",
+            traffic,
+            lambda: [self.group.allgather([bufs], [buf])],
+            async_op,
+            self._back(list(zip(outputs, bufs, strict=True))),
         )
 
     def all_to_all(self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False) -> Work:
@@ -249,20 +287,30 @@ class Comm:
         traffic = acc.all_to_all_traffic(input.numel(), input.element_size(), self.rank, self.size)
         if self.size == 1:
             output.copy_(input)
+        out_buf, in_buf = self._host(output), self._host(input)
         return self._issue(
             "all_to_all",
             traffic,
-            lambda: [self.group.alltoall_base(output, input, [], [], dist.AllToAllOptions())],
+            lambda: [self.group.alltoall_base(out_buf, in_buf, [], [], dist.AllToAllOptions())],
             async_op,
+            self._back([(output, out_buf)]),
         )
 
     def send(self, tensor: torch.Tensor, dst: int, tag: int = 0, async_op: bool = False) -> Work:
         traffic = acc.p2p_traffic(tensor.numel(), tensor.element_size(), sending=True)
-        return self._issue("send", traffic, lambda: [self.group.send([tensor], dst, tag)], async_op)
+        buf = self._host(tensor)
+        return self._issue("send", traffic, lambda: [self.group.send([buf], dst, tag)], async_op)
 
     def recv(self, tensor: torch.Tensor, src: int, tag: int = 0, async_op: bool = False) -> Work:
         traffic = acc.p2p_traffic(tensor.numel(), tensor.element_size(), sending=False)
-        return self._issue("recv", traffic, lambda: [self.group.recv([tensor], src, tag)], async_op)
+        buf = self._host(tensor)
+        return self._issue(
+            "recv",
+            traffic,
+            lambda: [self.group.recv([buf], src, tag)],
+            async_op,
+            self._back([(tensor, buf)]),
+        )
 
     def barrier(self) -> None:
         self._issue(

@@ -39,19 +39,31 @@ TIMEOUT = datetime.timedelta(minutes=10)
 
 
 def pick_device(cfg: TrainConfig, local_workers: int) -> str:
-    """'cuda' when asked or (auto) when every local worker can have a GPU of its own; else 'cpu'."""
-    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    """'cuda' when asked (several workers share a GPU when there are fewer GPUs than workers:
+    gpu_of) or (auto) when every local worker can have a GPU of its own; else 'cpu'."""
+    have = gpu_count()
     if cfg.device == "cpu":
         return "cpu"
     if cfg.device == "cuda":
-        if have < local_workers:
-            raise ConfigError(
-                f"--device cuda needs {local_workers} GPU(s), this machine has {have}"
-            )
+        if have == 0:
+            raise ConfigError("--device cuda needs a GPU, and this machine has none")
         return "cuda"
     if cfg.device != "auto":
         raise ConfigError(f"unknown --device {cfg.device!r}; choose cpu, cuda or auto")
     return "cuda" if have >= local_workers and have > 0 else "cpu"
+
+
+def gpu_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def gpu_of(rank: int, workers: int, gpus: int) -> tuple[int, str]:
+    """(GPU index, backend) of local worker `rank` of `workers` on `gpus` GPUs: one GPU each over
+    NCCL when there are enough; otherwise round-robin, several workers to a GPU, over Gloo
+    (NCCL refuses two ranks on one device; Gloo moves GPU tensors through host copies,
+    lowband.comm.Comm.stage_on_host). The run's meta.json and report then say that wall-clock
+    reflects the sharing."""
+    return rank % gpus, "nccl" if gpus >= workers else "gloo"
 
 
 def shutdown_group() -> None:
@@ -128,20 +140,22 @@ def _worker_main(
     cfg = cfg_cls.from_dict(cfg_dict)
     torch.set_num_threads(cfg.threads)
     try:
+        backend = "gloo"
+        device = torch.device("cpu")
         if device_kind == "cuda":
-            torch.cuda.set_device(rank)
-            device = torch.device("cuda", rank)
-        else:
-            device = torch.device("cpu")
+            gpu, backend = gpu_of(rank, world, gpu_count())
+            torch.cuda.set_device(gpu)
+            device = torch.device("cuda", gpu)
         dist.init_process_group(
-            "nccl" if device_kind == "cuda" else "gloo",
+            backend,
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world,
             timeout=TIMEOUT,
-            **({"device_id": device} if device_kind == "cuda" else {}),
+            **({"device_id": device} if backend == "nccl" else {}),
         )
-        comm = Comm(dist.group.WORLD, LinkSpec.parse(cfg.link), seed=cfg.seed, device=device)
+        comm_device = device if backend == "nccl" else torch.device("cpu")  # its control tensors
+        comm = Comm(dist.group.WORLD, LinkSpec.parse(cfg.link), seed=cfg.seed, device=comm_device)
         worker(cfg, comm, RunDir(run_path), device, resume=resume)
         shutdown_group()
     except LowbandError as e:

@@ -25,6 +25,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lowband.errors import ConfigError
 
@@ -213,6 +214,9 @@ class Transformer(nn.Module):
             self.layers = nn.ModuleList(TransformerBlock(cfg, fn) for _ in range(cfg.n_layers))
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
             self.output = _linear(cfg.dim, cfg.vocab_size)
+        self.checkpoint_activations = False
+        """Recompute each block's activations in backward (torch.utils.checkpoint, non-reentrant)
+        instead of keeping them: memory for one block's worth, one more forward of compute."""
         if target.type != "meta":
             self.to_empty(device="cpu")
             self.init_weights(seed)
@@ -273,8 +277,12 @@ class Transformer(nn.Module):
         cos_B1LD, sin_B1LD = rotary_tables(positions_BL, self.cfg.head_dim, self.cfg.rope_theta)
 
         h_BLE = self.tok_embeddings(tokens_BL)
+        recompute = self.checkpoint_activations and torch.is_grad_enabled()
         for layer in self.layers:
-            h_BLE = layer(h_BLE, cos_B1LD, sin_B1LD)
+            if recompute:
+                h_BLE = checkpoint(layer, h_BLE, cos_B1LD, sin_B1LD, use_reentrant=False)
+            else:
+                h_BLE = layer(h_BLE, cos_B1LD, sin_B1LD)
         return self.output(self.norm(h_BLE))
 
     def loss(

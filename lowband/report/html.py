@@ -16,24 +16,11 @@ from typing import Any
 
 from matplotlib.colors import to_hex
 
+from lowband.comm.accounting import format_bytes
 from lowband.report.plots import run_colours
 from lowband.report.runs import RunData
 
-_BYTE_UNITS = ("B", "KB", "MB", "GB", "TB", "PB")
-
-
-def format_bytes(n: float | None) -> str:
-    """Bytes in decimal units (1 KB = 1000 B, as link speeds are), 3 significant digits."""
-    if n is None or not math.isfinite(n):
-        return "–"
-    if abs(n) < 999.5:
-        return f"{n:.0f} B"
-    for i, unit in enumerate(_BYTE_UNITS[1:], 1):
-        value = n / 1000**i
-        # Pick the first unit where the 3-digit rounding stays below 1000 (999.7 KB -> 1.00 MB).
-        if abs(float(f"{value:.3g}")) < 1000 or unit == _BYTE_UNITS[-1]:
-            return f"{_sig3(value)} {unit}"
-    raise AssertionError("unreachable")
+__all__ = ["format_bytes", "format_count", "format_loss", "format_seconds", "render_html"]
 
 
 def format_seconds(s: float | None) -> str:
@@ -217,7 +204,7 @@ def _figures(images: Mapping[str, tuple[str, bytes]]) -> list[str]:
 
 def _details(run: RunData, colour: str) -> str:
     meta, corpus = run.meta, run.meta.get("corpus") or {}
-    sha = corpus.get("sha256")
+    sha, sharing = corpus.get("sha256"), meta.get("gpu_sharing")
     fields = [
         ("folder", run.path),
         ("status", "complete" if run.complete else "incomplete"),
@@ -225,6 +212,7 @@ def _details(run: RunData, colour: str) -> str:
         ("corpus tokens", format_count(_as_float(corpus.get("num_tokens")))),
         ("corpus sha256", sha),
         ("device", meta.get("device")),
+        *([("GPU sharing", sharing.get("note"))] if isinstance(sharing, dict) else []),
         ("world size", meta.get("world_size")),
         ("torch", meta.get("torch_version")),
         ("lowband", meta.get("lowband_version")),

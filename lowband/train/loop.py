@@ -28,6 +28,7 @@ from lowband.errors import CheckpointError
 from lowband.models import build_model
 from lowband.seqpar.train import SeqParallel
 from lowband.train import checkpoint
+from lowband.train.compute import adamw, prepare_model, wants_compile
 from lowband.train.meta import run_meta
 from lowband.train.progress import ProgressBar
 from lowband.train.rundir import RunDir, fingerprint, write_json_atomic
@@ -65,13 +66,13 @@ def evaluate(
     model: torch.nn.Module, batches, device: torch.device, autocast, loss_fn=None
 ) -> float:
     model.eval()
-    total = 0.0
+    losses = []
     for x, y in batches:
         with autocast():
             x, y = x.to(device), y.to(device)
-            total += (model.loss(x, y) if loss_fn is None else loss_fn(model, x, y)).item()
+            losses.append((model.loss(x, y) if loss_fn is None else loss_fn(model, x, y)).float())
     model.train()
-    return total / len(batches)
+    return sum(torch.stack(losses).tolist()) / len(batches)  # one wait for the device
 
 
 @dataclass
@@ -101,7 +102,7 @@ class Job(Protocol):
     step: int
     start_step: int
 
-    def take_step(self) -> float: ...  # one step; its training loss
+    def take_step(self) -> float | torch.Tensor: ...  # one step; its loss (read when written)
     def evaluate(self) -> float: ...
     def metrics(self) -> dict[str, Any]: ...  # fields of the metrics line (lr, ...)
     def save(self, step: int) -> None: ...  # a checkpoint at `step`
@@ -115,19 +116,22 @@ def run_loop(
     stats = session.stats
     bar = ProgressBar(job.steps, job.step, job.label, enabled=session.index == 0)
     eval_loss: float | None = None
-    loss = float("nan")
+    loss = float("nan")  # the last loss read: a step's loss stays on the device until written
     try:
         with session.running():
             while job.step < job.steps:
                 t0, comm0 = time.perf_counter(), stats.seconds
-                loss = job.take_step()
-                timers.compute += (time.perf_counter() - t0) - (stats.seconds - comm0)
+                step_loss = job.take_step()
                 step = job.step
                 last = step == job.steps
                 do_eval = last or step % cfg.eval_every == 0
+                write = do_eval or step % cfg.log_every == 0
+                if write:
+                    loss = float(step_loss)  # waits for the device: part of the step's compute
+                timers.compute += (time.perf_counter() - t0) - (stats.seconds - comm0)
                 if do_eval:
                     eval_loss = job.evaluate()
-                if do_eval or step % cfg.log_every == 0:
+                if write:
                     record = {
                         "step": step,
                         "tokens": step * job.tokens_per_step,
@@ -152,7 +156,7 @@ def run_loop(
                     step,
                     tokens_per_s=(step - job.start_step) * job.tokens_per_step / max(elapsed, 1e-9),
                     loss=loss,
-                    mb_sent=stats.bytes_sent / 1e6,
+                    bytes_sent=stats.bytes_sent,
                     eval_loss=eval_loss,
                     exposed_comm_s=stats.seconds,
                     extra=job.metrics(),
@@ -232,13 +236,12 @@ def _train(cfg: TrainConfig, session: LocalSession, run: RunDir, device, resume:
     model = build_model(
         cfg.model, vocab_size=corpus.vocab_size, seed=cfg.seed, device=device, attn_fn=sp.attn_fn
     )
-    opt = torch.optim.AdamW(
-        model.parameters(),
-        lr=cfg.resolved_lr(),
-        betas=(0.9, 0.95),
-        weight_decay=cfg.weight_decay,
-        foreach=device.type == "cuda",
+    prepare_model(
+        model,
+        compile=wants_compile(cfg.compile, device, seq_parallel=cfg.seq_parallel is not None),
+        activation_checkpointing=cfg.activation_checkpointing,
     )
+    opt = adamw(model, lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay, device=device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, steps))
     t_start = time.perf_counter()  # the algorithm's set-up traffic belongs to the run's wall-clock
     algo = build_algorithm(cfg, model, opt, session.group, index=session.index)

@@ -41,10 +41,26 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def gpu_sharing(world_size: int, device: torch.device, backend: str) -> dict | None:
+    """How many workers share each GPU, when several do (lowband.launch.local.gpu_of: Gloo on
+    GPUs means sharing); None otherwise."""
+    if device.type != "cuda" or backend != "gloo" or world_size < 2:
+        return None
+    gpus = max(1, min(torch.cuda.device_count(), world_size))
+    return {
+        "workers": world_size,
+        "gpus": gpus,
+        "note": f"{world_size} workers share {gpus} GPU(s): wall-clock, tokens/s and compute "
+        "time reflect the sharing, not one GPU per worker",
+    }
+
+
 def run_meta(
     *, corpus, model_params: int, world_size: int, device: torch.device, backend: str
 ) -> dict:
+    sharing = gpu_sharing(world_size, device, backend)
     return {
+        **({"gpu_sharing": sharing} if sharing else {}),
         "lowband_version": lowband.__version__,
         "torch_version": torch.__version__,
         "python": sys.version.split()[0],

@@ -16,6 +16,7 @@ import torch
 
 from lowband.algorithms import Algorithm
 from lowband.fault.parity import state_digest
+from lowband.train.compute import DeviceBatches
 
 
 class TrainState:
@@ -68,16 +69,18 @@ class TrainStep:
         autocast: Callable[[], AbstractContextManager],
         grad_clip: float,
     ) -> None:
-        self.state, self.sampler, self.loss_fn = state, sampler, loss_fn
+        self.state, self.batches, self.loss_fn = state, DeviceBatches(sampler, device), loss_fn
         self.device, self.autocast, self.grad_clip = device, autocast, grad_clip
 
-    def __call__(self) -> float:
-        """Take the next step; returns its training loss (nan for a newcomer's first)."""
+    def __call__(self) -> torch.Tensor:
+        """Take the next step; returns its training loss as a tensor on the device (nan for a
+        newcomer's first): reading it waits for the device, so the loop does so only when it
+        writes it."""
         s = self.state
         s.step += 1
         loss = torch.tensor(float("nan"))
         if not s.algo.joining:
-            x, y = (t.to(self.device, non_blocking=True) for t in self.sampler.batch(s.step))
+            x, y = self.batches.batch(s.step)
             with self.autocast():
                 loss = self.loss_fn(s.model, x, y)
             loss.backward()
@@ -88,4 +91,4 @@ class TrainStep:
         s.scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)
         s.algo.step()  # may heal this worker: s.step is then its source's
-        return loss.item()  # also waits for the device
+        return loss.detach()

@@ -31,10 +31,12 @@ from lowband.config import FinetuneConfig
 from lowband.data import ShardSampler, eval_batches, load_corpus, split_eval
 from lowband.train import checkpoint
 from lowband.train.chaos import Chaos
+from lowband.train.compute import wants_compile
 from lowband.train.loop import MetricsWriter, Timers, evaluate, run_loop, summary_from_rows
 from lowband.train.meta import run_meta
 from lowband.train.rundir import RunDir, write_json_atomic
 from lowband.train.session import LocalSession
+from lowband.zo import rng
 from lowband.zo.distributed import ZOEntry, ZOLog, ZOTrainer, replay
 from lowband.zo.models import build_for_finetune
 
@@ -47,6 +49,7 @@ ELASTIC_FIELDS = {
     "ckpt_every",
     "keep_checkpoints",
     "threads",
+    "compile",
     "workers",
     "device",
     "link",
@@ -147,6 +150,22 @@ class FinetuneJob:
     def metrics(self) -> dict[str, Any]:
         return {"lr": self.cfg.lr, "zo_abs_g": self.abs_g}
 
+    def start_record(self, rank: int) -> dict[str, Any]:
+        """The metrics line of step 0: the evaluation before the first step (no train loss)."""
+        stats, eval_loss = self.zo.comm.stats, self.evaluate()
+        return {
+            "step": 0,
+            "tokens": 0,
+            "eval_loss": eval_loss,
+            "bytes_sent": stats.bytes_sent,
+            "bytes_recv": stats.bytes_recv,
+            "compute_time": self.timers.compute,
+            "comm_time": stats.seconds,
+            "wall_time": self.wall(),
+            "rank": rank,
+            **self.metrics(),
+        }
+
     def save(self, step: int) -> None:
         if self.zo.comm.rank != 0:
             return
@@ -179,6 +198,7 @@ def finetune_worker(
     init = cfg.init if ckpt is None else None
     model = build_for_finetune(cfg.model, corpus.vocab_size, cfg.seed, device, init)
     model.eval()  # no dropout in the forwards (our models have none; HF configs may)
+    rng.configure(compile=wants_compile(cfg.compile, device))  # the same numbers either way
     t_start = time.perf_counter()
     zo = ZOTrainer(
         model,
@@ -228,7 +248,7 @@ def finetune_worker(
         replayed = read_log(run, cfg, start)  # a restarted or new worker catches up from the log
         start = replay(model, replayed, from_step=start + 1)
         zo.log.entries.extend(replayed.entries)  # part of the next checkpoint's "since" log
-    run.truncate_metrics(rank, start)
+    run.truncate_metrics(rank, start if start else -1)  # a fresh start writes its own step 0
     if rank == 0 and not resume:
         write_json_atomic(
             run.meta_path,
@@ -259,6 +279,8 @@ def finetune_worker(
     )  # fmt: skip
     session = LocalSession(cfg, comm, chaos=Chaos())
     try:
+        if start == 0:  # where the curve starts: the model before any step
+            metrics.write(job.start_record(rank))
         eval_loss, loss_value = run_loop(job, cfg, session, metrics, timers, wall)
     finally:
         metrics.close()

@@ -1,13 +1,13 @@
 """SPSA / MeZO primitives: perturb, two-point estimate, update, all driven by one integer seed.
 
-MeZO (Malladi et al. 2023): z ~ N(0, I) is never stored. It is regenerated from a seed, parameter
+MeZO (Malladi et al. 2023): z (mean 0, covariance I) is never stored. It is regenerated from a seed, parameter
 by parameter in a fixed order, every time it is needed (perturb, un-perturb, update), so the
 estimator needs inference memory only.
 
-Determinism. z comes from a `torch.Generator` on the CPU seeded with `seed`, drawn in fp32 in
-the order of `params`, then moved to each parameter's device and added there. The CPU generator
-makes z identical on every machine and device (a CUDA generator would tie z to the device type);
-the cost is one host->device copy of each parameter's z per use.
+Determinism. z comes from a counter-based generator (lowband.zo.rng): element j of parameter i
+is a pure function of (seed, its offset in the flat vector of `params`), drawn on the parameter's
+device in integer arithmetic, so z is the same bits on every machine and device, eager or
+compiled, with no host round-trip.
 
 Restore. theta + eps z - 2 eps z + eps z is not theta in floating point: each add rounds. Measured
 on the 2-layer dim-32 test model (tests/test_zo.py::test_arith_restore_drift), z from seed 1:
@@ -37,6 +37,8 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor, nn
 
+from lowband.zo.rng import counter_normal
+
 LossFn = Callable[[nn.Module, Any], Tensor]
 """loss_fn(model, batch) -> scalar loss tensor."""
 Restore = Literal["copy", "host", "arith"]
@@ -50,13 +52,12 @@ def _list(params: nn.Module | Iterable[Tensor]) -> list[Tensor]:
 
 
 def noise(params: Iterable[Tensor], seed: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield (param, z) in order; z ~ N(0, I) fp32 from a CPU generator seeded by `seed`, on
+    """Yield (param, z) in order; z fp32 with mean 0 and unit variance (lowband.zo.rng), drawn on
     the parameter's device. The same seed and parameter shapes always give the same z."""
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(int(seed))
+    offset = 0
     for p in params:
-        z = torch.randn(p.shape, generator=gen, dtype=torch.float32, device="cpu")
-        yield p, z.to(p.device)
+        yield p, counter_normal(seed, offset, p.shape, p.device)
+        offset += p.numel()
 
 
 @torch.no_grad()
