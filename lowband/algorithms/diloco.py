@@ -51,6 +51,7 @@ from lowband.algorithms.overlap import BackgroundReducer
 from lowband.algorithms.registry import OptionError, check_bits
 from lowband.comm import Comm, get_codec, quantized_all_reduce
 from lowband.comm.quantized import quantized_all_reduce_bytes
+from lowband.comm.sparse import TopK
 from lowband.comm.sync import SyncGroup
 from lowband.errors import ConfigError
 from lowband.robust import RobustReducer
@@ -237,8 +238,19 @@ class DiLoCoOptions:
     """Momentum of the outer Nesterov SGD step (0: plain SGD)."""
     bits: int = 32
     """Bits per pseudo-gradient value on the wire: 32, 16 (bf16), 8 or 4 (blockwise int)."""
+    compress: str | None = None
+    """SparseLoCo: topk:FRACTION[:BITS] sends, per chunk of 4096 values, the FRACTION largest of the error-feedback buffer at BITS bits (default 2), indices packed; the outer step is then plain SGD (the decayed buffer replaces outer momentum, so outer_momentum and bits are not used). docs/diloco.md."""
+    error_decay: float = 0.95
+    """SparseLoCo: decay beta of the error-feedback buffer, e <- beta e + Delta (with compress)."""
 
     def __post_init__(self) -> None:
+        if self.compress is not None:
+            try:
+                TopK.parse(self.compress)
+            except ConfigError as e:
+                raise OptionError(f"{{compress}}: {e}") from None
+        if not 0.0 <= self.error_decay <= 1.0:
+            raise OptionError(f"{{error_decay}} must be in [0, 1], got {self.error_decay}")
         if self.sync_every < 1:
             raise OptionError(f"{{sync_every}} must be at least 1, got {self.sync_every}")
         if not self.outer_lr > 0:
@@ -306,6 +318,8 @@ class StreamingDiLoCo(Algorithm):
         self.H, self.P = opts.sync_every, getattr(opts, "fragments", 1)
         self.tau, self.alpha = getattr(opts, "overlap", 0), getattr(opts, "mix", 0.0)
         self.codec = get_codec(opts.bits, block_size)
+        self.compressor = TopK.parse(opts.compress) if opts.compress else None
+        """SparseLoCo's top-k + error feedback (lowband.comm.sparse), or None."""
         if fragment_modules is None:
             self.fragments = strided_fragments(model, self.P)
         elif len(fragment_modules) != self.P:
@@ -324,12 +338,21 @@ class StreamingDiLoCo(Algorithm):
         ensure_same_start(self.comm, [[p.data for p in frag] for frag in self.fragments])
         # theta_g in fp32, one copy per parameter; the outer optimizer steps it.
         self.global_params = [[p.detach().clone().float() for p in frag] for frag in self.fragments]
+        # SparseLoCo: the decayed error-feedback buffer stands in for outer momentum.
+        momentum = 0.0 if self.compressor is not None else opts.outer_momentum
         self.outer_opt = torch.optim.SGD(
             [g for frag in self.global_params for g in frag],
             lr=opts.outer_lr,
-            momentum=opts.outer_momentum,
-            nesterov=nesterov and opts.outer_momentum > 0,  # torch refuses Nesterov without it
+            momentum=momentum,
+            nesterov=nesterov and momentum > 0,  # torch refuses Nesterov without it
         )
+        self.error = (
+            [torch.zeros(sum(g.numel() for g in frag), device=frag[0].device)
+             for frag in self.global_params]
+            if self.compressor is not None else []
+        )  # fmt: skip
+        """Per fragment: this worker's error-feedback buffer (its own; never shared)."""
+        self._healing = False
         self.outer_steps = 0  # fragment syncs completed
         self.sync_history: list[tuple[int, int]] = []  # (local step, fragment) of every sync
         self.peak_sync_bytes = 0
@@ -367,8 +390,13 @@ class StreamingDiLoCo(Algorithm):
 
     def join(self) -> None:
         """A newcomer: heal to its source's step, start the fragment its source starts, and land
-        it at once if it is due now (TAU = 0)."""
-        super().join()
+        it at once if it is due now (TAU = 0). Its error feedback starts empty: it has sent
+        nothing (its source's buffer, which came with the state, is the source's own)."""
+        self._healing = True
+        try:
+            super().join()
+        finally:
+            self._healing = False
         if self._pending is not None and self._pending[1] == self.local_step:
             self._finish()
 
@@ -388,7 +416,14 @@ class StreamingDiLoCo(Algorithm):
         assert self._pending is None, "two fragment reductions in flight"
         comm, scale = self.comm, self.sync.scale
         delta = self._pseudo_gradient(fragment)
-        if self.reducer is not None:  # robust rule: rows of non-contributors are left out
+        if self.compressor is not None:  # SparseLoCo: error feedback, top-k, all-gather
+            payload = self.compressor.compress_(
+                self.error[fragment], delta, self.options.error_decay
+            )
+            sent = self.compressor.exchange_bytes(delta.numel(), comm.size)
+            reduce = functools.partial(self._sparse_average, numel=delta.numel(), scale=scale)
+            delta = payload  # what travels
+        elif self.reducer is not None:  # robust rule: rows of non-contributors are left out
             sent = self.reducer.bytes_per_round(delta.numel(), comm.size)
             reduce = functools.partial(
                 self.reducer,
@@ -415,6 +450,12 @@ class StreamingDiLoCo(Algorithm):
             self.sync.report(e)
             work = e
         self._pending = (fragment, due, work)
+
+    def _sparse_average(self, payload: torch.Tensor, *, numel: int, scale: float, comm: Comm):
+        """The mean of every worker's decoded sparse update (x `scale` in an elastic round, whose
+        non-contributing members sent zeros)."""
+        avg = self.compressor.average(payload, numel, comm)
+        return avg.mul_(scale) if scale != 1.0 else avg
 
     def _result(self) -> torch.Tensor:
         """The pending reduction's result (only this wait is exposed); raises if it failed."""
@@ -498,6 +539,7 @@ class StreamingDiLoCo(Algorithm):
             "peak_sync_bytes": self.peak_sync_bytes,
             "pending": pending,
             **({"robust": self.reducer.state_dict()} if self.reducer is not None else {}),
+            **({"error": [e.clone() for e in self.error]} if self.error else {}),
         }
 
     @torch.no_grad()
@@ -511,6 +553,11 @@ class StreamingDiLoCo(Algorithm):
         self.peak_sync_bytes = int(state["peak_sync_bytes"])
         if self.reducer is not None:
             self.reducer.load_state_dict(state.get("robust", {}))
+        for e, saved in zip(self.error, state.get("error", [])):
+            if self._healing:
+                e.zero_()
+            else:
+                e.copy_(saved)
         p = state["pending"]
         device = self.global_params[0][0].device
         if p is None:

@@ -47,6 +47,7 @@ FEATURES = {
     "seq_parallel": "--seq-parallel",
     "elastic": "--elastic",
     "compile": "--compile",
+    "compress": "--compress",
 }
 """What each name in `Algorithm.supports` stands for, in the words of an error message."""
 
@@ -79,6 +80,12 @@ CONFLICTS = [
         "stragglers",
         "seq_parallel",
         "gradient coding's data parts are whole workers' batches, which a --cp group shares",
+    ),
+    (
+        "compress",
+        "robust",
+        "a robust rule compares dense updates row by row, while SparseLoCo's workers each send a "
+        "different 1-3% of the values; drop --compress or --aggregate",
     ),
     (
         "compile",
@@ -223,6 +230,8 @@ def check(cfg: TrainConfig) -> Any:
 
     cls = get(cfg.algo)
     options = resolve_options(cfg)
+    if hasattr(cls, "check_run"):  # checks needing run-level values (e.g. a graph over --workers)
+        cls.check_run(cfg, options)
     wanted = {
         "robust": gathers_updates(cfg),
         "stragglers": cfg.stragglers > 0,
@@ -230,9 +239,10 @@ def check(cfg: TrainConfig) -> Any:
         "seq_parallel": cfg.seq_parallel is not None,
         "elastic": cfg.elastic,
         "compile": cfg.compile is True,
+        "compress": cfg.options.get("compress") is not None,
     }
     for feature, on in wanted.items():
-        if on and feature not in ("elastic", "compile") and feature not in cls.supports:
+        if on and feature not in ("elastic", "compile", "compress") and feature not in cls.supports:
             able = [n for n, c in ALGORITHMS.items() if feature in c.supports]
             raise ConfigError(
                 f"{FEATURES[feature]} apply to --algo {', '.join(able)}, not {cfg.algo}"
