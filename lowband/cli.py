@@ -105,6 +105,8 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.schedule not in ("cosine", "linear", "constant"):
         raise ConfigError(f"unknown --schedule {cfg.schedule!r}; choose cosine, linear or constant")
+    if cfg.inner_optimizer not in ("adamw", "muon"):
+        raise ConfigError(f"unknown --inner-optimizer {cfg.inner_optimizer!r}; choose adamw or muon")
     LinkSpec.parse(cfg.link)
     from lowband.train.chaos import parse_chaos
 
@@ -372,6 +374,12 @@ def _add_finetune_parser(sub) -> None:
 # -- end finetune ---------------------------------------------------------------------------------
 
 
+def _add_generate_parser(sub) -> None:  # lowband.serve; docs/inference.md
+    from lowband.serve.cli import add_generate_parser
+
+    add_generate_parser(sub, add_config_flags)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from lowband.report import write_report
 
@@ -493,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.set_defaults(fn=cmd_train)
     _add_finetune_parser(sub)
+    _add_generate_parser(sub)
 
     r = sub.add_parser("report", help="HTML report and plots comparing runs")
     r.add_argument("runs", nargs="+", metavar="RUN", help="run folders")

@@ -30,6 +30,8 @@ class TrainConfig:
     """Corpus: 'stdlib' (this Python's standard-library source, no download), a text file, a directory of text files, or pre-tokenised uint16 .bin files."""
     seed: int = 0
     """Seed of the model initialisation and of every worker's data order."""
+    partition: str = "iid"
+    """How the training documents are split across workers: iid (contiguous equal shards), by-source (whole top-level sources, e.g. stdlib packages, per worker) or dirichlet:ALPHA (per source, Dirichlet(ALPHA) proportions over workers); deterministic from --seed (docs/federated.md)."""
 
     # -- how long and how big -------------------------------------------------------------------
     steps: int = 300
@@ -54,6 +56,8 @@ class TrainConfig:
     """AdamW weight decay."""
     grad_clip: float = 1.0
     """Clip the gradient norm to this value (0 turns clipping off)."""
+    inner_optimizer: str = "adamw"
+    """The optimizer of every worker's steps: adamw, or muon (Muon for the transformer blocks' weight matrices, its learning rate matched to AdamW's update size, and AdamW for the embeddings, head and norms, as MuLoCo pairs it with DiLoCo)."""
 
     # -- workers and network --------------------------------------------------------------------
     workers: int = 4

@@ -54,6 +54,60 @@ def adamw(model: nn.Module, *, lr: float, weight_decay: float, device: torch.dev
     )
 
 
+def inner_optimizer(
+    model: nn.Module, kind: str, *, lr: float, weight_decay: float, device: torch.device
+) -> torch.optim.Optimizer:
+    """--inner-optimizer: AdamW (`adamw`), or Muon for the 2-D weights of the blocks and AdamW for
+    the rest (`muon`; torch.optim.Muon with its learning rate adjusted to match AdamW's update
+    RMS, so the same --lr serves both)."""
+    if kind == "adamw":
+        return adamw(model, lr=lr, weight_decay=weight_decay, device=device)
+    if kind != "muon":
+        raise ValueError(f"unknown inner optimizer {kind!r}; choose adamw or muon")
+    blocks = getattr(model, "layers", None)
+    matrices = {id(p) for p in (blocks.parameters() if blocks is not None else []) if p.dim() == 2}
+    if not matrices:
+        raise ValueError("muon needs a model whose `layers` hold weight matrices")
+    muon = torch.optim.Muon(
+        [p for p in model.parameters() if id(p) in matrices],
+        lr=lr,
+        weight_decay=weight_decay,
+        adjust_lr_fn="match_rms_adamw",
+    )
+    rest = [p for p in model.parameters() if id(p) not in matrices]
+    other = torch.optim.AdamW(rest, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    return Composite([muon, other])
+
+
+class Composite(torch.optim.Optimizer):
+    """Several optimizers over disjoint parameters stepped as one: one list of param groups (a
+    schedule sets every group's lr), one step (with the step hooks an algorithm installs), one
+    state dict."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+        params = [p for o in optimizers for g in o.param_groups for p in g["params"]]
+        super().__init__(params, {})
+        self.param_groups = [g for o in optimizers for g in o.param_groups]
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 - torch's signature
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for o, saved in zip(self.optimizers, state_dict["optimizers"], strict=True):
+            o.load_state_dict(saved)
+        self.param_groups = [g for o in self.optimizers for g in o.param_groups]
+
+
 class DeviceBatches:
     """The sampler's batch of a step, on the device, with the next step's copy already issued.
 

@@ -23,12 +23,13 @@ from lowband.algorithms import build_algorithm
 from lowband.algorithms.robust import robust_label
 from lowband.comm import Comm
 from lowband.config import TrainConfig
-from lowband.data import ShardSampler, eval_batches, load_corpus, split_eval
+from lowband.data import eval_batches, load_corpus, split_eval
+from lowband.data.partition import make_sampler
 from lowband.errors import CheckpointError
 from lowband.models import build_model
 from lowband.seqpar.train import SeqParallel
 from lowband.train import checkpoint
-from lowband.train.compute import adamw, prepare_model, wants_compile
+from lowband.train.compute import inner_optimizer, prepare_model, wants_compile
 from lowband.train.meta import run_meta
 from lowband.train.progress import ProgressBar
 from lowband.train.rundir import RunDir, fingerprint, write_json_atomic
@@ -241,19 +242,24 @@ def _train(cfg: TrainConfig, session: LocalSession, run: RunDir, device, resume:
         compile=wants_compile(cfg.compile, device, seq_parallel=cfg.seq_parallel is not None),
         activation_checkpointing=cfg.activation_checkpointing,
     )
-    opt = adamw(model, lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay, device=device)
+    opt = inner_optimizer(
+        model, cfg.inner_optimizer, lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay, device=device
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, steps))
     t_start = time.perf_counter()  # the algorithm's set-up traffic belongs to the run's wall-clock
     algo = build_algorithm(cfg, model, opt, session.group, index=session.index)
     state = TrainState(model, opt, sched, algo)
     shard, shards, seed_offset = session.shard(sp)
-    sampler = ShardSampler(
+    sampler = make_sampler(  # --partition: iid is ShardSampler as before (lowband.data.partition)
+        cfg,
+        corpus,
         train_tokens,
-        rank=shard,
-        world_size=shards,
-        batch_size=cfg.batch_size,
-        seq_len=cfg.seq_len,
+        shard=shard,
+        shards=shards,
         seed=cfg.seed + seed_offset,
+        write=(lambda d: write_json_atomic(run.path / "partition.json", d))
+        if session.index == 0 and not resume
+        else None,
     )
     sampler = algo.wrap_sampler(sampler)  # label-flip attackers, gradient coding's parts
     evals = eval_batches(

@@ -61,7 +61,9 @@ class ProgressBar:
     ) -> None:
         if not self.enabled:
             return
-        stats = f"{tokens_per_s:,.0f} tok/s  loss {loss:.3f}"
+        stats = f"{tokens_per_s:,.0f} tok/s"
+        if loss == loss:  # the loss is read only on logged steps: nothing to show before the first
+            stats += f"  loss {loss:.3f}"
         if eval_loss is not None:
             stats += f"  eval {eval_loss:.3f}"
         if bytes_sent is None:  # the older keyword, in megabytes

@@ -31,6 +31,9 @@ from lowband.config import TrainConfig
 from lowband.errors import CheckpointError, ConfigError, RunDirError, RunFileError
 
 # Fields that change how a run is observed but not what it computes: a resume may differ in them.
+_ADDED_LATER = {"inner_optimizer": "adamw"}
+"""Fields added after runs were made, with the value those runs used: left out of the fingerprint
+at that value."""
 _OBSERVATION_FIELDS = {
     "eval_every",
     "eval_batches",
@@ -236,6 +239,9 @@ def sha256_file(path: Path) -> str:
 def fingerprint(cfg: TrainConfig, corpus_sha256: str) -> str:
     """What a checkpoint must agree with to be resumed: the config (less observation fields) and the data."""
     d = {k: v for k, v in cfg.to_dict().items() if k not in _OBSERVATION_FIELDS}
+    for k, default in _ADDED_LATER.items():  # runs from before a field existed still match
+        if d.get(k) == default:
+            d.pop(k)
     d["corpus_sha256"] = corpus_sha256
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
