@@ -1,0 +1,163 @@
+"""`lowband plan`: every technique's predicted cost on a network, ranked by time to a token budget."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from lowband.comm import LinkSpec
+from lowband.errors import ConfigError
+from lowband.plan.cost import Workload, candidates, predict
+
+ASSUMPTIONS = [
+    "compute: the per-worker rate you gave (--tokens-per-s, measured: `lowband probe` or "
+    "benchmarks/gpu_step.py), the same on every worker; stragglers are not modelled",
+    "communication: the same formulas that charge `lowband train`'s emulated link (bytes exact; "
+    "seconds = hops x latency + busiest uplink's bytes / bandwidth), no jitter, no loss",
+    "--sites: every collective is a flat ring over all workers, so its hops cross the --inter "
+    "link (an upper bound: no hierarchical reduction)",
+    "DDP does not overlap its all-reduce with the backward pass (lowband's DDP waits after it)",
+    "Streaming DiLoCo hides a fragment's reduction behind tau inner steps; the rest is exposed",
+    "memory: fp32 parameters, gradients and AdamW moments (16 N bytes), +8 N for the DiLoCo "
+    "family's outer copy and momentum or error buffer, activations 34 x batch x seq x dim bytes "
+    "per layer (bf16, fused attention; Korthikanti et al. 2022)",
+    "loss is NOT modelled: the ranking is by time to the token budget. Low-communication methods "
+    "can need more tokens for the same loss (benchmarks/RESULTS.md: DiLoCo family vs DDP); "
+    "check your target loss with a short run of the top choices",
+]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="predict every technique's speed, bytes and memory on your network",
+        description=__doc__,
+    )
+    p.add_argument("--model", default="125m", help="a preset (lowband models), or give --params")
+    p.add_argument("--params", type=float, help="parameter count (instead of a preset)")
+    p.add_argument("--layers", type=int, help="with --params: transformer blocks")
+    p.add_argument("--dim", type=int, help="with --params: model width")
+    p.add_argument(
+        "--tokens", type=float, required=False, default=1e9, help="token budget (default 1e9)"
+    )
+    p.add_argument("--workers", type=int, help="workers (or --sites)")
+    p.add_argument("--sites", help="SITESxGPUS, e.g. 3x8: workers in sites")
+    p.add_argument("--link", help="the link every worker sits behind, e.g. 1gbit:80ms")
+    p.add_argument("--inter", help="with --sites: the link between sites")
+    p.add_argument("--intra", help="with --sites: the link inside a site (reported only)")
+    p.add_argument("--tokens-per-s", type=float, help="measured compute rate per worker (tokens/s)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--top", type=int, default=12, help="rows to print")
+    p.add_argument("--json", type=Path, help="write the whole plan here")
+    p.set_defaults(fn=run)
+
+
+def _workers_and_link(args) -> tuple[int, LinkSpec | None]:
+    if args.sites:
+        try:
+            sites, per = (int(x) for x in args.sites.lower().split("x"))
+        except ValueError:
+            raise ConfigError(f"--sites must be SITESxGPUS, e.g. 3x8, got {args.sites!r}") from None
+        if sites < 1 or per < 1:
+            raise ConfigError(f"--sites must be positive, got {args.sites!r}")
+        link = args.inter if sites > 1 else (args.intra or args.link)
+        return sites * per, LinkSpec.parse(link)
+    if args.workers is None or args.workers < 1:
+        raise ConfigError("lowband plan needs --workers N (at least 1) or --sites SxG")
+    return args.workers, LinkSpec.parse(args.link)
+
+
+def _workload(args) -> Workload:
+    if args.tokens_per_s is None or not args.tokens_per_s > 0:
+        raise ConfigError(
+            "lowband plan needs the measured compute rate per worker: --tokens-per-s "
+            "(from `lowband probe`, or benchmarks/gpu_step.py: e.g. 466000 for 125m on an H200)"
+        )
+    if not (args.tokens > 0 and math.isfinite(args.tokens)):
+        raise ConfigError(f"--tokens must be a positive number, got {args.tokens}")
+    if args.params is not None:
+        if args.layers is None or args.dim is None or args.params < 1:
+            raise ConfigError("--params needs --layers and --dim")
+        model, params, layers, dim = None, int(args.params), args.layers, args.dim
+    else:
+        from lowband.models import PRESETS, build_model
+
+        if args.model not in PRESETS:
+            raise ConfigError(
+                f"unknown model preset {args.model!r}; choose one of: {', '.join(PRESETS)}"
+            )
+        model = build_model(args.model, device="meta")
+        params, layers, dim = (
+            model.num_params(),
+            PRESETS[args.model].n_layers,
+            PRESETS[args.model].dim,
+        )
+    return Workload(
+        params=params, layers=layers, dim=dim, batch_size=args.batch_size, seq_len=args.seq_len,
+        tokens=int(args.tokens), tokens_per_s=args.tokens_per_s, model=model,
+    )  # fmt: skip
+
+
+def _duration(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    if s < 172800:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} days"
+
+
+def run(args: argparse.Namespace) -> int:
+    n, link = _workers_and_link(args)
+    w = _workload(args)
+    preds = sorted((predict(w, t, n, link) for t in candidates()), key=lambda p: p.time_to_budget_s)
+    # Within 2% of the fastest, prefer the smallest H (the least stale: loss is not modelled),
+    # then the fewest bytes.
+    fastest = preds[0].time_to_budget_s
+    near = [p for p in preds if p.time_to_budget_s <= 1.02 * fastest]
+    best = min(near, key=lambda p: (p.technique.sync_every, p.bytes_per_step))
+    preds.remove(best)
+    preds.insert(0, best)
+    rows = [p.row() for p in preds]
+    print(
+        f"lowband plan: {w.params / 1e6:,.0f}M parameters, {n} workers, link {link or 'none'}, "
+        f"{w.tokens:,.0f} tokens, {w.tokens_per_s:,.0f} tokens/s per worker "
+        f"({1e3 * w.compute_s:.0f} ms per step of {w.step_tokens:,} tokens)\n"
+    )
+    head = f"{'technique':<50} {'step':>9} {'exposed':>9} {'util':>5} {'MB/step':>9} {'memory':>8} {'to budget':>10}"
+    print(head)
+    print("-" * len(head))
+    for p in preds[: args.top]:
+        print(
+            f"{p.technique.label():<50} {1e3 * p.step_s:>7.0f}ms {1e3 * p.exposed_s:>7.0f}ms "
+            f"{100 * p.utilisation:>4.0f}% {p.bytes_per_step / 1e6:>9.2f} "
+            f"{p.memory_bytes / 2**30:>6.1f}GB {_duration(p.time_to_budget_s):>10}"
+        )
+    ddp = next(p for p in preds if p.technique.algo == "ddp" and p.technique.bits == 32)
+    print(
+        f"\nrecommended: {best.technique.label()}: {100 * best.utilisation:.0f}% utilisation, "
+        f"{_duration(best.time_to_budget_s)} to the budget "
+        f"({ddp.time_to_budget_s / best.time_to_budget_s:.1f}x faster than DDP)\n"
+        f"  lowband train {' '.join(best.technique.flags())}"
+    )
+    print("\nassumptions:")
+    for a in ASSUMPTIONS:
+        print(f"  - {a}")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "recommended": best.technique.label(),
+                    "workers": n,
+                    "link": str(link),
+                    "rows": rows,
+                    "assumptions": ASSUMPTIONS,
+                },
+                indent=1,
+            )  # fmt: skip
+        )
+    return 0

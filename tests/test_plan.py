@@ -1,0 +1,76 @@
+"""`lowband plan`'s cost model (lowband.plan): its bytes equal what `lowband train` counts, exactly,
+for every technique it ranks; its seconds are the emulated link's; the CLI's table and refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lowband.cli import main
+from lowband.comm import LinkSpec
+from lowband.models import build_model
+from lowband.plan import Technique, Workload, predict
+
+STEPS, N = 8, 2
+RUN = ["--workers", str(N), "--steps", str(STEPS), "--eval-every", str(STEPS), "--batch-size", "2",
+       "--seq-len", "32", "--ckpt-every", "-1"]  # fmt: skip
+
+
+def _workload() -> Workload:
+    model = build_model("1m", device="meta")
+    return Workload(
+        params=model.num_params(), layers=4, dim=128, batch_size=2, seq_len=32, tokens=10**6,
+        tokens_per_s=1e4, model=model,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "technique",
+    [
+        Technique("ddp"),
+        Technique("diloco", sync_every=4, bits=32),
+        Technique("streaming-diloco", sync_every=4, fragments=2, overlap=1, bits=4),
+        Technique("diloco", sync_every=4, compress="topk:0.05:2"),
+    ],
+    ids=lambda t: t.label(),
+)
+def test_predicted_bytes_are_what_a_run_counts(tmp_path, technique):
+    out = tmp_path / "run"
+    assert main(["train", *RUN, *technique.flags(), "--out", str(out)]) == 0
+    measured = json.loads((out / "summary.json").read_text())["bytes_sent_per_worker"]
+    p = predict(_workload(), technique, N, None)
+    start_check = 8 * (N - 1)  # every algorithm's 8-byte parameter digest, once
+    assert measured == start_check + STEPS * p.bytes_per_step
+
+
+def test_predicted_seconds_follow_the_link_model():
+    w = _workload()
+    slow, fast = LinkSpec.parse("10mbit:100ms"), LinkSpec.parse("10gbit:1ms")
+    ddp_slow, ddp_fast = (predict(w, Technique("ddp"), 4, link) for link in (slow, fast))
+    assert ddp_slow.exposed_s > 50 * ddp_fast.exposed_s
+    # DDP's ring: 2(n-1) hops of latency per bucket, plus the busiest uplink's bytes.
+    assert ddp_slow.exposed_s == pytest.approx(
+        len(w.ddp_buckets()) * 6 * 0.1 + ddp_slow.bytes_per_step * 8 / 10e6, rel=0.02
+    )
+    stream = predict(w, Technique("streaming-diloco", 100, 4, 10, bits=4), 4, slow)
+    assert stream.exposed_s < ddp_slow.exposed_s / 50 and stream.utilisation > ddp_slow.utilisation
+    hidden = predict(w, Technique("streaming-diloco", 100, 4, 24, bits=4), 4, slow)
+    assert hidden.exposed_s <= stream.exposed_s  # more overlap never exposes more
+
+
+def test_plan_cli_ranks_and_explains(tmp_path, capsys):
+    js = tmp_path / "plan.json"
+    argv = ["plan", "--model", "125m", "--tokens", "2e9", "--workers", "8", "--link", "1gbit:80ms",
+            "--tokens-per-s", "400000", "--batch-size", "16", "--seq-len", "2048", "--json", str(js)]  # fmt: skip
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "recommended" in text and "assumptions" in text.lower()
+    plan = json.loads(js.read_text())
+    times = [r["time_to_budget_s"] for r in plan["rows"]]
+    assert plan["rows"][0]["technique"] == plan["recommended"]
+    assert times[1:] == sorted(times[1:]) and times[0] <= 1.02 * min(times)  # ties: smallest H
+    ddp = next(r for r in plan["rows"] if r["technique"] == "DDP")
+    assert ddp["utilisation"] < 0.05  # 500 MB per step over 1 Gbit/s against a 82 ms step
+    assert main(["plan", "--model", "125m", "--tokens", "1e9", "--workers", "8"]) == 2
+    assert "--tokens-per-s" in capsys.readouterr().err
