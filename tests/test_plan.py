@@ -74,3 +74,25 @@ def test_plan_cli_ranks_and_explains(tmp_path, capsys):
     assert ddp["utilisation"] < 0.05  # 500 MB per step over 1 Gbit/s against a 82 ms step
     assert main(["plan", "--model", "125m", "--tokens", "1e9", "--workers", "8"]) == 2
     assert "--tokens-per-s" in capsys.readouterr().err
+
+
+def test_probe_measures_what_the_emulated_link_sets_and_plan_reads_it(tmp_path, capsys):
+    net = tmp_path / "net.json"
+    argv = ["probe", "--workers", "2", "--link", "20mbit:100ms", "--megabytes", "2", "--pings", "5",
+            "--batch-size", "2", "--seq-len", "32", "--out", str(net)]  # fmt: skip
+    assert main(argv) == 0
+    network = json.loads(net.read_text())
+    (pair,) = network["pairs"]
+    assert pair["latency_s"] == pytest.approx(0.100, rel=0.10)
+    for rate in pair["bandwidth_bps"].values():
+        assert rate == pytest.approx(20e6, rel=0.10)
+    assert [c["rank"] for c in network["compute"]] == [0, 1]
+    assert all(c["tokens_per_s"] > 0 for c in network["compute"])
+    printed = capsys.readouterr().out
+    assert "0-1" in printed and "Mbit" in printed and "tokens/s" in printed  # the matrix
+    js = tmp_path / "plan.json"
+    assert main(["plan", "--model", "1m", "--tokens", "1e7", "--probe", str(net), "--json", str(js)]) == 0
+    plan = json.loads(js.read_text())
+    link = LinkSpec.parse(plan["link"])  # the probe's slowest pair, largest latency
+    assert plan["workers"] == 2 and link.bandwidth_bps == pytest.approx(20e6, rel=0.1)
+    assert link.latency_s == pytest.approx(0.100, rel=0.1)

@@ -48,6 +48,9 @@ def add_parser(sub) -> None:
     p.add_argument("--inter", help="with --sites: the link between sites")
     p.add_argument("--intra", help="with --sites: the link inside a site (reported only)")
     p.add_argument("--tokens-per-s", type=float, help="measured compute rate per worker (tokens/s)")
+    p.add_argument(
+        "--probe", type=Path, help="a network file from `lowband probe`: its link and compute rate"
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--top", type=int, default=12, help="rows to print")
@@ -55,7 +58,30 @@ def add_parser(sub) -> None:
     p.set_defaults(fn=run)
 
 
+def _read_probe(args) -> None:
+    """--probe FILE fills --workers, --link, --tokens-per-s, --batch-size and --seq-len (those
+    given explicitly win)."""
+    try:
+        net = json.loads(args.probe.read_text())
+        s = net["summary"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(
+            f"--probe {args.probe}: not a `lowband probe` network file ({e})"
+        ) from None
+    if args.workers is None and args.sites is None:
+        args.workers = int(net["workers"])
+    if args.link is None and s.get("bandwidth_bps"):
+        args.link_spec = LinkSpec(
+            bandwidth_bps=float(s["bandwidth_bps"]), latency_s=float(s["latency_s"])
+        )
+    if args.tokens_per_s is None:
+        args.tokens_per_s = float(s["tokens_per_s"])
+        args.batch_size, args.seq_len = int(net["batch_size"]), int(net["seq_len"])
+
+
 def _workers_and_link(args) -> tuple[int, LinkSpec | None]:
+    if getattr(args, "link_spec", None) is not None:
+        return args.workers, args.link_spec
     if args.sites:
         try:
             sites, per = (int(x) for x in args.sites.lower().split("x"))
@@ -112,6 +138,8 @@ def _duration(s: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.probe is not None:
+        _read_probe(args)
     n, link = _workers_and_link(args)
     w = _workload(args)
     preds = sorted((predict(w, t, n, link) for t in candidates()), key=lambda p: p.time_to_budget_s)
@@ -160,4 +188,60 @@ def run(args: argparse.Namespace) -> int:
                 indent=1,
             )  # fmt: skip
         )
+    return 0
+
+
+def add_probe_parser(sub) -> None:
+    from lowband.plan.probe import __doc__ as probe_doc
+
+    p = sub.add_parser(
+        "probe",
+        help="measure latency, bandwidth and compute between your workers",
+        description=probe_doc,
+    )
+    p.add_argument(
+        "--workers", type=int, default=2, help="local workers (torchrun decides under it)"
+    )
+    p.add_argument(
+        "--link", help="emulated link, as for `lowband train` (default: the real network)"
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--model", default="1m", help="the preset whose training step is timed")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--megabytes", type=float, default=4.0, help="size of the bandwidth transfers")
+    p.add_argument("--pings", type=int, default=7, help="round trips per pair for the latency")
+    p.add_argument("--out", default="network.json", help="the network file to write")
+    p.set_defaults(fn=run_probe)
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    from lowband.launch import launch_local, launch_torchrun, under_torchrun
+    from lowband.models import PRESETS
+    from lowband.plan.probe import ProbeConfig, describe, probe_worker
+    from lowband.train.rundir import RunDir
+
+    if args.workers < 1 or args.pings < 1 or not args.megabytes > 0:
+        raise ConfigError("--workers, --pings and --megabytes must be positive")
+    if args.model not in PRESETS:
+        raise ConfigError(
+            f"unknown model preset {args.model!r}; choose one of: {', '.join(PRESETS)}"
+        )
+    LinkSpec.parse(args.link)
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out {out}: folder {out.parent} does not exist")
+    cfg = ProbeConfig(
+        workers=args.workers, link=args.link, device=args.device, model=args.model,
+        batch_size=args.batch_size, seq_len=args.seq_len, pings=args.pings,
+        megabytes=args.megabytes, out=str(out.resolve()),
+    )  # fmt: skip
+    if under_torchrun():
+        launch_torchrun(cfg, out.parent, False, worker=probe_worker)
+    else:
+        launch_local(cfg, RunDir(out.parent), False, worker=probe_worker)
+    if out.exists():
+        network = json.loads(out.read_text())
+        network["path"] = str(out)
+        print(describe(network))
     return 0

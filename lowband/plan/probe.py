@@ -1,0 +1,200 @@
+"""`lowband probe`: measure the network between workers and each worker's compute rate.
+
+Run it where you will train: locally (`--workers N`, optionally over an emulated `--link`) or one
+process per host under torchrun. For every pair of workers (a, b), one pair at a time:
+  latency    a sends b one 4-byte tensor and b sends it back, `--pings` times; one-way latency is
+             half the median round trip, jitter the spread (standard deviation) of the halves
+  bandwidth  a sends b a `--megabytes` tensor and b answers with 4 bytes; bandwidth is the bytes
+             over (elapsed - one round trip), then the same from b to a
+and on every worker a few timed training steps of `--model` at `--batch-size` x `--seq-len`
+(after one warm-up step): tokens/s, the rate `lowband plan` takes. The network file (JSON) holds
+per-pair latency, jitter and bandwidth both ways, per-worker step time, tokens/s and peak memory,
+and a summary link (the slowest pair's bandwidth, the largest latency) that `lowband plan --probe
+FILE` uses. Under `--link` emulation the probe measures what the emulation sets (tested within
+10%).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from lowband.comm import Comm
+
+
+@dataclasses.dataclass(kw_only=True)
+class ProbeConfig:
+    workers: int = 2
+    link: str | None = None
+    device: str = "auto"
+    threads: int = 1
+    seed: int = 0
+    model: str = "1m"
+    batch_size: int = 8
+    seq_len: int = 128
+    pings: int = 7
+    megabytes: float = 4.0
+    steps: int = 5
+    out: str = "network.json"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ProbeConfig:
+        return cls(**d)
+
+
+def _pair(comm: Comm, a: int, b: int, cfg: ProbeConfig) -> dict | None:
+    """Measure the pair (a, b); the result on a, None elsewhere."""
+    me = comm.rank
+    if me not in (a, b):
+        return None
+    other = b if me == a else a
+    small = torch.zeros(1, device=comm.device)
+    halves = []
+    for _ in range(cfg.pings):
+        t0 = time.perf_counter()
+        if me == a:
+            comm.send(small, other)
+            comm.recv(small, other)
+        else:
+            comm.recv(small, other)
+            comm.send(small, other)
+        halves.append((time.perf_counter() - t0) / 2)
+    latency = statistics.median(halves)
+    numel = max(1, int(cfg.megabytes * 1e6 / 4))
+    bulk = torch.zeros(numel, device=comm.device)
+    rates = {}
+    for src, dst in ((a, b), (b, a)):
+        t0 = time.perf_counter()
+        if me == src:
+            comm.send(bulk, dst)
+            comm.recv(small, dst)
+        else:
+            comm.recv(bulk, src)
+            comm.send(small, src)
+        elapsed = time.perf_counter() - t0
+        rates[f"{src}->{dst}"] = numel * 4 * 8 / max(elapsed - 2 * latency, 1e-9)
+    if me != a:
+        return None
+    return {
+        "a": a,
+        "b": b,
+        "latency_s": latency,
+        "jitter_s": statistics.pstdev(halves),
+        "bandwidth_bps": rates,
+    }
+
+
+def _compute(cfg: ProbeConfig, device: torch.device) -> dict:
+    from lowband.models import build_model
+    from lowband.train.compute import adamw
+
+    model = build_model(cfg.model, seed=cfg.seed, device=device)
+    opt = adamw(model, lr=1e-4, weight_decay=0.0, device=device)
+    g = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randint(0, 256, (cfg.batch_size, cfg.seq_len + 1), generator=g).to(device)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else torch.autocast("cpu", enabled=False)
+    )
+
+    def step() -> None:
+        with autocast:
+            loss = model.loss(x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(cfg.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    step_s = (time.perf_counter() - t0) / cfg.steps
+    return {
+        "device": str(device),
+        "step_s": step_s,
+        "tokens_per_s": cfg.batch_size * cfg.seq_len / step_s,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device)
+        if device.type == "cuda"
+        else None,
+    }
+
+
+def probe_worker(
+    cfg: ProbeConfig, comm: Comm, run, device: torch.device, resume: bool = False
+) -> dict:
+    """One worker of `lowband probe` (lowband.launch.local runs it on every worker)."""
+    out = Path(cfg.out)
+    n = comm.size
+    pairs = [p for a in range(n) for b in range(a + 1, n) if (p := _pair(comm, a, b, cfg))]
+    compute = {"rank": comm.rank, **_compute(cfg, device)}
+    part = out.with_name(f".{out.name}.rank{comm.rank}")
+    part.write_text(json.dumps({"pairs": pairs, "compute": compute}))
+    if n > 1:
+        comm.barrier()
+    if comm.rank == 0:
+        parts = [json.loads(out.with_name(f".{out.name}.rank{r}").read_text()) for r in range(n)]
+        all_pairs = [p for x in parts for p in x["pairs"]]
+        network = {
+            "workers": n,
+            "emulated_link": cfg.link,
+            "model": cfg.model,
+            "batch_size": cfg.batch_size,
+            "seq_len": cfg.seq_len,
+            "pairs": all_pairs,
+            "compute": [x["compute"] for x in parts],
+            "summary": {
+                "bandwidth_bps": min(
+                    (v for p in all_pairs for v in p["bandwidth_bps"].values()), default=None
+                ),
+                "latency_s": max((p["latency_s"] for p in all_pairs), default=None),
+                "tokens_per_s": min(x["compute"]["tokens_per_s"] for x in parts),
+            },
+        }
+        out.write_text(json.dumps(network, indent=1))
+        for r in range(n):
+            out.with_name(f".{out.name}.rank{r}").unlink(missing_ok=True)
+    return {}
+
+
+def describe(network: dict) -> str:
+    """The readable matrix: latency (ms) and bandwidth (Mbit/s) per pair, compute per worker."""
+    n = network["workers"]
+    lines = [
+        f"{n} workers"
+        + (f", emulated link {network['emulated_link']}" if network.get("emulated_link") else "")
+    ]
+    if network["pairs"]:
+        lines.append(f"{'pair':>8} {'latency':>10} {'jitter':>9} {'a->b':>12} {'b->a':>12}")
+        for p in network["pairs"]:
+            a, b = p["a"], p["b"]
+            bw = p["bandwidth_bps"]
+            lines.append(
+                f"{f'{a}-{b}':>8} {1e3 * p['latency_s']:>8.2f}ms {1e3 * p['jitter_s']:>7.2f}ms "
+                f"{bw[f'{a}->{b}'] / 1e6:>8.1f}Mbit {bw[f'{b}->{a}'] / 1e6:>8.1f}Mbit"
+            )
+    for c in network["compute"]:
+        lines.append(
+            f"worker {c['rank']} ({c['device']}): {c['tokens_per_s']:,.0f} tokens/s of {network['model']} "
+            f"at {network['batch_size']} x {network['seq_len']} ({1e3 * c['step_s']:.1f} ms a step)"
+        )
+    s = network["summary"]
+    if s["bandwidth_bps"] is not None:
+        lines.append(
+            f"slowest pair: {s['bandwidth_bps'] / 1e6:,.1f} Mbit/s, largest latency "
+            f"{1e3 * s['latency_s']:.2f} ms -> lowband plan --probe {network.get('path', 'FILE')}"
+        )
+    return "\n".join(lines)
