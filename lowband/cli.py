@@ -380,6 +380,12 @@ def _add_generate_parser(sub) -> None:  # lowband.serve; docs/inference.md
     add_generate_parser(sub, add_config_flags)
 
 
+def _add_serve_parser(sub) -> None:  # lowband.serve.http; docs/inference.md
+    from lowband.serve.cli import add_serve_parser
+
+    add_serve_parser(sub, add_config_flags)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from lowband.report import write_report
 
@@ -502,6 +508,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_train)
     _add_finetune_parser(sub)
     _add_generate_parser(sub)
+    _add_serve_parser(sub)
+    from lowband.plan.command import add_parser as _add_plan_parser
+    from lowband.plan.command import add_probe_parser
+
+    _add_plan_parser(sub)
+    add_probe_parser(sub)
 
     r = sub.add_parser("report", help="HTML report and plots comparing runs")
     r.add_argument("runs", nargs="+", metavar="RUN", help="run folders")

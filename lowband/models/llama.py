@@ -104,6 +104,69 @@ def sdpa_attention(q_BHLD: Tensor, k_BKLD: Tensor, v_BKLD: Tensor, *, causal: bo
     return F.scaled_dot_product_attention(q_BHLD, k_BKLD, v_BKLD, is_causal=causal, enable_gqa=True)
 
 
+class KVCache:
+    """Keys (rotated) and values of the tokens seen so far, for generation (docs/inference.md).
+
+    Per layer a preallocated B x K x max_len x D buffer for k and one for v; `length` tokens are
+    filled. `Transformer.forward_cached` appends the new tokens and advances `length`.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.max_len = max_len
+        self.length = 0
+        self.pad_B: Tensor | None = None
+        """Left padding of each row (a batch of prompts of different lengths): row b's slots
+        [0, pad_B[b]) hold no token; its positions start at 0 after them. None: no padding."""
+
+    def append(self, layer: int, k_BKLD: Tensor, v_BKLD: Tensor) -> tuple[Tensor, Tensor]:
+        """Write the new tokens' k and v at [length, length + L); return views of [0, length + L)."""
+        end = self.length + k_BKLD.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; {end} needed")
+        self.k[layer][:, :, self.length : end] = k_BKLD
+        self.v[layer][:, :, self.length : end] = v_BKLD
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+
+def attend_cached(
+    q_BHLD: Tensor, k_BKTD: Tensor, v_BKTD: Tensor, start: int, pad_B: Tensor | None = None
+) -> Tensor:
+    """Attention of L new queries at positions start.. over all T = start + L cached keys.
+
+    L == 1 needs no mask; start == 0 is the training mask (is_causal); otherwise query i may see
+    slots <= start + i (SDPA's is_causal aligns its triangle top-left, wrong for an offset).
+    With left padding (pad_B) row b's queries also skip slots < pad_B[b]; a padding query sees
+    itself only (its output is never used, but must not be NaN).
+    """
+    L, T = q_BHLD.shape[2], k_BKTD.shape[2]
+    if pad_B is None and (L == 1 or start == 0):
+        return sdpa_attention(q_BHLD, k_BKTD, v_BKTD, causal=L > 1)
+    slot_T = torch.arange(T, device=q_BHLD.device)
+    query_L = start + torch.arange(L, device=q_BHLD.device)
+    mask = slot_T[None] <= query_L[:, None]  # L x T
+    if pad_B is not None:
+        real_B1T = slot_T[None, None] >= pad_B.to(q_BHLD.device)[:, None, None]
+        mask = (mask[None] & real_B1T) | (slot_T[None] == query_L[:, None])[None]
+        mask = mask[:, None]  # B x 1 x L x T, broadcast over heads
+    return F.scaled_dot_product_attention(q_BHLD, k_BKTD, v_BKTD, attn_mask=mask, enable_gqa=True)
+
+
 def rotary_tables(positions_BL: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
     """cos and sin of the rotary angles, fp32, shaped B x 1 x L x D to broadcast over heads.
 
@@ -168,6 +231,19 @@ class Attention(nn.Module):
         out_BHLD = self.attn_fn(q_BHLD, k_BKLD, v_BKLD, causal=True)
         return self.wo(out_BHLD.transpose(1, 2).reshape(B, L, -1))
 
+    def forward_cached(
+        self, x_BLE: Tensor, cos_B1LD: Tensor, sin_B1LD: Tensor, cache: KVCache, layer: int
+    ) -> Tensor:
+        """`forward` for generation: append this layer's k, v to `cache` and attend over it."""
+        B, L, _ = x_BLE.shape
+        q_BHLD = self.wq(x_BLE).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k_BKLD = self.wk(x_BLE).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v_BKLD = self.wv(x_BLE).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q_BHLD = apply_rotary(q_BHLD, cos_B1LD, sin_B1LD)
+        k_BKTD, v_BKTD = cache.append(layer, apply_rotary(k_BKLD, cos_B1LD, sin_B1LD), v_BKLD)
+        out_BHLD = attend_cached(q_BHLD, k_BKTD, v_BKTD, cache.length, cache.pad_B)
+        return self.wo(out_BHLD.transpose(1, 2).reshape(B, L, -1))
+
 
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x) (Shazeer 2020)."""
@@ -192,6 +268,15 @@ class TransformerBlock(nn.Module):
 
     def forward(self, h_BLE: Tensor, cos_B1LD: Tensor, sin_B1LD: Tensor) -> Tensor:
         h_BLE = h_BLE + self.attention(self.attention_norm(h_BLE), cos_B1LD, sin_B1LD)
+        return h_BLE + self.feed_forward(self.ffn_norm(h_BLE))
+
+    def forward_cached(
+        self, h_BLE: Tensor, cos_B1LD: Tensor, sin_B1LD: Tensor, cache: KVCache, layer: int
+    ) -> Tensor:
+        attn = self.attention.forward_cached(
+            self.attention_norm(h_BLE), cos_B1LD, sin_B1LD, cache, layer
+        )
+        h_BLE = h_BLE + attn
         return h_BLE + self.feed_forward(self.ffn_norm(h_BLE))
 
 
@@ -283,6 +368,29 @@ class Transformer(nn.Module):
                 h_BLE = checkpoint(layer, h_BLE, cos_B1LD, sin_B1LD, use_reentrant=False)
             else:
                 h_BLE = layer(h_BLE, cos_B1LD, sin_B1LD)
+        return self.output(self.norm(h_BLE))
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KVCache for `forward_cached`, in the parameters' dtype and device."""
+        w = self.output.weight
+        return KVCache(
+            self.cfg.n_layers, batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim,
+            dtype=w.dtype, device=w.device,
+        )  # fmt: skip
+
+    def forward_cached(self, tokens_BL: Tensor, cache: KVCache) -> Tensor:
+        """Logits B x L x V of L new tokens that follow the `cache.length` cached ones; appends
+        their keys and values to `cache` (generation; the training `forward` is unchanged)."""
+        B, L = tokens_BL.shape
+        start = cache.length
+        positions_BL = torch.arange(start, start + L, device=tokens_BL.device)[None].expand(B, L)
+        if cache.pad_B is not None:  # a left-padded row counts from its first token
+            positions_BL = (positions_BL - cache.pad_B.to(tokens_BL.device)[:, None]).clamp(min=0)
+        cos_B1LD, sin_B1LD = rotary_tables(positions_BL, self.cfg.head_dim, self.cfg.rope_theta)
+        h_BLE = self.tok_embeddings(tokens_BL)
+        for i, layer in enumerate(self.layers):
+            h_BLE = layer.forward_cached(h_BLE, cos_B1LD, sin_B1LD, cache, i)
+        cache.length += L
         return self.output(self.norm(h_BLE))
 
     def loss(

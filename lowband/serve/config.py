@@ -1,0 +1,204 @@
+"""GenerateConfig: everything that decides what `lowband generate` computes, and its checks.
+
+The CLI flags come from the fields (lowband.cli.add_config_flags); `validate_generate` refuses
+every impossible combination in one place, before any worker starts (docs/inference.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from lowband.config import BIG, check_ranges
+from lowband.errors import ConfigError
+
+PARALLEL_MODES = ("none", "tp", "pp", "lamina", "splitwise")
+ALLREDUCE = ("ring", "star", "tree")
+
+
+@dataclass(kw_only=True)
+class GenerateConfig:
+    """What `lowband generate` runs."""
+
+    model: str = "1m"
+    """Model: a preset (1m, 10m, 125m, 350m, 1b) or hf:llama-tiny / hf:llama-1m (transformers, built offline). Default weights are drawn from --seed; --init loads a run's."""
+    init: str | None = None
+    """Weights from this lowband run folder (its latest checkpoint), checkpoint folder or file; its model preset is used unless --model names the same one."""
+    prompt: str = "def "
+    """Prompt text; its UTF-8 bytes are the tokens (byte-level vocabulary)."""
+    max_new_tokens: int = 64
+    """Tokens to generate after the prompt."""
+    temperature: float = 0.0
+    """0: greedy (argmax); > 0: sample from softmax(logits / temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling: draw from the smallest set of tokens whose probability reaches top_p (1: all). Needs --temperature > 0 to matter."""
+    seed: int = 0
+    """Seed of the sampler (and of the weights when there is no --init)."""
+    parallel: str = "none"
+    """none (one process), tp (attention heads and FFN columns split over --workers; TPI-LLM), pp (layers split into --workers stages), lamina (worker 0 computes, the others hold the KV cache and run attention; Lamina) or splitwise (worker 1 runs the prompt and ships the KV cache layer by layer, worker 0 decodes; 2 workers)."""
+    allreduce: str = "ring"
+    """--parallel tp's all-reduce: ring (2(W-1) latency hops), star (2 hops through worker 0; TPI-LLM) or tree (recursive doubling, log2 W hops; W a power of two)."""
+    workers: int = 1
+    """Worker processes (Gloo on CPU, --threads threads each)."""
+    link: str | None = None
+    """Emulated link between workers, BANDWIDTH:LATENCY[:JITTER][:LOSS%], as for `lowband train`."""
+    device: str = "cpu"
+    """cpu, cuda, or auto (one GPU per worker when there are enough GPUs, else CPU)."""
+    threads: int = 1
+    """CPU threads per worker process."""
+    memory_budget: float | None = None
+    """MB of weights, KV cache and head a worker may hold: its layers are written to disk once and streamed back through a sliding window, the next layers read while the current one computes (TPI-LLM). With --parallel none or tp."""
+    quiet: bool = False
+    """Do not stream the generated text to stdout (the timings are still printed)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GenerateConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+GENERATE_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "max_new_tokens": (1, BIG), "temperature": (0.0, 1e6), "top_p": (1e-9, 1.0),
+    "seed": (0, 2**63 - 1), "workers": (1, 4096), "threads": (1, 1024),
+    "memory_budget": (1e-6, 1e9),
+}  # fmt: skip
+
+
+def resolve_model(cfg: GenerateConfig, model_given: bool) -> GenerateConfig:
+    """cfg with --model taken from --init's run when not given; ConfigError when they disagree."""
+    if cfg.init is None:
+        return cfg
+    from lowband.zo.models import resolve_init
+
+    found = resolve_init(cfg.init)
+    if found.model is None:
+        return cfg
+    if model_given and cfg.model != found.model:
+        raise ConfigError(
+            f"--init {cfg.init} holds a {found.model!r} model, --model is {cfg.model!r}"
+        )
+    return dataclasses.replace(cfg, model=found.model)
+
+
+def check_tp_split(n_heads: int, n_kv_heads: int, ffn_dim: int, workers: int) -> None:
+    """ConfigError unless heads, kv heads and FFN columns split over `workers` (docs/inference.md)."""
+    if n_heads % workers:
+        raise ConfigError(
+            f"--parallel tp: --workers {workers} does not divide the model's {n_heads} attention heads"
+        )
+    if n_kv_heads % workers and workers % n_kv_heads:
+        raise ConfigError(
+            f"--parallel tp: --workers {workers} and the model's {n_kv_heads} kv heads must divide "
+            "one another (each worker owns whole kv heads, or W/K workers share one)"
+        )
+    if ffn_dim % workers:
+        raise ConfigError(
+            f"--parallel tp: --workers {workers} does not divide the model's FFN width {ffn_dim}"
+        )
+
+
+def validate_generate(cfg: GenerateConfig) -> None:
+    """Everything that can be checked before a worker starts. Raises ConfigError (one line)."""
+    from lowband.comm import LinkSpec
+    from lowband.models import PRESETS
+    from lowband.zo.models import check_model_name
+
+    check_ranges(cfg, GENERATE_RANGES)
+    check_model_name(cfg.model)
+    if not cfg.prompt:
+        raise ConfigError("--prompt must not be empty")
+    if cfg.parallel not in PARALLEL_MODES:
+        raise ConfigError(
+            f"unknown --parallel {cfg.parallel!r}; choose one of: {', '.join(PARALLEL_MODES)}"
+        )
+    if cfg.allreduce not in ALLREDUCE:
+        raise ConfigError(
+            f"unknown --allreduce {cfg.allreduce!r}; choose one of: {', '.join(ALLREDUCE)}"
+        )
+    if cfg.device not in ("cpu", "cuda", "auto"):
+        raise ConfigError(f"unknown --device {cfg.device!r}; choose cpu, cuda or auto")
+    if cfg.parallel == "none" and cfg.workers > 1:
+        raise ConfigError(f"--workers {cfg.workers} needs --parallel tp or pp")
+    if cfg.parallel != "none" and cfg.model.startswith("hf:"):
+        raise ConfigError(
+            f"--parallel {cfg.parallel} runs lowband presets; {cfg.model} runs in one process"
+        )
+    LinkSpec.parse(cfg.link)
+    if cfg.memory_budget is not None and (
+        cfg.parallel in ("pp", "lamina", "splitwise") or cfg.model.startswith("hf:")
+    ):
+        raise ConfigError(
+            "--memory-budget streams the layers of a preset with --parallel none or tp"
+        )
+    if cfg.model.startswith("hf:"):
+        return
+    shape = PRESETS[cfg.model]
+    total = len(cfg.prompt.encode("utf-8")) + cfg.max_new_tokens
+    if total > shape.max_seq_len:
+        raise ConfigError(
+            f"prompt ({total - cfg.max_new_tokens} bytes) + --max-new-tokens {cfg.max_new_tokens} "
+            f"exceeds the model's {shape.max_seq_len} positions"
+        )
+    if cfg.parallel == "tp":
+        check_tp_split(shape.n_heads, shape.n_kv_heads, shape.ffn_dim, cfg.workers)
+        if cfg.allreduce == "tree" and cfg.workers & (cfg.workers - 1):
+            raise ConfigError(f"--allreduce tree needs a power-of-two --workers, got {cfg.workers}")
+    if cfg.parallel == "splitwise":
+        from lowband.serve.splitwise import check_splitwise
+
+        check_splitwise(cfg.workers)
+    if cfg.parallel == "lamina":
+        from lowband.serve.lamina import check_lamina_split
+
+        check_lamina_split(shape, cfg.workers)
+    if cfg.parallel == "pp" and cfg.workers > shape.n_layers:
+        raise ConfigError(
+            f"--parallel pp: --workers {cfg.workers} stages for the model's {shape.n_layers} layers"
+        )
+
+
+@dataclass(kw_only=True)
+class ServeConfig:
+    """What `lowband serve` runs: one model behind an HTTP completions endpoint."""
+
+    model: str = "1m"
+    """Model, as for `lowband generate`."""
+    init: str | None = None
+    """Weights from this lowband run folder, checkpoint folder or file, as for `lowband generate`."""
+    seed: int = 0
+    """Seed of the weights when there is no --init (each request brings its own sampling seed)."""
+    host: str = "127.0.0.1"
+    """Address to listen on."""
+    port: int = 8000
+    """Port to listen on (0: any free port, printed at start)."""
+    max_tokens: int = 256
+    """The most tokens one request may ask for (max_tokens in its body)."""
+    queue: int = 64
+    """Requests waiting for the model at most; one more gets 503."""
+    max_batch: int = 8
+    """Requests decoded together at most: those queued when the model is free form one batch."""
+    device: str = "cpu"
+    """cpu or cuda."""
+    threads: int = 1
+    """CPU threads of the model."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SERVE_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "seed": (0, 2**63 - 1), "port": (0, 65535), "max_tokens": (1, 4096), "queue": (1, 10**6), "max_batch": (1, 1024),
+    "threads": (1, 1024),
+}  # fmt: skip
+
+
+def validate_serve(cfg: ServeConfig) -> None:
+    from lowband.zo.models import check_model_name
+
+    check_ranges(cfg, SERVE_RANGES)
+    check_model_name(cfg.model)
+    if cfg.device not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown --device {cfg.device!r}; choose cpu or cuda")
