@@ -260,3 +260,46 @@ def plot_participants(
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=DPI)
     return out
+
+
+def graph_png(run: RunData) -> bytes | None:
+    """A decentralized run's graph (its `topology` event), nodes on a circle, each edge as wide as
+    the bytes it carried (both directions, from the workers' `edge_bytes` events) and labelled in
+    MB. None for a run without a graph."""
+    import io
+
+    topo = next((e for e in run.events if e.get("event") == "topology"), None)
+    if topo is None or not isinstance(topo.get("nodes"), int):
+        return None
+    n = topo["nodes"]
+    carried: dict[tuple[int, int], float] = {}
+    for e in run.events:
+        if e.get("event") == "edge_bytes" and isinstance(e.get("sent_to"), dict):
+            for dst, b in e["sent_to"].items():
+                key = (min(int(e["rank"]), int(dst)), max(int(e["rank"]), int(dst)))
+                carried[key] = carried.get(key, 0.0) + float(b)
+    edges = {(min(a, b), max(a, b)) for a, b in topo.get("edges", [])}
+    angle = [2 * math.pi * i / max(n, 1) for i in range(n)]
+    xy = [(math.cos(a), math.sin(a)) for a in angle]
+    fig = Figure(figsize=(FIGSIZE[1], FIGSIZE[1]), dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    top = max(carried.values(), default=0.0) or 1.0
+    for a, b in sorted(edges):
+        (x0, y0), (x1, y1) = xy[a], xy[b]
+        mb = carried.get((a, b), 0.0)
+        ax.plot([x0, x1], [y0, y1], color="#4477aa", lw=0.5 + 5.0 * mb / top, zorder=1)
+        if n <= 16 and mb:
+            ax.annotate(f"{mb / 1e6:.1f}", ((x0 + x1) / 2, (y0 + y1) / 2), fontsize=7,
+                        ha="center", va="center", color="#333333", zorder=3,
+                        bbox={"boxstyle": "round", "fc": "white", "ec": "none"})  # fmt: skip
+    ax.scatter([p[0] for p in xy], [p[1] for p in xy], s=260, color="#ee7733", zorder=2)
+    for i, (x, y) in enumerate(xy):
+        ax.annotate(str(i), (x, y), ha="center", va="center", fontsize=9, zorder=3)
+    gap = topo.get("spectral_gap")
+    ax.set_title(f"{topo.get('topology')}, {n} nodes, spectral gap {gap:.3g}: MB per edge"
+                 if isinstance(gap, float) else str(topo.get("topology")), fontsize=9)  # fmt: skip
+    ax.set_aspect("equal")
+    ax.axis("off")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()
