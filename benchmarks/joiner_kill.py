@@ -72,7 +72,9 @@ def scenario(schedule: str, root: Path) -> dict:
         "healed": len(events(out, "recovered")),
         "completed": r.returncode == 0 and not summary.get("elastic", {}).get("failed"),
         "commits": rank0[-1]["outer_step"] if rank0 and "outer_step" in rank0[-1] else None,
-        "discarded": len({e["local_step"] for e in events(out, "sync_discarded") if e["rank"] == 0}),
+        "discarded": len(
+            {e["local_step"] for e in events(out, "sync_discarded") if e["rank"] == 0}
+        ),
         "digests_compared": len(digests),
         "digests_differing": sum(len(v) > 1 for v in digests.values()),
         "stderr_tail": r.stderr.strip().splitlines()[-1:] if r.returncode else [],
@@ -81,7 +83,9 @@ def scenario(schedule: str, root: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--schedules", default=";".join(SCHEDULES), help="';'-separated --kill-joiner values")
+    p.add_argument(
+        "--schedules", default=";".join(SCHEDULES), help="';'-separated --kill-joiner values"
+    )
     p.add_argument("--append", action="store_true")
     args = p.parse_args()
     rows = []

@@ -11,6 +11,7 @@ the start check.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import sys
 import tempfile
@@ -45,6 +46,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--sync-every", type=int, default=50)
     p.add_argument("--only", default="", help="comma-separated config names to run")
+    p.add_argument("--parallel", type=int, default=1, help="runs at once (on a machine with cores)")
     p.add_argument("--json", type=Path)
     p.add_argument("--append", action="store_true")
     args = p.parse_args()
@@ -55,12 +57,20 @@ def main() -> None:
         ddp = train(Path(tmp) / "ddp", [*common, "--steps", "20", "--eval-every", "20"])
         per_step = json.loads((ddp / "summary.json").read_text())["bytes_sent_per_worker"] / 20
         ddp_bytes = per_step * args.steps
-        for name, flags in configs(args.sync_every).items():
-            if args.only and name not in args.only.split(","):
-                continue
-            run = train(
-                Path(tmp) / name.replace(" ", "_"), [*common, "--steps", str(args.steps), *flags]
-            )
+        chosen = {
+            name: flags
+            for name, flags in configs(args.sync_every).items()
+            if not args.only or name in args.only.split(",")
+        }
+
+        def one(item):
+            name, flags = item
+            out = Path(tmp) / name.replace(" ", "_")
+            return train(out, [*common, "--steps", str(args.steps), *flags])
+
+        with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
+            runs = list(pool.map(one, chosen.items()))
+        for name, run in zip(chosen, runs, strict=True):
             s = json.loads((run / "summary.json").read_text())
             rows.append(
                 {

@@ -106,7 +106,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.schedule not in ("cosine", "linear", "constant"):
         raise ConfigError(f"unknown --schedule {cfg.schedule!r}; choose cosine, linear or constant")
     if cfg.inner_optimizer not in ("adamw", "muon"):
-        raise ConfigError(f"unknown --inner-optimizer {cfg.inner_optimizer!r}; choose adamw or muon")
+        raise ConfigError(
+            f"unknown --inner-optimizer {cfg.inner_optimizer!r}; choose adamw or muon"
+        )
     LinkSpec.parse(cfg.link)
     from lowband.train.chaos import parse_chaos
 

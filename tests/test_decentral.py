@@ -119,8 +119,14 @@ def test_a_directed_ring_from_a_file(tmp_path):
 
 # -- the rule, in fp64 --------------------------------------------------------------------------
 def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Linear(D_IN, D_OUT, dtype=torch.float64)
+    """The same start on every call and thread: a private generator (torch.manual_seed is
+    process-wide, and run_ranks' threads would race for it)."""
+    model = nn.Linear(D_IN, D_OUT, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
 
 
 def _flat(model: nn.Module) -> torch.Tensor:

@@ -40,10 +40,18 @@ GOSSIP = ("noloco", "dpsgd", "dfedsam", "dfedsam-mgs")
 """Averaging with neighbours or random groups: no shared state, and no robust rule."""
 
 
+def _has(algo: str, option: str) -> bool:
+    return option in {f.name for f in dataclasses.fields(ALGORITHMS[algo].Options)}
+
+
 def _flags(algo, elastic, aggregate, bits, stragglers) -> list[str]:
-    flags = ["--algo", algo, "--workers", "3", "--bits", str(bits)]
-    if algo != "ddp":
+    flags = ["--algo", algo, "--workers", "3"]
+    if _has(algo, "bits"):
+        flags += ["--bits", str(bits)]
+    if _has(algo, "sync_every") and algo != "ddp":
         flags += ["--sync-every", "4"]
+    if _has(algo, "local_steps"):
+        flags += ["--local-steps", "4"]
     if algo == "streaming-diloco":
         flags += ["--fragments", "2", "--overlap", "1"]
     if elastic:
@@ -117,7 +125,7 @@ def test_the_matrix_refuses_only_what_it_must():
     algo, elastic, aggregate, bits, stragglers = range(5)
     for cell in CELLS:
         expected = (
-            (cell[aggregate] and cell[algo] in ("co2", *GOSSIP))
+            (cell[aggregate] and cell[algo] in ("co2", "admm-nr", *GOSSIP))
             or (cell[stragglers] and cell[algo] != "ddp")
             or (cell[stragglers] and (cell[aggregate] or cell[elastic]))
         )

@@ -21,6 +21,10 @@ ALGO_FOR = {  # an algorithm option is tried with an algorithm that has it
     "group_size": "noloco", "co2_delay": "co2", "co2_lambda": "co2", "co2_clip": "co2",
     "co2_gap_penalty": "co2", "sync_every": "diloco", "outer_lr": "diloco",
     "outer_momentum": "diloco", "bucket_mb": "ddp", "bits": "diloco",
+    "local_steps": "fedavg", "server_lr": "fedavg", "participation": "fedavg",
+    "clients_per_round": "fedavg", "mu": "fedprox", "local_lr": "scallion",
+    "cv_scale": "scallion", "beta": "scafcom", "rho": "admm-nr", "error_decay": "diloco",
+    "sam_rho": "dfedsam", "gossip_steps": "dfedsam-mgs",
 }  # fmt: skip
 
 

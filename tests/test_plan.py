@@ -91,7 +91,10 @@ def test_probe_measures_what_the_emulated_link_sets_and_plan_reads_it(tmp_path, 
     printed = capsys.readouterr().out
     assert "0-1" in printed and "Mbit" in printed and "tokens/s" in printed  # the matrix
     js = tmp_path / "plan.json"
-    assert main(["plan", "--model", "1m", "--tokens", "1e7", "--probe", str(net), "--json", str(js)]) == 0
+    assert (
+        main(["plan", "--model", "1m", "--tokens", "1e7", "--probe", str(net), "--json", str(js)])
+        == 0
+    )
     plan = json.loads(js.read_text())
     link = LinkSpec.parse(plan["link"])  # the probe's slowest pair, largest latency
     assert plan["workers"] == 2 and link.bandwidth_bps == pytest.approx(20e6, rel=0.1)

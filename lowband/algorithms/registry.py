@@ -252,6 +252,7 @@ def check(cfg: TrainConfig) -> Any:
             raise ConfigError(f"{FEATURES[a]} does not combine with {FEATURES[b]}: {reason}")
     check_robust_options(cfg)
     check_seqpar_options(cfg)
+    _check_partition(cfg)
     if cfg.elastic:
         if cfg.device == "cuda":
             raise ConfigError("--elastic runs on Gloo (CPU tensors) for now; drop --device cuda")
@@ -266,6 +267,19 @@ def check(cfg: TrainConfig) -> Any:
                     f"{cfg.min_workers} is too few for the rule ({e})"
                 ) from None
     return options
+
+
+def _check_partition(cfg: TrainConfig) -> None:
+    """--partition parses, and a split by documents is not combined with gradient coding, whose
+    coded parts are iid shards (lowband.data.partition)."""
+    from lowband.data.partition import PartitionSpec
+
+    spec = PartitionSpec.parse(getattr(cfg, "partition", "iid"))
+    if spec.kind != "iid" and cfg.stragglers > 0:
+        raise ConfigError(
+            f"--partition {spec} does not combine with --stragglers: gradient coding recomputes "
+            "other workers' parts from the iid shards"
+        )
 
 
 @dataclasses.dataclass

@@ -136,6 +136,9 @@ class Comm:
         self.rank = group.rank() if group is not None else 0
         self.size = group.size() if group is not None else 1
         self._rng = random.Random(seed * 100_003 + self.rank)
+        # --link ...:noise=SIGMA: additive noise on received floating-point payloads, drawn in
+        # the order of operations from (seed, rank), so a run is reproducible (_noisy).
+        self._noise = torch.Generator().manual_seed(seed * 1_000_003 + self.rank + 1)
         self._wire = _Wire()
         self._thread_state = threading.local()
         self.stage_on_host: bool | str = group is not None and group.name() == "gloo"
@@ -151,6 +154,7 @@ class Comm:
         reductions) that shares this one's byte counters, link, emulated wire and observers."""
         other = Comm(group, self.link, stats=self.stats, device=self.device)
         other._rng, other._wire, other.observers = self._rng, self._wire, self.observers
+        other._noise = self._noise
         if self.stage_on_host == "always":
             other.stage_on_host = "always"
         return other
@@ -190,6 +194,32 @@ class Comm:
         delay = end - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
+
+    # -- emulated noise (--link ...:noise=SIGMA) ---------------------------------------------
+    _NOISY = (torch.float32, torch.float16, torch.bfloat16)
+
+    def _noisy(self, finish, received: Sequence[torch.Tensor]):
+        """`finish`, then N(0, SIGMA^2) added to every received fp32/fp16/bf16 element. Exact:
+        integer and byte payloads (codecs, indices), float64 control values (the summary,
+        timings) and start-up traffic (`stats.setup()`)."""
+        sigma = self.link.noise if self.link is not None else 0.0
+        received = [t for t in received if t.dtype in self._NOISY]
+        if (
+            not sigma
+            or not received
+            or self.size == 1
+            or getattr(self.stats._local, "setup", False)
+        ):
+            return finish
+
+        def noisy_finish() -> None:
+            if finish is not None:
+                finish()
+            for t in received:
+                z = torch.randn(t.shape, generator=self._noise, dtype=torch.float32)
+                t.add_((z * sigma).to(device=t.device, dtype=t.dtype))
+
+        return noisy_finish
 
     def _issue(
         self, op: str, traffic: Traffic, launch: Callable[[], Sequence], async_op: bool, finish=None
@@ -241,7 +271,11 @@ class Comm:
 
         average = (lambda: buf.div_(self.size)) if op == "avg" and self.size > 1 else None
         return self._issue(
-            "all_reduce", traffic, launch, async_op, self._back([(tensor, buf)], average)
+            "all_reduce",
+            traffic,
+            launch,
+            async_op,
+            self._noisy(self._back([(tensor, buf)], average), [tensor]),
         )
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0, async_op: bool = False) -> Work:
@@ -256,7 +290,13 @@ class Comm:
             opts.rootRank = src
             return [self.group.broadcast([buf], opts)]
 
-        return self._issue("broadcast", traffic, launch, async_op, self._back([(tensor, buf)]))
+        return self._issue(
+            "broadcast",
+            traffic,
+            launch,
+            async_op,
+            self._noisy(self._back([(tensor, buf)]), [tensor] if self.rank != src else []),
+        )
 
     def all_gather(
         self, outputs: list[torch.Tensor], tensor: torch.Tensor, async_op: bool = False
@@ -275,7 +315,10 @@ class Comm:
             traffic,
             lambda: [self.group.allgather([bufs], [buf])],
             async_op,
-            self._back(list(zip(outputs, bufs, strict=True))),
+            self._noisy(
+                self._back(list(zip(outputs, bufs, strict=True))),
+                [o for i, o in enumerate(outputs) if i != self.rank],
+            ),
         )
 
     def all_to_all(self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False) -> Work:
@@ -293,7 +336,10 @@ class Comm:
             traffic,
             lambda: [self.group.alltoall_base(out_buf, in_buf, [], [], dist.AllToAllOptions())],
             async_op,
-            self._back([(output, out_buf)]),
+            self._noisy(
+                self._back([(output, out_buf)]),
+                [c for i, c in enumerate(output.chunk(self.size)) if i != self.rank],
+            ),
         )
 
     def send(self, tensor: torch.Tensor, dst: int, tag: int = 0, async_op: bool = False) -> Work:
@@ -309,7 +355,7 @@ class Comm:
             traffic,
             lambda: [self.group.recv([buf], src, tag)],
             async_op,
-            self._back([(tensor, buf)]),
+            self._noisy(self._back([(tensor, buf)]), [tensor]),
         )
 
     def barrier(self) -> None:

@@ -11,7 +11,9 @@ The link model is applied inside `lowband.comm.Comm`, on top of the real (loopba
 transfer, so wall-clock reflects the link on any machine, GPU machines included.
 
 Spec strings follow tc's units: `100mbit:50ms`, `1gbit:20ms:2ms:0.1%`
-(bandwidth : one-way latency [: jitter] [: loss%]). Bandwidth units: bit, kbit, mbit, gbit, tbit
+(bandwidth : one-way latency [: jitter] [: loss%] [: noise=SIGMA]). `noise=SIGMA` adds i.i.d.
+N(0, SIGMA^2) to every received floating-point element (lowband.comm.Comm; docs/federated.md);
+`noise=SIGMA` alone is a link with no delay, only noise. Bandwidth units: bit, kbit, mbit, gbit, tbit
 (bits per second, powers of 1000) and bps, kbps, mbps, gbps (BYTES per second, as in tc).
 """
 
@@ -58,6 +60,19 @@ def _parse_time(text: str, spec: str, what: str) -> float:
     return float(m.group(1)) * _TIME_UNITS[m.group(2)]
 
 
+def _parse_noise(text: str, spec: str) -> float:
+    try:
+        sigma = float(text)
+    except ValueError:
+        sigma = -1.0
+    if not 0.0 <= sigma < math.inf:
+        raise ConfigError(
+            f"malformed --link {spec!r}: noise={text!r} must be a finite standard deviation >= 0, "
+            "e.g. noise=0.01"
+        )
+    return sigma
+
+
 @dataclass(frozen=True)
 class LinkSpec:
     """A link every worker sits behind; `LinkSpec.parse("100mbit:50ms")`."""
@@ -70,6 +85,8 @@ class LinkSpec:
     """Each latency hop is lengthened by a uniform random delay in [0, jitter_s]."""
     loss: float = 0.0
     """Probability that one round of a collective is lost and resent after a timeout (2 RTT)."""
+    noise: float = 0.0
+    """Standard deviation of the additive Gaussian noise on every received fp32/fp16/bf16 element."""
 
     @classmethod
     def parse(cls, spec: str | None) -> LinkSpec | None:
@@ -77,9 +94,14 @@ class LinkSpec:
         if spec is None or spec.strip().lower() in ("", "none", "off"):
             return None
         parts = [p for p in spec.split(":")]
+        noise = 0.0
+        if parts and parts[-1].strip().lower().startswith("noise="):
+            noise = _parse_noise(parts.pop().strip()[6:], spec)
+            if not parts:
+                return cls(bandwidth_bps=math.inf, noise=noise)
         if len(parts) < 2 or len(parts) > 4 or any(not p.strip() for p in parts):
             raise ConfigError(
-                f"malformed --link {spec!r}: expected BANDWIDTH:LATENCY[:JITTER][:LOSS%], e.g. 100mbit:50ms"
+                f"malformed --link {spec!r}: expected BANDWIDTH:LATENCY[:JITTER][:LOSS%][:noise=SIGMA], e.g. 100mbit:50ms"
             )
         bandwidth = _parse_bandwidth(parts[0], spec)
         latency = _parse_time(parts[1], spec, "latency")
@@ -97,10 +119,14 @@ class LinkSpec:
                     )
             else:
                 jitter = _parse_time(extra, spec, "jitter")
-        return cls(bandwidth_bps=bandwidth, latency_s=latency, jitter_s=jitter, loss=loss)
+        return cls(
+            bandwidth_bps=bandwidth, latency_s=latency, jitter_s=jitter, loss=loss, noise=noise
+        )
 
     def __str__(self) -> str:
         bw = self.bandwidth_bps
+        if math.isinf(bw) and self.noise and not (self.latency_s or self.jitter_s or self.loss):
+            return f"noise={self.noise:g}"  # what parse("noise=SIGMA") gives
         if math.isinf(bw):
             text = "inf"
         else:
@@ -113,6 +139,8 @@ class LinkSpec:
             text += f":{self.jitter_s * 1e3:g}ms"
         if self.loss:
             text += f":{self.loss * 100:g}%"
+        if self.noise:
+            text += f":noise={self.noise:g}"
         return text
 
     def ideal_time(self, critical_bytes: int, rounds: int) -> float:

@@ -6,6 +6,16 @@ builds the fixed eval set that every worker shares.
 """
 
 from lowband.data.corpus import Corpus, load_corpus, split_eval
+from lowband.data.partition import PartitionSampler, PartitionSpec, make_sampler
 from lowband.data.sampler import ShardSampler, eval_batches
 
-__all__ = ["Corpus", "ShardSampler", "eval_batches", "load_corpus", "split_eval"]
+__all__ = [
+    "Corpus",
+    "PartitionSampler",
+    "PartitionSpec",
+    "ShardSampler",
+    "eval_batches",
+    "load_corpus",
+    "make_sampler",
+    "split_eval",
+]

@@ -15,6 +15,7 @@ Sources accepted by `load_corpus`:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -67,6 +68,11 @@ class Corpus:
 
     num_files: int
     """How many files were read to build `tokens`."""
+
+    documents: tuple[tuple[str, int], ...] = field(default=(), repr=False)
+    """(name, token count) of every document (file) in corpus order; the counts sum to
+    len(tokens) (a text file's count includes its separator). Empty when unknown. Non-iid
+    partitions (lowband.data.partition) split the corpus along these."""
 
 
 def load_corpus(spec: str | os.PathLike[str] | None = None) -> Corpus:
@@ -144,7 +150,8 @@ def _load_stdlib() -> Corpus:
         raise DataError(f"no .py files found under the standard library at {root!r}")
     tokens = np.frombuffer(_concat(files), dtype=np.uint8)
     what = f"Python {platform.python_version()} standard library"
-    return _byte_corpus("stdlib", tokens, num_files=len(files), what=what)
+    corpus = _byte_corpus("stdlib", tokens, num_files=len(files), what=what)
+    return dataclasses.replace(corpus, documents=_documents(files))
 
 
 def _load_directory(name: str, path: str) -> Corpus:
@@ -159,14 +166,17 @@ def _load_directory(name: str, path: str) -> Corpus:
     if bins:
         arrays = [_read_bin(p) for _, p in bins]
         tokens = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-        return _bin_corpus(name, tokens, num_files=len(bins), what=f"directory {name}")
+        corpus = _bin_corpus(name, tokens, num_files=len(bins), what=f"directory {name}")
+        docs = tuple((rel, len(a)) for (rel, _), a in zip(bins, arrays))
+        return dataclasses.replace(corpus, documents=docs)
     if not text:
         raise DataError(
             f"directory {name!r} holds no usable files (looked for .bin or "
             f"{', '.join(TEXT_SUFFIXES)})"
         )
     tokens = np.frombuffer(_concat(text), dtype=np.uint8)
-    return _byte_corpus(name, tokens, num_files=len(text), what=f"directory {name}")
+    corpus = _byte_corpus(name, tokens, num_files=len(text), what=f"directory {name}")
+    return dataclasses.replace(corpus, documents=_documents(text))
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,6 +221,11 @@ def _concat(files: list[tuple[str, str]]) -> bytes:
         parts.append(_read_bytes(path))
         parts.append(b"\n")  # separator, so the last line of one file never joins the next
     return b"".join(parts)
+
+
+def _documents(files: list[tuple[str, str]]) -> tuple[tuple[str, int], ...]:
+    """(relative path, bytes + 1 separator) of each file, as `_concat` lays them out."""
+    return tuple((rel, os.path.getsize(path) + 1) for rel, path in files)
 
 
 def _read_bytes(path: str) -> bytes:

@@ -12,6 +12,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from matplotlib.colors import to_hex
@@ -232,6 +233,8 @@ def _details(run: RunData, colour: str) -> str:
         out += [f"<li>{_esc(w)}</li>" for w in run.warnings]
         out.append("</ul>")
     out += _elastic_details(run)
+    out += _graph_details(run)
+    out += _partition_details(run)
     by_op = (run.summary or {}).get("bytes_by_op")
     if isinstance(by_op, dict) and by_op:
         total = sum(v for v in by_op.values() if isinstance(v, int | float)) or 1
@@ -249,10 +252,51 @@ def _details(run: RunData, colour: str) -> str:
     return "\n".join(out)
 
 
+def _partition_details(run: RunData) -> list[str]:
+    """Each worker's share of the training data under --partition (partition.json), if written."""
+    try:
+        data = json.loads((Path(run.path) / "partition.json").read_text())
+        workers = list(data["workers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    out = [
+        f'<table class="ops"><caption>--partition {_esc(data.get("partition"))}</caption>'
+        "<thead><tr><th>worker</th><th>documents</th><th>tokens</th><th>share</th>"
+        "<th>largest sources</th></tr></thead><tbody>"
+    ]
+    for w in workers:
+        out.append(
+            f'<tr><td>{_esc(w.get("worker"))}</td><td class="num">{_esc(w.get("documents"))}</td>'
+            f'<td class="num">{_esc(format_count(_as_float(w.get("tokens"))))}</td>'
+            f'<td class="num">{_as_float(w.get("share")) * 100:.1f}%</td>'
+            f"<td>{_esc(', '.join(map(str, w.get('top_sources') or [])))}</td></tr>"
+        )
+    out.append("</tbody></table>")
+    return out
+
+
+def _graph_details(run: RunData) -> list[str]:
+    """A decentralized run's graph with the bytes each edge carried (lowband.decentral)."""
+    import base64
+
+    from lowband.report.plots import graph_png
+
+    png = graph_png(run)
+    if png is None:
+        return []
+    data = base64.b64encode(png).decode("ascii")
+    return [
+        "<h4>Graph</h4>",
+        f'<figure><img src="data:image/png;base64,{data}" alt="graph and bytes per edge">'
+        "<figcaption>Each edge as wide as the bytes it carried (both directions)</figcaption>"
+        "</figure>",
+    ]
+
+
 def _elastic_details(run: RunData) -> list[str]:
     """Failures, recoveries, stalls and the event log of an elastic run."""
     e = run.elastic()
-    if e is None:
+    if e is None or set(e["counts"]) <= {"topology", "edge_bytes"}:  # a static graph run's
         return []
     rec = e["recovery_s"]
     fields = [

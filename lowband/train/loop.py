@@ -243,7 +243,11 @@ def _train(cfg: TrainConfig, session: LocalSession, run: RunDir, device, resume:
         activation_checkpointing=cfg.activation_checkpointing,
     )
     opt = inner_optimizer(
-        model, cfg.inner_optimizer, lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay, device=device
+        model,
+        cfg.inner_optimizer,
+        lr=cfg.resolved_lr(),
+        weight_decay=cfg.weight_decay,
+        device=device,
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, steps))
     t_start = time.perf_counter()  # the algorithm's set-up traffic belongs to the run's wall-clock
