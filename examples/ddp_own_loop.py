@@ -57,4 +57,5 @@ if comm.rank == 0:
           f"{time.perf_counter() - t0:.1f} s; sent {format_bytes(s.bytes_sent)} per worker, "
           f"blocked on comm {s.seconds:.1f} s")  # fmt: skip
     print({op: format_bytes(v["bytes_sent"]) for op, v in s.by_op().items()})
+dist.barrier()  # Gloo aborts if a peer tears down while another is still in a collective
 dist.destroy_process_group()

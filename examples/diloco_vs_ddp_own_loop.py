@@ -80,4 +80,5 @@ for name, make in ALGOS.items():
               f"per worker   blocked on the link {s.seconds:.1f} s", flush=True)  # fmt: skip
 if args.out and dist.get_rank() == 0:
     print(f"lowband report {args.out}/ddp {args.out}/diloco")
+dist.barrier()  # Gloo aborts if a peer tears down while another is still in a collective
 dist.destroy_process_group()

@@ -68,4 +68,5 @@ for name, (rule, f, attack) in RUNS.items():
     if comm.rank == 0:
         print(f"{name:<20} eval loss {start:.3f} -> {evaluate(model):.3f}   "
               f"sent {format_bytes(comm.stats.bytes_sent)} per worker", flush=True)  # fmt: skip
+dist.barrier()  # Gloo aborts if a peer tears down while another is still in a collective
 dist.destroy_process_group()

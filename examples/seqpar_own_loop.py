@@ -57,4 +57,5 @@ if comm.rank == 0:
     print(f"ring eval loss {start:.3f} -> {end:.3f}   {args.steps} steps of 2 x {args.seq_len} tokens in "
           f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
     print({op: format_bytes(v["bytes_sent"]) for op, v in comm.stats.by_op().items()})
+dist.barrier()  # Gloo aborts if a peer tears down while another is still in a collective
 dist.destroy_process_group()

@@ -62,4 +62,5 @@ for name, bits in (("fp32", 32), ("int4", 4)):  # the clean baseline first
         print(f"{name:<5} eval loss {start:.3f} -> {evaluate(model):.3f}   outer steps "
               f"{algo.outer_steps}, sent {format_bytes(s.bytes_sent)} per worker, exposed comm "
               f"{s.seconds:.2f} s, overlapped {s.background_seconds:.2f} s", flush=True)  # fmt: skip
+dist.barrier()  # Gloo aborts if a peer tears down while another is still in a collective
 dist.destroy_process_group()

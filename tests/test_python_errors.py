@@ -90,7 +90,10 @@ def test_every_option_error_names_arguments_from_python_and_flags_from_the_cli()
     for name, cls in registry.discover().items():
         fields = {f.name: f for f in dataclasses.fields(cls.Options)}
         for field in fields.values():
-            kind = float if "float" in str(field.type) else int
+            base = str(field.type).replace(" | None", "")
+            if base not in ("int", "float"):  # the numeric options (strings have their own tests)
+                continue
+            kind = float if base == "float" else int
             for value in BAD[kind]:
                 try:
                     cls.Options(**{field.name: value})
