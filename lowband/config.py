@@ -23,7 +23,7 @@ class TrainConfig:
 
     # -- what to train --------------------------------------------------------------------------
     algo: str = "ddp"
-    """Training algorithm: ddp (synchronous data parallel, the baseline), diloco, streaming-diloco, noloco, co2 (lowband.algorithms; each has its options below)."""
+    """Training algorithm: ddp (synchronous data parallel, the baseline), diloco, streaming-diloco, noloco, co2; federated: fedavg, fedprox, scaffold, scallion, scafcom, admm-nr; decentralized: dpsgd, dfedsam, dfedsam-mgs (lowband.algorithms; each has its options below)."""
     model: str = "1m"
     """Model preset of the Llama-style decoder: 1m, 10m, 125m, 350m, 1b (see `lowband models`)."""
     data: str = "stdlib"
