@@ -24,9 +24,10 @@ def machine() -> str:
     return f"CPU {platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}, no GPU"
 
 
-def train(out: Path, flags: list[str], timeout: float = 1800) -> Path:
-    """Run `lowband train` in a fresh process (as a user would) and return its run folder."""
-    cmd = [sys.executable, "-m", "lowband.cli", "train", "--out", str(out), *flags]
+def train(out: Path, flags: list[str], timeout: float = 1800, command: str = "train") -> Path:
+    """Run `lowband train` (or another `command`, e.g. finetune) in a fresh process, as a user
+    would, and return its run folder."""
+    cmd = [sys.executable, "-m", "lowband.cli", command, "--out", str(out), *flags]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:

@@ -12,25 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import ROOT, append_results, steady_state  # noqa: E402
-
-
-def finetune(out: Path, flags: list[str]) -> Path:
-    cmd = [sys.executable, "-m", "lowband.cli", "finetune", "--out", str(out), *flags]
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-    if r.returncode != 0:
-        raise RuntimeError(f"{shlex.join(cmd)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
-    return out
+from benchmarks._common import append_results, steady_state, train  # noqa: E402
 
 
 def main() -> None:
@@ -54,7 +42,7 @@ def main() -> None:
             "--compile" if variant == "compiled" else "--no-compile",
         ]  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
-            run = finetune(Path(tmp) / variant, flags)
+            run = train(Path(tmp) / variant, flags, command="finetune")
             steady = steady_state(run, skip_fraction=0.25)
         row = {"variant": variant, **steady}
         rows.append(row)

@@ -50,6 +50,9 @@ FEATURES = {
     "compress": "--compress",
 }
 """What each name in `Algorithm.supports` stands for, in the words of an error message."""
+EVERY_ALGORITHM = frozenset({"elastic", "compile", "compress"})
+"""Features no algorithm declares: every one runs elastic or compiled, and --compress is an option
+of the algorithms that have it (refused for the others as an unknown option)."""
 
 CONFLICTS = [
     (
@@ -242,7 +245,7 @@ def check(cfg: TrainConfig) -> Any:
         "compress": cfg.options.get("compress") is not None,
     }
     for feature, on in wanted.items():
-        if on and feature not in ("elastic", "compile", "compress") and feature not in cls.supports:
+        if on and feature not in EVERY_ALGORITHM and feature not in cls.supports:
             able = [n for n, c in ALGORITHMS.items() if feature in c.supports]
             raise ConfigError(
                 f"{FEATURES[feature]} apply to --algo {', '.join(able)}, not {cfg.algo}"

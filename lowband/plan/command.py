@@ -58,9 +58,9 @@ def add_parser(sub) -> None:
     p.set_defaults(fn=run)
 
 
-def _read_probe(args) -> None:
-    """--probe FILE fills --workers, --link, --tokens-per-s, --batch-size and --seq-len (those
-    given explicitly win)."""
+def _read_probe(args) -> LinkSpec | None:
+    """--probe FILE fills --workers, --tokens-per-s, --batch-size and --seq-len (those given
+    explicitly win) and returns its measured link (None when --link or --sites describes it)."""
     try:
         net = json.loads(args.probe.read_text())
         s = net["summary"]
@@ -68,20 +68,21 @@ def _read_probe(args) -> None:
         raise ConfigError(
             f"--probe {args.probe}: not a `lowband probe` network file ({e})"
         ) from None
-    if args.workers is None and args.sites is None:
-        args.workers = int(net["workers"])
-    if args.link is None and s.get("bandwidth_bps"):
-        args.link_spec = LinkSpec(
-            bandwidth_bps=float(s["bandwidth_bps"]), latency_s=float(s["latency_s"])
-        )
     if args.tokens_per_s is None:
         args.tokens_per_s = float(s["tokens_per_s"])
         args.batch_size, args.seq_len = int(net["batch_size"]), int(net["seq_len"])
+    if args.link is not None or args.sites is not None:
+        return None
+    if args.workers is None:
+        args.workers = int(net["workers"])
+    if not s.get("bandwidth_bps"):
+        return None
+    return LinkSpec(bandwidth_bps=float(s["bandwidth_bps"]), latency_s=float(s["latency_s"]))
 
 
-def _workers_and_link(args) -> tuple[int, LinkSpec | None]:
-    if getattr(args, "link_spec", None) is not None:
-        return args.workers, args.link_spec
+def _workers_and_link(args, measured: LinkSpec | None) -> tuple[int, LinkSpec | None]:
+    if measured is not None:
+        return args.workers, measured
     if args.sites:
         try:
             sites, per = (int(x) for x in args.sites.lower().split("x"))
@@ -138,9 +139,8 @@ def _duration(s: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.probe is not None:
-        _read_probe(args)
-    n, link = _workers_and_link(args)
+    measured = _read_probe(args) if args.probe is not None else None
+    n, link = _workers_and_link(args, measured)
     w = _workload(args)
     preds = sorted((predict(w, t, n, link) for t in candidates()), key=lambda p: p.time_to_budget_s)
     # Within 2% of the fastest, prefer the smallest H (the least stale: loss is not modelled),

@@ -285,7 +285,7 @@ def _train(cfg: TrainConfig, session: LocalSession, run: RunDir, device, resume:
                 model_params=model.num_params(),
                 world_size=session.world,
                 device=device,
-                backend=_backend(session.comm),
+                backend=backend_name(session.comm),
             ),
         )
 
@@ -317,7 +317,7 @@ def _train(cfg: TrainConfig, session: LocalSession, run: RunDir, device, resume:
         metrics.close()
     by_op = session.stats.by_op()
     return session.finish(
-        _summary_row(session.comm, timers, wall()),
+        summary_row(session.comm, timers, wall()),
         lambda table: _write_summary(
             run,
             session,
@@ -354,7 +354,7 @@ def _load_checkpoint(
     return {"event": "resumed", "from_step": state.step, "digest": digest}, timers
 
 
-def _backend(comm: Comm) -> str:
+def backend_name(comm: Comm) -> str:
     return comm.group.name() if comm.group is not None else "none"
 
 
@@ -366,7 +366,8 @@ def _write_summary(run: RunDir, session: LocalSession, summary: dict, cfg) -> di
     return summary
 
 
-def _summary_row(comm: Comm, timers: Timers, wall_time: float) -> list[float]:
+def summary_row(comm: Comm, timers: Timers, wall_time: float) -> list[float]:
+    """This worker's row of summary_from_rows: bytes sent, bytes received, compute, comm, wall."""
     return [
         float(comm.stats.bytes_sent),
         float(comm.stats.bytes_recv),

@@ -32,7 +32,15 @@ from lowband.data import ShardSampler, eval_batches, load_corpus, split_eval
 from lowband.train import checkpoint
 from lowband.train.chaos import Chaos
 from lowband.train.compute import wants_compile
-from lowband.train.loop import MetricsWriter, Timers, evaluate, run_loop, summary_from_rows
+from lowband.train.loop import (
+    MetricsWriter,
+    Timers,
+    backend_name,
+    evaluate,
+    run_loop,
+    summary_from_rows,
+    summary_row,
+)
 from lowband.train.meta import run_meta
 from lowband.train.rundir import RunDir, write_json_atomic
 from lowband.train.session import LocalSession
@@ -185,6 +193,39 @@ class FinetuneJob:
         pass
 
 
+def _resume(run: RunDir, cfg: FinetuneConfig, fp: str, ckpt, zo: ZOTrainer) -> tuple[Timers, int]:
+    """Load the latest checkpoint (if any) and replay the log after it: (timers, last step)."""
+    timers, start = Timers(), 0
+    if ckpt is not None:
+        state = checkpoint.load(ckpt.path, 0, fp)
+        zo.model.load_state_dict(state["model"])
+        zo.comm.stats.load_state_dict(state["comm_stats"])
+        timers = Timers(**state["timers"])
+        start = state["step"]
+    replayed = read_log(run, cfg, start)  # a restarted or new worker catches up from the log
+    start = replay(zo.model, replayed, from_step=start + 1)
+    zo.log.entries.extend(replayed.entries)  # part of the next checkpoint's "since" log
+    return timers, start
+
+
+def _mode(cfg: FinetuneConfig, groups: int) -> str:
+    """zo (data parallel), zo-pp (one perturbation pair) or zo-2d (pairs x data parallel)."""
+    if not cfg.perturb_parallel:
+        return "zo"
+    return "zo-2d" if groups > 1 else "zo-pp"
+
+
+def _check_replicas(model: torch.nn.Module, comm: Comm) -> bytes:
+    """All-gather an 8-byte parameter digest; RuntimeError unless every worker holds the same."""
+    mine = param_digest(model)
+    digest = torch.tensor(list(mine), dtype=torch.uint8, device=comm.device)
+    digests = [torch.empty_like(digest) for _ in range(comm.size)]
+    comm.all_gather(digests, digest)
+    if any(not torch.equal(d.cpu(), digest.cpu()) for d in digests):
+        raise RuntimeError("the workers' parameters differ at the end (replicas diverged)")
+    return mine
+
+
 def finetune_worker(
     cfg: FinetuneConfig, comm: Comm, run: RunDir, device: torch.device, resume: bool = False
 ) -> dict:
@@ -237,17 +278,7 @@ def finetune_worker(
         with autocast():
             return m.loss(*batch)
 
-    timers, start = Timers(), 0
-    if resume:
-        if ckpt is not None:
-            state = checkpoint.load(ckpt.path, 0, fp)
-            model.load_state_dict(state["model"])
-            comm.stats.load_state_dict(state["comm_stats"])
-            timers = Timers(**state["timers"])
-            start = state["step"]
-        replayed = read_log(run, cfg, start)  # a restarted or new worker catches up from the log
-        start = replay(model, replayed, from_step=start + 1)
-        zo.log.entries.extend(replayed.entries)  # part of the next checkpoint's "since" log
+    timers, start = _resume(run, cfg, fp, ckpt, zo) if resume else (Timers(), 0)
     run.truncate_metrics(rank, start if start else -1)  # a fresh start writes its own step 0
     if rank == 0 and not resume:
         write_json_atomic(
@@ -257,20 +288,14 @@ def finetune_worker(
                 model_params=sum(p.numel() for p in model.parameters()),
                 world_size=world,
                 device=device,
-                backend=comm.group.name() if comm.group is not None else "none",
+                backend=backend_name(comm),
             ),
         )
 
     tokens_per_step = cfg.batch_size * cfg.seq_len * zo.groups
     metrics = MetricsWriter(run.metrics_path(rank))
     log_file = open(log_path(run), "a", buffering=1) if rank == 0 else None
-    mode = (
-        "zo-2d"
-        if cfg.perturb_parallel and zo.groups > 1
-        else "zo-pp"
-        if cfg.perturb_parallel
-        else "zo"
-    )
+    mode = _mode(cfg, zo.groups)
     wall = lambda: timers.wall_offset + time.perf_counter() - t_start  # noqa: E731
     job = FinetuneJob(
         cfg, zo, sampler, loss_fn, device, log_file, run, fp, timers, wall, start,
@@ -289,20 +314,15 @@ def finetune_worker(
 
     by_op = comm.stats.by_op()
     summary = session.finish(
-        [float(comm.stats.bytes_sent), float(comm.stats.bytes_recv), timers.compute,
-         comm.stats.seconds, wall()],
+        summary_row(comm, timers, wall()),
         lambda table: summary_from_rows(
             table, by_op, cfg.steps, tokens_per_step, eval_loss, loss_value
         ),
         {},
-    )  # fmt: skip
-    mine = param_digest(model)
-    digest = torch.tensor(list(mine), dtype=torch.uint8, device=comm.device)
-    digests = [torch.empty_like(digest) for _ in range(world)]
-    comm.all_gather(digests, digest)
-    if any(not torch.equal(d.cpu(), digest.cpu()) for d in digests):
-        raise RuntimeError("the workers' parameters differ at the end (replicas diverged)")
-    summary.update(mode=mode, param_digest=mine.hex(), replicas_identical=True)
+    )
+    summary.update(
+        mode=mode, param_digest=_check_replicas(model, comm).hex(), replicas_identical=True
+    )
     if rank == 0:
         write_json_atomic(run.summary_path, summary)
     return summary

@@ -92,7 +92,7 @@ def compiled_enabled() -> bool:
 
 
 def _drawer() -> Callable[[Tensor, int, Tensor], Tensor]:
-    global _compiled, _use_compiled
+    global _compiled
     if not _use_compiled:
         return _draw
     if _compiled is None:
