@@ -94,7 +94,7 @@ def given_options(args: argparse.Namespace) -> dict:
 def validate(cfg: TrainConfig) -> None:
     """Everything that can be checked before a worker starts. Raises LowbandError (one line)."""
     from lowband.algorithms import check as check_algorithm
-    from lowband.comm import LinkSpec
+    from lowband.comm import LinkMap, resolve_link
     from lowband.models import PRESETS
 
     check_ranges(cfg, TRAIN_RANGES)  # every numeric flag: finite and in its declared range
@@ -109,7 +109,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"unknown --inner-optimizer {cfg.inner_optimizer!r}; choose adamw or muon"
         )
-    LinkSpec.parse(cfg.link)
+    links = resolve_link(cfg.link, cfg.link_map)
+    if isinstance(links, LinkMap):
+        links.check(cfg.workers)
     from lowband.train.chaos import parse_chaos
 
     parse_chaos(cfg)

@@ -64,6 +64,8 @@ class TrainConfig:
     """Local worker processes (Gloo on CPU, one thread each). Ignored under torchrun, which decides."""
     link: str | None = None
     """Emulated link between workers, BANDWIDTH:LATENCY[:JITTER][:LOSS%], e.g. 100mbit:50ms or 1gbit:20ms:2ms:0.1% (tc units: mbit = megabits/s, mbps = megabytes/s)."""
+    link_map: str | None = None
+    """A JSON file giving a link per pair of workers instead of one --link for all, e.g. {"sites": [[0,1],[2,3]], "intra": "10gbit:100us", "inter": "100mbit:80ms"} (docs/comm.md). Point-to-point messages take their pair's link, collectives their group's slowest."""
     device: str = "auto"
     """cpu, cuda, or auto (one GPU per worker when there are enough GPUs, else CPU)."""
     threads: int = 1

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lowband.comm import Comm, LinkSpec
+from lowband.comm import Comm, LinkMap, LinkSpec
 from lowband.comm.sync import SyncGroup
 
 
@@ -38,7 +38,7 @@ def run_ranks(
     n: int,
     fn: Callable[..., Any],
     *args: Any,
-    link: LinkSpec | None = None,
+    link: LinkSpec | LinkMap | None = None,
     timeout_s: float = 120.0,
     **kwargs: Any,
 ) -> list[Any]:

@@ -340,3 +340,44 @@ def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path, capsys, done_ru
     assert "cannot create the run folder" in error_line(capsys)
     assert main(["report", str(done_run), "--out", str(blocker / "report")]) == 2
     assert "cannot create the report folder" in error_line(capsys)
+
+
+# -- --link-map -------------------------------------------------------------------------------
+def test_link_map_trains_and_is_recorded(tmp_path):
+    """Two sites of two workers: NoLoCo's point-to-point exchanges take their pair's link
+    (tests/test_comm.py times that); the run finishes and records the map."""
+    m = tmp_path / "sites.json"
+    m.write_text(
+        json.dumps({"sites": [[0, 1], [2, 3]], "intra": "10gbit:0ms", "inter": "1gbit:30ms"})
+    )
+    out = tmp_path / "mapped"
+    flags = ["--algo", "noloco", "--sync-every", "2", "--group-size", "2"]
+    assert (
+        main(["train", "--workers", "4", "--out", str(out), "--link-map", str(m), *FAST, *flags])
+        == 0
+    )
+    config = json.loads((out / "config.json").read_text())
+    assert config["link_map"] == str(m)
+    assert metrics(out)[-1]["bytes_sent"] > 0
+
+
+@pytest.mark.parametrize(
+    "content, flags, needle",
+    [
+        ("{", [], "not JSON"),
+        (
+            '{"sites": [[0, 1]], "intra": "1gbit:1ms", "inter": "1gbit:9ms"}',
+            [],
+            "no link between workers 0 and 2",
+        ),
+        ('{"default": "1gbit:1ms"}', ["--link", "1gbit:1ms"], "exclude each other"),
+        ('{"default": "1gbit:1ms"}', ["--elastic"], "--elastic does not combine with --link-map"),
+    ],
+)
+def test_bad_link_map_is_one_line_exit_2(tmp_path, capsys, content, flags, needle):
+    m = tmp_path / "map.json"
+    m.write_text(content)
+    out = tmp_path / "x"
+    assert main(["train", "--workers", "4", "--out", str(out), "--link-map", str(m), *flags]) == 2
+    assert needle in error_line(capsys)
+    assert not out.exists()

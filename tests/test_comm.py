@@ -1,10 +1,11 @@
 import math
+import re
 import time
 
 import pytest
 import torch
 
-from lowband.comm import Comm, CommStats, LinkSpec
+from lowband.comm import Comm, CommStats, LinkMap, LinkSpec
 from lowband.comm import accounting as acc
 from lowband.errors import ConfigError
 from lowband.testing import run_ranks
@@ -238,3 +239,80 @@ def test_host_staged_async_and_point_to_point_copy_back_on_wait():
     assert torch.equal(b0, torch.full((5,), 1.0)) and torch.equal(b1, torch.full((5,), 2.0))
     assert torch.equal(a0, torch.full((5,), 1.5)) and torch.equal(a1, a0)
     assert torch.equal(got, torch.arange(3.0))
+
+
+# -- per-pair links (--link-map) ---------------------------------------------------------------
+
+_TWO_SITES = {"sites": [[0, 1], [2, 3]], "intra": "10gbit:1ms", "inter": "100mbit:80ms"}
+
+
+def test_link_map_resolves_pairs_then_sites_then_default():
+    m = LinkMap.from_dict({**_TWO_SITES, "default": "1gbit:5ms", "pairs": [[3, 1, "1gbit:20ms"]]})
+    assert m.between(0, 1) == LinkSpec.parse("10gbit:1ms")
+    assert m.between(2, 0) == LinkSpec.parse("100mbit:80ms")
+    assert m.between(1, 3) == m.between(3, 1) == LinkSpec.parse("1gbit:20ms")
+    assert m.between(0, 7) == LinkSpec.parse("1gbit:5ms")  # outside the sites: the default
+    # a collective's link is its slowest pair: lowest bandwidth, highest latency
+    assert m.for_ranks([0, 1]) == LinkSpec.parse("10gbit:1ms")
+    assert m.for_ranks([0, 1, 2, 3]) == LinkSpec.parse("100mbit:80ms")
+    m.check(4)
+
+
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        ([1, 2], "JSON object"),
+        ({"sitez": []}, "unknown key 'sitez'"),
+        ({"sites": [[0, 1], [1, 2]], "intra": "1gbit:1ms", "inter": "1gbit:9ms"}, "two sites"),
+        ({"sites": [[0, 1]], "intra": "1gbit:1ms"}, "both 'intra' and 'inter'"),
+        ({"inter": "1gbit:1ms"}, "need 'sites'"),
+        ({"default": 5}, "link string"),
+        ({"default": "fast"}, "malformed --link"),
+        ({"pairs": [[0, 0, "1gbit:1ms"]]}, "to itself"),
+        ({"pairs": [[0, "a", "1gbit:1ms"]]}, "worker ranks"),
+        ({"pairs": [[0, 1]]}, "[RANK, RANK, LINK]"),
+        ({"sites": [[0, -1]], "intra": "1gbit:1ms", "inter": "1gbit:9ms"}, "worker ranks"),
+    ],
+)
+def test_link_map_rejects(data, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        LinkMap.from_dict(data)
+
+
+def test_link_map_checks_the_world():
+    with pytest.raises(ConfigError, match="no link between workers 0 and 4"):
+        LinkMap.from_dict(_TWO_SITES).check(5)
+    with pytest.raises(ConfigError, match="worker 2 named, but --workers is 2"):
+        LinkMap.from_dict(_TWO_SITES).check(2)
+
+
+def test_link_map_point_to_point_takes_the_pair_link_and_collectives_the_slowest():
+    """Rank 0 sends to its site neighbour (1 ms) and across (80 ms); an all-reduce of all four
+    waits for the slow pair; the fast send does not queue behind the slow one."""
+    link_map = LinkMap.from_dict(_TWO_SITES)
+
+    def body(comm: Comm):
+        x = torch.ones(4)
+        times = {}
+        if comm.rank == 0:
+            t0 = time.perf_counter()
+            slow = comm.send(x, 2, async_op=True)
+            fast = comm.send(x, 1, async_op=True)
+            fast.wait()
+            times["fast"] = time.perf_counter() - t0
+            slow.wait()
+            times["slow"] = time.perf_counter() - t0
+        elif comm.rank in (1, 2):
+            comm.recv(torch.empty(4), 0)
+        comm.barrier()
+        t0 = time.perf_counter()
+        comm.all_reduce(x)
+        times["all_reduce"] = time.perf_counter() - t0
+        return times, comm.link
+
+    out = run_ranks(4, body, link=link_map)
+    times, link = out[0]
+    assert link == LinkSpec.parse("100mbit:80ms")
+    assert times["fast"] < 0.05 <= 0.08 <= times["slow"]
+    rounds = acc.all_reduce_traffic(4, 4, 0, 4).rounds
+    assert times["all_reduce"] >= rounds * 0.08

@@ -48,9 +48,10 @@ FEATURES = {
     "elastic": "--elastic",
     "compile": "--compile",
     "compress": "--compress",
+    "link_map": "--link-map",
 }
 """What each name in `Algorithm.supports` stands for, in the words of an error message."""
-EVERY_ALGORITHM = frozenset({"elastic", "compile", "compress"})
+EVERY_ALGORITHM = frozenset({"elastic", "compile", "compress", "link_map"})
 """Features no algorithm declares: every one runs elastic or compiled, and --compress is an option
 of the algorithms that have it (refused for the others as an unknown option)."""
 
@@ -89,6 +90,12 @@ CONFLICTS = [
         "robust",
         "a robust rule compares dense updates row by row, while SparseLoCo's workers each send a "
         "different 1-3% of the values; drop --compress or --aggregate",
+    ),
+    (
+        "elastic",
+        "link_map",
+        "a link map names workers by rank, while an elastic job's quorum changes who holds which "
+        "rank; use one --link for every pair",
     ),
     (
         "compile",
@@ -243,6 +250,7 @@ def check(cfg: TrainConfig) -> Any:
         "elastic": cfg.elastic,
         "compile": cfg.compile is True,
         "compress": cfg.options.get("compress") is not None,
+        "link_map": getattr(cfg, "link_map", None) is not None,
     }
     for feature, on in wanted.items():
         if on and feature not in EVERY_ALGORITHM and feature not in cls.supports:

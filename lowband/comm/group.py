@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from lowband.comm import accounting as acc
 from lowband.comm.accounting import CommStats, Traffic
-from lowband.comm.link import LinkSpec
+from lowband.comm.link import LinkMap, LinkSpec
 
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
@@ -47,7 +47,9 @@ class Work:
         traffic: Traffic,
         finish: Callable[[], None] | None = None,
         t_issue: float | None = None,
+        peer: int | None = None,
     ) -> None:
+        self._peer = peer
         self._comm, self._op, self._works, self._traffic, self._finish = (
             comm,
             op,
@@ -84,7 +86,7 @@ class Work:
             # Gloo completes a send or receive only inside wait(), so t_done says when we
             # *asked*, not when the bytes moved. Charge the link from the issue time instead; a
             # peer that is later than that still shows, through t_done, as a floor.
-            self._comm._sleep_for_link(self._t_issue, self._traffic, floor=t_done)
+            self._comm._sleep_for_link(self._t_issue, self._traffic, floor=t_done, peer=self._peer)
         else:
             self._comm._sleep_for_link(t_done, self._traffic)
         if self._finish is not None:
@@ -97,6 +99,17 @@ class Work:
             observe(self._op, self._t_issue, seconds, background)
 
 
+def _global_ranks(group: dist.ProcessGroup | None, size: int) -> list[int]:
+    """The global ranks of a group's members, in group-rank order (a link map names global
+    ranks). Groups torch.distributed does not know (torchft's, tests' fakes) count as 0..size-1."""
+    if group is None:
+        return [dist.get_rank()] if dist.is_initialized() else [0]
+    try:
+        return list(dist.get_process_group_ranks(group))
+    except (RuntimeError, ValueError, KeyError, AttributeError):
+        return list(range(size))
+
+
 class _DoneWork:
     def wait(self) -> None: ...
     def is_completed(self) -> bool:
@@ -107,12 +120,13 @@ class _DoneWork:
 
 
 class _Wire:
-    """This worker's emulated uplink and downlink: when each is next free (emulated end of the
-    last operation on it). Shared by the Comms a worker derives from one another."""
+    """This worker's emulated uplinks and downlinks: when each is next free (emulated end of the
+    last operation on it), one pair per distinct link (with --link-map, a site's fast local link
+    does not queue behind its wide-area one). Shared by the Comms a worker derives from one
+    another."""
 
     def __init__(self) -> None:
-        self.up_free = 0.0
-        self.down_free = 0.0
+        self.free: dict[tuple[LinkSpec, bool], float] = {}
         self.lock = threading.Lock()
 
 
@@ -122,7 +136,7 @@ class Comm:
     def __init__(
         self,
         group: dist.ProcessGroup | None,
-        link: LinkSpec | None = None,
+        link: LinkSpec | LinkMap | None = None,
         *,
         stats: CommStats | None = None,
         seed: int = 0,
@@ -131,10 +145,16 @@ class Comm:
         self.group = group
         self.device = torch.device(device)
         """Where this group's tensors must live (cuda for NCCL): small control tensors are made here."""
-        self.link = link
         self.stats = stats if stats is not None else CommStats()
         self.rank = group.rank() if group is not None else 0
         self.size = group.size() if group is not None else 1
+        self.link_map = link if isinstance(link, LinkMap) else None
+        """A link per pair (--link-map): point-to-point messages take their pair's link."""
+        self.global_ranks = _global_ranks(group, self.size)
+        self.link: LinkSpec | None = (
+            self.link_map.for_ranks(self.global_ranks) if self.link_map is not None else link
+        )
+        """The link every collective of this group sees (with a map: the group's slowest pair)."""
         self._rng = random.Random(seed * 100_003 + self.rank)
         # --link ...:noise=SIGMA: additive noise on received floating-point payloads, drawn in
         # the order of operations from (seed, rank), so a run is reproducible (_noisy).
@@ -152,7 +172,7 @@ class Comm:
     def derive(self, group: dist.ProcessGroup) -> Comm:
         """A Comm over another group of the same ranks (a private group for background
         reductions) that shares this one's byte counters, link, emulated wire and observers."""
-        other = Comm(group, self.link, stats=self.stats, device=self.device)
+        other = Comm(group, self.link_map or self.link, stats=self.stats, device=self.device)
         other._rng, other._wire, other.observers = self._rng, self._wire, self.observers
         other._noise = self._noise
         if self.stage_on_host == "always":
@@ -175,22 +195,28 @@ class Comm:
             self._thread_state.background = False
 
     # -- emulated link ------------------------------------------------------------------------
-    def _sleep_for_link(self, t_done: float, traffic: Traffic, floor: float = 0.0) -> None:
-        if self.link is None or traffic.rounds == 0:
+    def _link_to(self, peer: int | None) -> LinkSpec | None:
+        """The link to group rank `peer` (None: the group's link, for collectives)."""
+        if peer is None or self.link_map is None:
+            return self.link
+        return self.link_map.between(self.global_ranks[self.rank], self.global_ranks[peer])
+
+    def _sleep_for_link(
+        self, t_done: float, traffic: Traffic, floor: float = 0.0, peer: int | None = None
+    ) -> None:
+        link = self._link_to(peer)
+        if link is None or traffic.rounds == 0:
             return
         # A pure receive arrives over the sender's uplink, not ours: it queues on our downlink,
         # so a pair exchange (send + recv) overlaps as on a full-duplex link.
         downlink = traffic.sent == 0 and traffic.recv > 0
         wire = self._wire
         with wire.lock:  # a background thread may share the wire
-            free = wire.down_free if downlink else wire.up_free
-            end = max(t_done, free) + self.link.sample_time(
+            free = wire.free.get((link, downlink), 0.0)
+            end = max(t_done, free) + link.sample_time(
                 traffic.critical_bytes, traffic.rounds, self._rng
             )
-            if downlink:
-                wire.down_free = end
-            else:
-                wire.up_free = end
+            wire.free[(link, downlink)] = end
         delay = end - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
@@ -198,11 +224,12 @@ class Comm:
     # -- emulated noise (--link ...:noise=SIGMA) ---------------------------------------------
     _NOISY = (torch.float32, torch.float16, torch.bfloat16)
 
-    def _noisy(self, finish, received: Sequence[torch.Tensor]):
+    def _noisy(self, finish, received: Sequence[torch.Tensor], peer: int | None = None):
         """`finish`, then N(0, SIGMA^2) added to every received fp32/fp16/bf16 element. Exact:
         integer and byte payloads (codecs, indices), float64 control values (the summary,
         timings) and start-up traffic (`stats.setup()`)."""
-        sigma = self.link.noise if self.link is not None else 0.0
+        link = self._link_to(peer)
+        sigma = link.noise if link is not None else 0.0
         received = [t for t in received if t.dtype in self._NOISY]
         if (
             not sigma
@@ -222,12 +249,18 @@ class Comm:
         return noisy_finish
 
     def _issue(
-        self, op: str, traffic: Traffic, launch: Callable[[], Sequence], async_op: bool, finish=None
+        self,
+        op: str,
+        traffic: Traffic,
+        launch: Callable[[], Sequence],
+        async_op: bool,
+        finish=None,
+        peer: int | None = None,
     ) -> Work:
         t0 = time.perf_counter()
         works = launch() if self.size > 1 else [_DoneWork()]
         self.stats.add(op, traffic, seconds=time.perf_counter() - t0, background=self.in_background)
-        work = Work(self, op, works, traffic, finish, t_issue=t0)
+        work = Work(self, op, works, traffic, finish, t_issue=t0, peer=peer)
         if not async_op:
             work.wait()
         return work
@@ -345,7 +378,9 @@ class Comm:
     def send(self, tensor: torch.Tensor, dst: int, tag: int = 0, async_op: bool = False) -> Work:
         traffic = acc.p2p_traffic(tensor.numel(), tensor.element_size(), sending=True)
         buf = self._host(tensor)
-        return self._issue("send", traffic, lambda: [self.group.send([buf], dst, tag)], async_op)
+        return self._issue(
+            "send", traffic, lambda: [self.group.send([buf], dst, tag)], async_op, peer=dst
+        )
 
     def recv(self, tensor: torch.Tensor, src: int, tag: int = 0, async_op: bool = False) -> Work:
         traffic = acc.p2p_traffic(tensor.numel(), tensor.element_size(), sending=False)
@@ -355,7 +390,8 @@ class Comm:
             traffic,
             lambda: [self.group.recv([buf], src, tag)],
             async_op,
-            self._noisy(self._back([(tensor, buf)]), [tensor]),
+            self._noisy(self._back([(tensor, buf)]), [tensor], peer=src),
+            peer=src,
         )
 
     def barrier(self) -> None:

@@ -164,3 +164,164 @@ class LinkSpec:
                 while rng.random() < self.loss:
                     seconds += rto + per_round
         return seconds
+
+
+class LinkMap:
+    """A link per pair of workers (`--link-map FILE.json`): e.g. two sites with fast links inside
+    and a slow one between. The file:
+
+        {"default": "1gbit:1ms",                       # any pair not named below (optional)
+         "sites": [[0, 1, 2, 3], [4, 5, 6, 7]],        # workers by site (optional)
+         "intra": "10gbit:100us", "inter": "100mbit:80ms",   # within / between sites
+         "pairs": [[0, 5, "1gbit:10ms"]]}              # single pairs, either direction (optional)
+
+    A pair's link is its `pairs` entry, else `intra`/`inter` by site, else `default`; a pair with
+    none of these is an error when a group containing both is made. Ranks are global ranks.
+
+    How `lowband.comm.Comm` applies it: a point-to-point message uses its pair's link; a collective
+    over a group uses the group's slowest pair (`for_ranks`: lowest bandwidth, highest latency,
+    jitter, loss and noise). That is exact for a ring all-reduce, whose every step waits for the
+    slowest link of the ring, and an upper bound for trees laid out by site; it is what the
+    planner (lowband.plan) assumes too.
+    """
+
+    def __init__(
+        self,
+        default: LinkSpec | None = None,
+        sites: list[list[int]] | None = None,
+        intra: LinkSpec | None = None,
+        inter: LinkSpec | None = None,
+        pairs: dict[tuple[int, int], LinkSpec | None] | None = None,
+        name: str = "link map",
+    ) -> None:
+        self.default, self.intra, self.inter, self.name = default, intra, inter, name
+        self.pairs = dict(pairs or {})
+        self.site_of: dict[int, int] = {}
+        for s, members in enumerate(sites or []):
+            for r in members:
+                if r in self.site_of:
+                    raise ConfigError(f"{name}: worker {r} is in two sites")
+                self.site_of[r] = s
+        self.sites = [list(m) for m in sites or []]
+
+    _KEYS = ("default", "sites", "intra", "inter", "pairs")
+
+    @classmethod
+    def load(cls, path: str) -> LinkMap:
+        """Read and check a link-map file; any problem is a one-line ConfigError."""
+        import json
+        from pathlib import Path
+
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text())
+        except OSError as e:
+            raise ConfigError(f"--link-map {path}: cannot read it ({e.strerror or e})") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--link-map {path}: not JSON ({e})") from None
+        return cls.from_dict(data, name=f"--link-map {path}")
+
+    @classmethod
+    def from_dict(cls, data, name: str = "link map") -> LinkMap:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{name}: expected a JSON object with keys {', '.join(cls._KEYS)}")
+        unknown = sorted(set(data) - set(cls._KEYS))
+        if unknown:
+            raise ConfigError(
+                f"{name}: unknown key {unknown[0]!r}; expected {', '.join(cls._KEYS)}"
+            )
+
+        def spec(key, text):
+            if not isinstance(text, str):
+                raise ConfigError(f"{name}: {key} must be a link string such as '100mbit:50ms'")
+            return LinkSpec.parse(text)
+
+        def rank(value, where):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name}: {where} must hold worker ranks (integers >= 0)")
+            return value
+
+        sites = data.get("sites")
+        if sites is not None:
+            if not isinstance(sites, list) or not all(isinstance(m, list) and m for m in sites):
+                raise ConfigError(f"{name}: sites must be a list of non-empty lists of ranks")
+            sites = [[rank(r, "sites") for r in m] for m in sites]
+            if "intra" not in data or "inter" not in data:
+                raise ConfigError(f"{name}: sites need both 'intra' and 'inter' links")
+        elif "intra" in data or "inter" in data:
+            raise ConfigError(f"{name}: 'intra'/'inter' need 'sites'")
+        pairs: dict[tuple[int, int], LinkSpec | None] = {}
+        for entry in data.get("pairs") or []:
+            if not (isinstance(entry, list) and len(entry) == 3):
+                raise ConfigError(f"{name}: each pair must be [RANK, RANK, LINK], got {entry!r}")
+            a, b = rank(entry[0], "pairs"), rank(entry[1], "pairs")
+            if a == b:
+                raise ConfigError(f"{name}: pair [{a}, {b}] joins a worker to itself")
+            pairs[(min(a, b), max(a, b))] = spec(f"pair [{a}, {b}]", entry[2])
+        return cls(
+            default=spec("default", data["default"]) if "default" in data else None,
+            sites=sites,
+            intra=spec("intra", data["intra"]) if "intra" in data else None,
+            inter=spec("inter", data["inter"]) if "inter" in data else None,
+            pairs=pairs,
+            name=name,
+        )
+
+    def between(self, a: int, b: int) -> LinkSpec | None:
+        """The link between global ranks a and b (None: unlimited)."""
+        key = (min(a, b), max(a, b))
+        if key in self.pairs:
+            return self.pairs[key]
+        if a in self.site_of and b in self.site_of:
+            return self.intra if self.site_of[a] == self.site_of[b] else self.inter
+        if self.default is not None:
+            return self.default
+        raise ConfigError(
+            f"{self.name}: no link between workers {a} and {b} (add a 'default', put both in "
+            "'sites', or name the pair)"
+        )
+
+    def check(self, world: int) -> None:
+        """Every pair of `world` workers has a link, and no rank named is outside the world."""
+        named = set(self.site_of) | {r for p in self.pairs for r in p}
+        outside = sorted(r for r in named if r >= world)
+        if outside:
+            raise ConfigError(f"{self.name}: worker {outside[0]} named, but --workers is {world}")
+        self.for_ranks(range(world))
+
+    def for_ranks(self, ranks) -> LinkSpec | None:
+        """The link a collective over `ranks` sees: its slowest pair (None: all unlimited)."""
+        ranks = list(ranks)
+        links = [self.between(a, b) for i, a in enumerate(ranks) for b in ranks[i + 1 :]]
+        if not links:
+            return None
+        if any(x is None for x in links):
+            links = [x for x in links if x is not None]
+            if not links:
+                return None
+        return LinkSpec(
+            bandwidth_bps=min(x.bandwidth_bps for x in links),
+            latency_s=max(x.latency_s for x in links),
+            jitter_s=max(x.jitter_s for x in links),
+            loss=max(x.loss for x in links),
+            noise=max(x.noise for x in links),
+        )
+
+    def __str__(self) -> str:
+        parts = []
+        if self.sites:
+            parts.append(f"{len(self.sites)} sites, {self.intra} inside, {self.inter} between")
+        if self.pairs:
+            parts.append(f"{len(self.pairs)} named pairs")
+        if self.default is not None:
+            parts.append(f"{self.default} otherwise")
+        return "map: " + "; ".join(parts)
+
+
+def resolve_link(link: str | None, link_map: str | None) -> LinkSpec | LinkMap | None:
+    """What `--link` and `--link-map` give a Comm (they exclude each other)."""
+    if link_map:
+        if link and LinkSpec.parse(link) is not None:
+            raise ConfigError("--link and --link-map exclude each other: put the links in the map")
+        return LinkMap.load(link_map)
+    return LinkSpec.parse(link)

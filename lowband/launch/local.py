@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from lowband.comm import Comm, LinkSpec
+from lowband.comm import Comm
+from lowband.comm.link import resolve_link
 from lowband.config import TrainConfig
 from lowband.errors import ConfigError, LowbandError
 from lowband.launch.failures import WorkerFailed, worker_messages
@@ -81,7 +82,13 @@ def launch_local(cfg: TrainConfig, run: RunDir, resume: bool, worker=train_worke
     if n == 1:
         torch.set_num_threads(cfg.threads)
         device = torch.device("cuda", 0) if device_kind == "cuda" else torch.device("cpu")
-        worker(cfg, Comm(None, LinkSpec.parse(cfg.link)), run, device, resume=resume)
+        worker(
+            cfg,
+            Comm(None, resolve_link(cfg.link, getattr(cfg, "link_map", None))),
+            run,
+            device,
+            resume=resume,
+        )
         return
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
@@ -155,7 +162,12 @@ def _worker_main(
             **({"device_id": device} if backend == "nccl" else {}),
         )
         comm_device = device if backend == "nccl" else torch.device("cpu")  # its control tensors
-        comm = Comm(dist.group.WORLD, LinkSpec.parse(cfg.link), seed=cfg.seed, device=comm_device)
+        comm = Comm(
+            dist.group.WORLD,
+            resolve_link(cfg.link, getattr(cfg, "link_map", None)),
+            seed=cfg.seed,
+            device=comm_device,
+        )
         worker(cfg, comm, RunDir(run_path), device, resume=resume)
         shutdown_group()
     except LowbandError as e:

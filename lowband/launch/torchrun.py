@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lowband.comm import Comm, LinkSpec
+from lowband.comm import Comm
+from lowband.comm.link import resolve_link
 from lowband.config import TrainConfig
 from lowband.launch.local import TIMEOUT, shutdown_group
 from lowband.train.loop import train_worker
@@ -33,6 +34,11 @@ def launch_torchrun(cfg: TrainConfig, run_path: Path, resume: bool, worker=train
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     torch.set_num_threads(cfg.threads)
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=TIMEOUT)
-    comm = Comm(dist.group.WORLD, LinkSpec.parse(cfg.link), seed=cfg.seed, device=device)
+    comm = Comm(
+        dist.group.WORLD,
+        resolve_link(cfg.link, getattr(cfg, "link_map", None)),
+        seed=cfg.seed,
+        device=device,
+    )
     worker(cfg, comm, RunDir(run_path), device, resume=resume)
     shutdown_group()

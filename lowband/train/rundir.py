@@ -31,7 +31,7 @@ from lowband.config import TrainConfig
 from lowband.errors import CheckpointError, ConfigError, RunDirError, RunFileError
 
 # Fields that change how a run is observed but not what it computes: a resume may differ in them.
-_ADDED_LATER = {"inner_optimizer": "adamw", "partition": "iid"}
+_ADDED_LATER = {"inner_optimizer": "adamw", "partition": "iid", "link_map": None}
 """Fields added after runs were made, with the value those runs used: left out of the fingerprint
 at that value."""
 _OBSERVATION_FIELDS = {

@@ -101,7 +101,10 @@ class RunWriter:
                 out["options"] = dataclasses.asdict(options)
         if model is not None:
             out["model"] = model if isinstance(model, str) else type(model).__name__
-        out.update(workers=self.comm.size, link=str(self.comm.link) if self.comm.link else None)
+        out.update(
+            workers=self.comm.size,
+            link=str(self.comm.link_map or self.comm.link) if self.comm.link else None,
+        )
         out["tokens_per_step"] = self.tokens_per_step
         return {**out, **(config or {})}
 
