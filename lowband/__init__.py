@@ -9,7 +9,7 @@ with lowband.DDP(model, optimizer, comm) as algo:
 __version__ = "0.1.0"
 
 from lowband.algorithms import ALGORITHMS, Algorithm  # noqa: E402
-from lowband.comm import Comm, CommStats, LinkSpec, get_codec, quantized_all_reduce  # noqa: E402
+from lowband.comm import Comm, CommStats, LinkMap, LinkSpec, get_codec, quantized_all_reduce  # noqa: E402
 from lowband.comm.sync import StaticGroup, SyncGroup  # noqa: E402
 from lowband.errors import LowbandError  # noqa: E402
 from lowband.fault.elastic import ElasticGroup, start_lighthouse  # noqa: E402 - torchft on use
@@ -27,6 +27,7 @@ __all__ = [
     "SyncGroup",
     "Comm",
     "CommStats",
+    "LinkMap",
     "LinkSpec",
     "LowbandError",
     "RunWriter",
