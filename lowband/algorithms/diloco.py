@@ -242,8 +242,12 @@ class DiLoCoOptions:
     """SparseLoCo: topk:FRACTION[:BITS] sends, per chunk of 4096 values, the FRACTION largest of the error-feedback buffer at BITS bits (default 2), indices packed; the outer step is then plain SGD (the decayed buffer replaces outer momentum, so outer_momentum and bits are not used). docs/diloco.md."""
     error_decay: float = 0.95
     """SparseLoCo: decay beta of the error-feedback buffer, e <- beta e + Delta (with compress)."""
+    outer: str = "blocking"
+    """blocking: every worker waits for the outer reduction at each sync. eager (Kale et al. 2025): the reduction of a round runs during the next H inner steps; meanwhile each worker applies its own fresh pseudo-gradient (1/M of it) at once and everyone's average one round late (docs/diloco.md). With streaming-diloco, overlap and mix are not used."""
 
     def __post_init__(self) -> None:
+        if self.outer not in ("blocking", "eager"):
+            raise OptionError(f"{{outer}} must be blocking or eager, got {self.outer!r}")
         if self.compress is not None:
             try:
                 TopK.parse(self.compress)
@@ -317,6 +321,9 @@ class StreamingDiLoCo(Algorithm):
         self.options = opts = self.Options(**options)
         self.H, self.P = opts.sync_every, getattr(opts, "fragments", 1)
         self.tau, self.alpha = getattr(opts, "overlap", 0), getattr(opts, "mix", 0.0)
+        self.eager = opts.outer == "eager"
+        if self.eager:  # a fragment's reduction spans the H steps to its next sync instead
+            self.tau, self.alpha = 0, 0.0
         self.codec = get_codec(opts.bits, block_size)
         self.compressor = TopK.parse(opts.compress) if opts.compress else None
         """SparseLoCo's top-k + error feedback (lowband.comm.sparse), or None."""
@@ -352,12 +359,38 @@ class StreamingDiLoCo(Algorithm):
             if self.compressor is not None else []
         )  # fmt: skip
         """Per fragment: this worker's error-feedback buffer (its own; never shared)."""
+        # --outer eager: this worker's own part of its parameters, theta_i = theta_g + offset (its
+        # fresh pseudo-gradients not yet replaced by the average), stepped by its own copy of the
+        # outer optimizer; `sent` is its contribution to the reduction in flight.
+        self.offset = (
+            [[torch.zeros_like(g) for g in frag] for frag in self.global_params]
+            if self.eager else []
+        )  # fmt: skip
+        self.offset_opt = torch.optim.SGD(
+            [o for frag in self.offset for o in frag] or [torch.zeros(1)],
+            lr=opts.outer_lr,
+            momentum=momentum,
+            nesterov=nesterov and momentum > 0,
+        )
+        self.sent = [torch.zeros(sum(g.numel() for g in frag), device=frag[0].device)
+                     for frag in self.global_params] if self.eager else []  # fmt: skip
+        self._fresh: dict[int, torch.Tensor] = {}  # eager: pseudo-gradients taken at a sync
         self._healing = False
         self.outer_steps = 0  # fragment syncs completed
         self.sync_history: list[tuple[int, int]] = []  # (local step, fragment) of every sync
         self.peak_sync_bytes = 0
         self._reducer = BackgroundReducer(self.comm, self.codec)
-        self._pending: tuple[int, int, Any] | None = None  # (fragment, due step, future/result)
+        self._pending: dict[int, tuple[int, Any]] = {}  # fragment -> (due step, future/result)
+
+    @classmethod
+    def check_run(cls, cfg: Any, options: Any) -> None:
+        """Before any worker starts: combinations of run-level flags with these options."""
+        if options.outer == "eager" and cfg.elastic:
+            raise ConfigError(
+                "--outer eager keeps a round's reduction in flight across the next round's "
+                "quorum, which the elastic sync group does not support yet; use --outer blocking "
+                "with --elastic"
+            )
 
     @classmethod
     def from_options(cls, model, optimizer, group, options, setup) -> StreamingDiLoCo:
@@ -382,11 +415,29 @@ class StreamingDiLoCo(Algorithm):
             return
         super().step()
         t = self.local_step
+        if self.eager:
+            fragment = self._fragment_due_at(t)
+            if fragment is not None:
+                self._eager_sync(fragment, t)
+            return
         fragment = self._fragment_due_at(t + self.tau)
         if fragment is not None:
             self._sync_round((fragment, t + self.tau))
-        if self._pending is not None and self._pending[1] == self.local_step:
-            self._finish()
+        self._land_due()
+
+    def _land_due(self) -> None:
+        for fragment in [f for f, (due, _) in self._pending.items() if due == self.local_step]:
+            self._finish(fragment)
+
+    @torch.no_grad()
+    def _eager_sync(self, fragment: int, t: int) -> None:
+        """--outer eager at a fragment's sync: take the fresh pseudo-gradient, land the average of
+        the round before (on the shared parameters), then start this round's reduction, due at
+        the fragment's next sync, and step this worker's own offset (_continue_round)."""
+        self._fresh[fragment] = self._pseudo_gradient(fragment)
+        if fragment in self._pending:
+            self._finish(fragment)
+        self._sync_round((fragment, t + self.H))
 
     def join(self) -> None:
         """A newcomer: heal to its source's step, start the fragment its source starts, and land
@@ -397,31 +448,41 @@ class StreamingDiLoCo(Algorithm):
             super().join()
         finally:
             self._healing = False
-        if self._pending is not None and self._pending[1] == self.local_step:
-            self._finish()
+        if not self.eager:
+            self._land_due()
 
     def _pseudo_gradient(self, fragment: int) -> torch.Tensor:
-        """theta_g - theta_local of one fragment, flat, in fp32."""
+        """theta_start - theta_local of one fragment, flat, in fp32 (theta_start is theta_g, plus
+        this worker's offset with --outer eager)."""
+        starts = self.global_params[fragment]
+        if self.eager:
+            starts = [g + o for g, o in zip(starts, self.offset[fragment])]
         return torch.cat(
-            [
-                (g - p.detach().float()).reshape(-1)
-                for g, p in zip(self.global_params[fragment], self.fragments[fragment])
-            ]
+            [(s - p.detach().float()).reshape(-1) for s, p in zip(starts, self.fragments[fragment])]
         )
 
     @torch.no_grad()
     def _continue_round(self, round_: tuple[int, int]) -> None:
         """Start a fragment's reduction (in the background when TAU > 0)."""
         fragment, due = round_
-        assert self._pending is None, "two fragment reductions in flight"
+        assert fragment not in self._pending, "a fragment's reduction is already in flight"
         comm, scale = self.comm, self.sync.scale
-        delta = self._pseudo_gradient(fragment)
+        if self.eager:  # a newcomer (healed in begin()) has trained nothing: it sends zeros
+            fresh = self._fresh.pop(fragment, None)
+            delta = fresh if fresh is not None else torch.zeros_like(self.sent[fragment])
+        else:
+            delta = self._pseudo_gradient(fragment)
+        own = delta  # this worker's contribution to the average (eager's local proxy)
         if self.compressor is not None:  # SparseLoCo: error feedback, top-k, all-gather
             payload = self.compressor.compress_(
                 self.error[fragment], delta, self.options.error_decay
             )
             sent = self.compressor.exchange_bytes(delta.numel(), comm.size)
             reduce = functools.partial(self._sparse_average, numel=delta.numel(), scale=scale)
+            if self.eager:
+                own = self.compressor.dense(
+                    *self.compressor.unpack(payload, delta.numel()), delta.numel()
+                )
             delta = payload  # what travels
         elif self.reducer is not None:  # robust rule: rows of non-contributors are left out
             sent = self.reducer.bytes_per_round(delta.numel(), comm.size)
@@ -438,9 +499,11 @@ class StreamingDiLoCo(Algorithm):
             if scale != 1.0:
                 delta.mul_(scale)
         self.peak_sync_bytes = max(self.peak_sync_bytes, sent)
+        if self.eager:
+            self._offset_step(fragment, own, scale / comm.size)
         work: Any
         try:
-            if self.tau > 0:
+            if self.tau > 0 or self.eager:
                 work = self._reducer.submit(delta, reduce, comm)
             elif reduce is not None:
                 work = reduce(delta, comm=comm)
@@ -449,7 +512,20 @@ class StreamingDiLoCo(Algorithm):
         except Exception as e:  # noqa: BLE001 - a static group re-raises; elastic: round fails
             self.sync.report(e)
             work = e
-        self._pending = (fragment, due, work)
+        self._pending[fragment] = (due, work)
+
+    @torch.no_grad()
+    def _offset_step(self, fragment: int, own: torch.Tensor, weight: float) -> None:
+        """--outer eager, this worker's part: its outer optimizer steps the offset with
+        weight * (own - what it sent the round before), the fresh local proxy in place of the stale
+        one that the landed average now holds; then theta_i <- theta_g + offset."""
+        d = (own - self.sent[fragment]).mul_(weight)
+        self.sent[fragment].copy_(own)
+        _step_flat(self.offset_opt, self.offset[fragment], d)
+        for g, o, p in zip(
+            self.global_params[fragment], self.offset[fragment], self.fragments[fragment]
+        ):
+            p.copy_((g + o).to(p.dtype))
 
     def _sparse_average(self, payload: torch.Tensor, *, numel: int, scale: float, comm: Comm):
         """The mean of every worker's decoded sparse update (x `scale` in an elastic round, whose
@@ -457,28 +533,30 @@ class StreamingDiLoCo(Algorithm):
         avg = self.compressor.average(payload, numel, comm)
         return avg.mul_(scale) if scale != 1.0 else avg
 
-    def _result(self) -> torch.Tensor:
-        """The pending reduction's result (only this wait is exposed); raises if it failed."""
-        fragment, due, work = self._pending
+    def _result(self, fragment: int) -> torch.Tensor:
+        """A pending reduction's result (only this wait is exposed); raises if it failed."""
+        due, work = self._pending[fragment]
         if isinstance(work, BaseException):
             raise work
         work = self._reducer.result(work)
-        self._pending = (fragment, due, work)
+        self._pending[fragment] = (due, work)
         return work
 
     @torch.no_grad()
-    def _finish(self) -> None:
-        """Land the pending fragment: commit and take the outer step, or roll the fragment back."""
-        fragment, t, _ = self._pending
+    def _finish(self, fragment: int) -> None:
+        """Land a pending fragment: commit and take the outer step, or roll the fragment back
+        (eager: the shared step is skipped; the worker's offset is stepped by _continue_round)."""
+        t, _ = self._pending[fragment]
         delta: torch.Tensor | None = None
         try:
-            delta = self._result()
+            delta = self._result(fragment)
         except Exception as e:  # noqa: BLE001 - a peer died or hung mid-reduction
             self.sync.report(e)
-        self._pending = None
+        del self._pending[fragment]
         if not self.sync.commit() or delta is None:
-            for g, p in zip(self.global_params[fragment], self.fragments[fragment]):
-                p.copy_(g.to(p.dtype))  # drop this fragment's local steps, as torchft does
+            if not self.eager:
+                for g, p in zip(self.global_params[fragment], self.fragments[fragment]):
+                    p.copy_(g.to(p.dtype))  # drop this fragment's local steps, as torchft does
             self.sync.discarded(f"fragment {fragment}", t, "not committed")
             return
         self._outer_step(fragment, delta)
@@ -498,6 +576,8 @@ class StreamingDiLoCo(Algorithm):
         self.outer_opt.step()  # only this fragment has gradients, so only it moves
         for g, p in zip(globals_, self.fragments[fragment]):
             g.grad = None
+            if self.eager:
+                continue  # theta_i is set from theta_g + offset by the round that follows
             if self.tau > 0 and self.alpha > 0:
                 p.copy_(((1 - self.alpha) * g + self.alpha * p.float()).to(p.dtype))
             else:
@@ -505,12 +585,13 @@ class StreamingDiLoCo(Algorithm):
 
     # -- life cycle, metrics, state -------------------------------------------------------------
     def close(self) -> None:
-        if self._pending is not None and not isinstance(self._pending[2], BaseException):
+        for fragment, (due, work) in sorted(self._pending.items()):
+            if isinstance(work, BaseException):
+                continue
             try:
-                self._result()  # let the in-flight reduction land; its result stays pending
+                self._result(fragment)  # let the in-flight reduction land; it stays pending
             except Exception as e:  # noqa: BLE001 - static: raised again; elastic: kept failed
-                fragment, due, _ = self._pending
-                self._pending = (fragment, due, e)
+                self._pending[fragment] = (due, e)
                 self._reducer.close()
                 self.sync.report(e)
         self._reducer.close()
@@ -523,14 +604,22 @@ class StreamingDiLoCo(Algorithm):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        pending = None
-        if self._pending is not None:  # a checkpoint mid-flight keeps the (deterministic) result
-            fragment, due, work = self._pending
-            try:
-                delta = self._result().clone()
+        pending = []
+        for fragment, (due, _) in sorted(self._pending.items()):
+            try:  # a checkpoint mid-flight keeps the (deterministic) result
+                delta = self._result(fragment).clone()
             except Exception:  # noqa: BLE001 - a failed round: it will be rolled back at `due`
                 delta = None
-            pending = {"fragment": fragment, "due": due, "delta": delta}
+            pending.append({"fragment": fragment, "due": due, "delta": delta})
+        eager = {}
+        if self.eager:  # this worker's own: a newcomer healing from it starts with none
+            eager = {
+                "eager": {
+                    "offset": [[o.clone() for o in frag] for frag in self.offset],
+                    "offset_opt": self.offset_opt.state_dict(),
+                    "sent": [s.clone() for s in self.sent],
+                }
+            }
         return {
             **super().state_dict(),
             "global_params": [[g.clone() for g in frag] for frag in self.global_params],
@@ -538,6 +627,7 @@ class StreamingDiLoCo(Algorithm):
             "outer_steps": self.outer_steps,
             "peak_sync_bytes": self.peak_sync_bytes,
             "pending": pending,
+            **eager,
             **({"robust": self.reducer.state_dict()} if self.reducer is not None else {}),
             **({"error": [e.clone() for e in self.error]} if self.error else {}),
         }
@@ -558,14 +648,53 @@ class StreamingDiLoCo(Algorithm):
                 e.zero_()
             else:
                 e.copy_(saved)
-        p = state["pending"]
+        if self.eager:
+            self._load_eager(state.get("eager"))
+        pending = state["pending"]
+        if pending is None or isinstance(pending, dict):  # checkpoints from before --outer eager
+            pending = [] if pending is None else [pending]
         device = self.global_params[0][0].device
-        if p is None:
-            self._pending = None
-        elif p["delta"] is None:
-            self._pending = (p["fragment"], p["due"], RuntimeError("the round failed before"))
-        else:
-            self._pending = (p["fragment"], p["due"], p["delta"].to(device))
+        self._pending = {}
+        for p in pending:
+            work = p["delta"]
+            work = RuntimeError("the round failed before") if work is None else work.to(device)
+            self._pending[int(p["fragment"])] = (int(p["due"]), work)
+
+    @torch.no_grad()
+    def _load_eager(self, saved: dict[str, Any] | None) -> None:
+        """This worker's own eager state; a newcomer healing from a peer starts with none (its
+        parameters are then theta_g: it has trained nothing of its own)."""
+        self._fresh.clear()
+        if saved is None or self._healing:
+            for frag, s in zip(self.offset, self.sent):
+                s.zero_()
+                for o in frag:
+                    o.zero_()
+            self.offset_opt.state.clear()
+            for g_frag, p_frag in zip(self.global_params, self.fragments):
+                for g, p in zip(g_frag, p_frag):
+                    p.copy_(g.to(p.dtype))
+            return
+        for frag, saved_frag in zip(self.offset, saved["offset"]):
+            for o, s in zip(frag, saved_frag):
+                o.copy_(s)
+        self.offset_opt.load_state_dict(saved["offset_opt"])
+        for s, saved_s in zip(self.sent, saved["sent"]):
+            s.copy_(saved_s)
+
+
+def _step_flat(opt: torch.optim.Optimizer, params: list[torch.Tensor], flat: torch.Tensor) -> None:
+    """One step of `opt` on `params` (some of its parameters) with `flat` as their gradient."""
+    for group in opt.param_groups:
+        for q in group["params"]:
+            q.grad = None
+    offset = 0
+    for q in params:
+        q.grad = flat[offset : offset + q.numel()].view_as(q).to(q.dtype)
+        offset += q.numel()
+    opt.step()
+    for q in params:
+        q.grad = None
 
 
 class DiLoCo(StreamingDiLoCo):
