@@ -99,8 +99,8 @@ class FaultyComm(Comm):
         super().__init__(*args, **kwargs)
         self.armed = False
 
-    def _issue(self, op, traffic, launch, async_op, finish=None):
-        work = super()._issue(op, traffic, launch, async_op=True, finish=finish)
+    def _issue(self, op, traffic, launch, async_op, finish=None, peer=None):
+        work = super()._issue(op, traffic, launch, async_op=True, finish=finish, peer=peer)
         if op in self.LAST_OPS:
             work = _FaultyWork(work, self)
         if not async_op:
@@ -120,7 +120,7 @@ class FakeGroup(SyncGroup):
     elastic = True
 
     def __init__(self, comm: Comm, fail_reduce=(), fail_commit=()) -> None:
-        self.comm = FaultyComm(comm.group, comm.link, stats=comm.stats)
+        self.comm = FaultyComm(comm.group, comm.link_map or comm.link, stats=comm.stats)
         self.fail_reduce, self.fail_commit = set(fail_reduce), set(fail_commit)
         self.round = 0
         self.error: BaseException | None = None
