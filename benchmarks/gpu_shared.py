@@ -57,6 +57,7 @@ def main() -> None:
     p.add_argument("--ddp-steps", type=int, default=12)
     p.add_argument("--sync-every", type=int, default=32, help="H (a multiple of 4 fragments)")
     p.add_argument("--algos", default="ddp,diloco,streaming-diloco")
+    p.add_argument("--sparse", default="topk:0.02:2", help="--compress of the sparse runs")
     p.add_argument("--json", type=Path)
     p.add_argument("--append", action="store_true")
     args = p.parse_args()
@@ -71,6 +72,14 @@ def main() -> None:
             "--algo", "streaming-diloco", "--sync-every", h, "--fragments", "4", "--overlap", "2",
             "--bits", "4",
         ],
+        "streaming-eager": [
+            "--algo", "streaming-diloco", "--sync-every", h, "--fragments", "4", "--bits", "4",
+            "--outer", "eager",
+        ],
+        "sparse": ["--algo", "diloco", "--sync-every", h, "--compress", args.sparse,
+                   "--outer-lr", "1.0"],
+        "sparse-eager": ["--algo", "diloco", "--sync-every", h, "--compress", args.sparse,
+                         "--outer-lr", "1.0", "--outer", "eager"],
     }  # fmt: skip
     rows = []
     for name, flags in runs.items():

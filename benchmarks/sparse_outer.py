@@ -32,6 +32,25 @@ def configs(h: int) -> dict[str, list[str]]:
         ],
         "SparseLoCo 3% 2-bit": ["--algo", "diloco", "--sync-every", H, "--compress", "topk:0.03:2"],
         "SparseLoCo 1% 2-bit": ["--algo", "diloco", "--sync-every", H, "--compress", "topk:0.01:2"],
+        # the sweep (outer lr, eager) and DiLoCo at the same outer lr for fairness
+        "DiLoCo fp32, outer lr 1.0": ["--algo", "diloco", "--sync-every", H, "--outer-lr", "1.0"],
+        "SparseLoCo 1% 2-bit, outer lr 1.5": [
+            "--algo", "diloco", "--sync-every", H, "--compress", "topk:0.01:2", "--outer-lr", "1.5",
+        ],
+        "SparseLoCo 1% 2-bit, outer lr 2.0": [
+            "--algo", "diloco", "--sync-every", H, "--compress", "topk:0.01:2", "--outer-lr", "2.0",
+        ],
+        "SparseLoCo 2% 2-bit, outer lr 1.5": [
+            "--algo", "diloco", "--sync-every", H, "--compress", "topk:0.02:2", "--outer-lr", "1.5",
+        ],
+        "SparseLoCo 1% 2-bit eager, outer lr 1.0": [
+            "--algo", "diloco", "--sync-every", H, "--compress", "topk:0.01:2", "--outer-lr", "1.0",
+            "--outer", "eager",
+        ],
+        "SparseLoCo 1% 2-bit, decay 0.9, outer lr 1.5": [
+            "--algo", "diloco", "--sync-every", H, "--compress", "topk:0.01:2", "--outer-lr", "1.5",
+            "--error-decay", "0.9",
+        ],
         "Streaming SparseLoCo 1% 2-bit (P=4)": [
             "--algo", "streaming-diloco", "--sync-every", H, "--fragments", "4", "--overlap", "1",
             "--compress", "topk:0.01:2",
@@ -45,7 +64,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--sync-every", type=int, default=50)
-    p.add_argument("--only", default="", help="comma-separated config names to run")
+    p.add_argument("--only", default="", help="config names to run, separated by ';'")
     p.add_argument("--parallel", type=int, default=1, help="runs at once (on a machine with cores)")
     p.add_argument("--json", type=Path)
     p.add_argument("--append", action="store_true")
@@ -60,7 +79,7 @@ def main() -> None:
         chosen = {
             name: flags
             for name, flags in configs(args.sync_every).items()
-            if not args.only or name in args.only.split(",")
+            if not args.only or name in args.only.split(";")
         }
 
         def one(item):
