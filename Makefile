@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 	    $(PY) -m pip install -q "$(TORCH_CPU)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
 	  fi; \
 	fi
-	$(PY) -m pip install -q -e '.[test,elastic,hf,serve]'
+	$(PY) -m pip install -q -e '.[test,elastic,hf,serve,decentral,flower]'
 	@# byzfl is the reference the robust aggregators are tested against. Its own requirements
 	@# would replace the CPU torch with a CUDA build and add torchvision; the tests import only
 	@# its aggregators and attacks, which need numpy and torch alone.

@@ -13,7 +13,9 @@ the graph methods the bytes per edge (edge_bytes events).
 D-PSGD with gradient tracking (DIGing: x <- W x - a y; y <- W y + g(x_new) - g(x)) on distributed
 ridge regression (8 nodes, heterogeneous targets), ring and erdos:0.4: edge activations (one
 vector each way on one edge) and gradients until the mean squared distance to the optimum is
-below 1e-6 of ||x*||^2. DIGing's step is the best of a grid (its best case).
+below 1e-6 of ||x*||^2. DIGing's step is the best of a grid (its best case). Both rate kinds at
+uniform's total (resistance rates now default to their own smaller total). The multi-process
+runs, SDP rates and an ill-conditioned problem are in benchmarks/dadao.py.
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ def convex(n: int = 8, precision: float = 1e-6, reg: float = 0.5) -> None:
     for spec in ("ring", "erdos:0.4"):
         topo = parse_topology(spec, n, seed=0)
         n_edges = len(undirected_edges(topo))
+        same_total = sum(gossip_rates(topo, "uniform"))  # as recorded on 2026-12-02 01:24
         for kind in ("uniform", "resistance"):
             grads, calls, hit = [0], [0], [None]
 
@@ -117,7 +120,7 @@ def convex(n: int = 8, precision: float = 1e-6, reg: float = 0.5) -> None:
                         hit[0] = (grads[0], (calls[0] - grads[0]) // 2, t)
 
             simulate(topo, g_counted, torch.zeros(d, dtype=torch.float64), mu, L, t_max=t_max,
-                     rates=gossip_rates(topo, kind), record=record)  # fmt: skip
+                     rates=gossip_rates(topo, kind, total=same_total), record=record)  # fmt: skip
             rows.append((spec, f"DADAO {kind} rates", hit[0]))
         # DIGing on Metropolis W, best step of a grid
         W = topo.W

@@ -8,9 +8,10 @@ need to reach the eval loss FedAvg ends at, and where does it end?
     python benchmarks/federated.py --workers 8 --rounds 30
 
 Every run is `lowband train --algo A --partition by-source --participation 0.5 ...` in its own
-process; the figures come from its metrics (eval loss at every round end; `uplink_bytes` per
-worker, summed over workers: only participants that send count). Prints a Markdown table; the
-caller appends it to benchmarks/RESULTS.md.
+process; the figures come from its metrics (eval loss at every round end, on the global held-out
+documents every non-iid run shares, docs/federated.md; `uplink_bytes` per worker, summed over
+workers: only participants that send count). Prints a Markdown table; the caller appends it to
+benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -513,6 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune_parser(sub)
     _add_generate_parser(sub)
     _add_serve_parser(sub)
+    from lowband.decentral.command import add_parser as _add_dadao_parser  # docs/decentralized.md
+
+    _add_dadao_parser(sub, add_config_flags)
     from lowband.plan.command import add_parser as _add_plan_parser
     from lowband.plan.command import add_probe_parser
 

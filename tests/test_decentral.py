@@ -16,7 +16,7 @@ from torch import nn
 from lowband.algorithms.dfedsam import DFedSAM, DFedSAMMGS
 from lowband.algorithms.dpsgd import DPSGD, dpsgd_round_reference
 from lowband.cli import main
-from lowband.comm import Comm
+from lowband.comm import Comm, LinkSpec
 from lowband.comm.sync import SyncGroup
 from lowband.decentral import parse_topology
 from lowband.decentral.dadao import DADAONode, gossip_rates, simulate, undirected_edges
@@ -319,6 +319,34 @@ def test_cli_dpsgd_on_a_ring_end_to_end(tmp_path):
     assert summary["bytes_by_op"]["send"] == 2 * 2 * 2 * 4 * params  # rank 0's
 
 
+def test_cli_dpsgd_on_two_sites_charges_each_edge_its_own_link(tmp_path):
+    """--link-map: a ring over two sites, so every worker has one fast neighbour (same site) and
+    one slow one (the other site); each message is charged its pair's link."""
+    sites = {"sites": [[0, 1], [2, 3]], "intra": "10gbit:0.1ms", "inter": "100mbit:80ms"}
+    link_map = tmp_path / "sites.json"
+    link_map.write_text(json.dumps(sites))
+    out = tmp_path / "run"
+    argv = ["train", "--algo", "dpsgd", "--topology", "ring", "--workers", "4", "--steps", "2",
+            "--link-map", str(link_map), "--out", str(out), *FAST]  # fmt: skip
+    assert main(argv) == 0
+    nbytes = 4 * json.loads((out / "meta.json").read_text())["model_params"]  # fp32, one message
+    fast, slow = LinkSpec.parse(sites["intra"]), LinkSpec.parse(sites["inter"])
+    for rank in range(4):
+        (edges,) = _events(out, "edge_bytes", rank)
+        for j in ((rank - 1) % 4, (rank + 1) % 4):
+            link = fast if j // 2 == rank // 2 else slow
+            assert edges["sent_to"][str(j)] == 2 * nbytes  # 2 rounds, one gossip step each
+            assert edges["link_s_to"][str(j)] == pytest.approx(2 * link.ideal_time(nbytes, 1))
+        times = sorted(edges["link_s_to"].values())
+        assert times[1] > 50 * times[0]  # the slow edge dominates
+    # and the wall clock shows it: each round waits for the worker's cross-site neighbour
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["comm_time_per_worker"] >= 0.9 * 2 * slow.ideal_time(nbytes, 1)
+    # the report draws the graph from the topology and edge_bytes events
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    assert "graph and bytes per edge" in (tmp_path / "report" / "index.html").read_text()
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -390,8 +418,8 @@ def test_dadao_rates():
     assert by_edge[(2, 3)] == max(by_edge.values()) and by_edge[(2, 3)] == pytest.approx(
         1.5 * by_edge[(0, 1)]
     )  # resistance 1 vs 2/3
-    with pytest.raises(ValueError, match="no SDP solver"):
-        gossip_rates(ring, "sdp")
+    with pytest.raises(ConfigError, match="unknown --gossip-rates"):
+        gossip_rates(ring, "fastest")
 
 
 def _dadao_node(comm: Comm, t_max: float):
@@ -442,7 +470,7 @@ import datetime, json, os, signal, sys, time
 import torch
 torch.set_num_threads(1)
 import torch.distributed as dist
-from lowband.comm import Comm
+from lowband.comm import Comm, LinkSpec
 from lowband.decentral import parse_topology
 from lowband.decentral.dadao import DADAONode
 

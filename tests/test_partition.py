@@ -17,10 +17,12 @@ from lowband.data.partition import (
     PartitionSpec,
     assign_documents,
     describe,
+    heldout_documents,
     make_sampler,
     source_of,
+    split_heldout,
 )
-from lowband.errors import ConfigError
+from lowband.errors import ConfigError, DataError
 
 torch.set_num_threads(1)
 SOURCES = {"alpha": 3, "beta": 5, "gamma": 2, "delta": 4, "eps": 1}
@@ -161,13 +163,63 @@ def test_fingerprint_of_iid_runs_is_unchanged_and_other_partitions_differ():
     import hashlib
     import json
 
-    from lowband.train.rundir import _OBSERVATION_FIELDS, fingerprint
+    from lowband.train.rundir import _ADDED_LATER, _OBSERVATION_FIELDS, fingerprint
 
     cfg = TrainConfig()
     d = {k: v for k, v in cfg.to_dict().items() if k not in _OBSERVATION_FIELDS}
-    for k in ("partition", "inner_optimizer"):  # a run from before these fields existed
+    assert "partition" in _ADDED_LATER
+    for k in _ADDED_LATER:  # a run from before these fields existed
         d.pop(k, None)
     d["corpus_sha256"] = "abc"
     before = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
     assert fingerprint(cfg, "abc") == before
     assert fingerprint(TrainConfig(partition="by-source"), "abc") != before
+    # a non-iid run from before the global held-out split (its eval was the tail) does not resume
+    d["partition"] = "by-source"
+    old = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    assert fingerprint(TrainConfig(partition="by-source"), "abc") != old
+
+
+# -- the global held-out split ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("partition", ["by-source", "dirichlet:0.3"])
+def test_heldout_is_global_source_balanced_and_in_no_workers_share(corpus, partition):
+    train, held_tokens = split_heldout(corpus, partition)
+    held = heldout_documents(corpus)
+    names = {name for name, _, _ in held}
+    # the same documents whatever the partition and seed: every run is measured on the same data
+    assert np.array_equal(held_tokens, split_heldout(corpus, "by-source")[1])
+    assert np.array_equal(held_tokens, np.concatenate([corpus.tokens[s:e] for _, s, e in held]))
+    assert len(held_tokens) >= len(split_eval(corpus)[1])  # as many tokens as the iid tail
+    # one document per source in turn: every source with two documents or more gives one
+    many = {k for k, v in SOURCES.items() if v >= 2}
+    assert {source_of(n) for n in names} == many
+    counts = [sum(source_of(n) == k for n in names) for k in many]
+    assert max(counts) - min(counts) <= 1
+    for seed in (0, 1):
+        shares, trained = [], set()
+        for rank in range(3):
+            run = types.SimpleNamespace(partition=partition, batch_size=3, seq_len=16, seed=seed)
+            sampler = make_sampler(run, corpus, train, shard=rank, shards=3, seed=seed,
+                                   write=shares.append)  # fmt: skip
+            mine = {name for name, _, _ in sampler.documents}
+            assert not mine & names  # no held-out document in any worker's training share
+            trained |= mine
+        assert trained | names == {n for n, _ in corpus.documents}  # nothing else is lost
+        for k in many:  # every source keeps a document for training
+            assert any(source_of(n) == k for n in trained)
+        assert shares[0]["heldout"] == {
+            "documents": len(held),
+            "sources": len(many),
+            "tokens": len(held_tokens),
+        }
+
+
+def test_iid_keeps_the_tail_and_tiny_corpora_are_refused(corpus, tmp_path):
+    for a, b in zip(split_heldout(corpus, "iid", 64), split_eval(corpus, min_eval_tokens=64)):
+        assert a is not None and np.array_equal(a, b)
+    for name in ("a.py", "b.py", "c.py"):  # three sources of one document each
+        (tmp_path / name).write_text(name * 2000)
+    with pytest.raises(DataError, match="cannot give .* held-out tokens and keep a document"):
+        split_heldout(load_corpus(str(tmp_path)), "by-source")

@@ -85,7 +85,9 @@ class AdmmNR(Federated):
         """Step 1 for round `round_`, if this client takes part in it."""
         if self._in(round_):
             z_now = self.x
-            self.anchor = z_now + self.z_end - self.z_start + self.g_last / self.options.rho
+            self.anchor = admm_nr_anchor(
+                z_now, self.z_end, self.z_start, self.g_last, self.options.rho
+            )
             self.z_start = z_now.clone()
 
     def correction(self, y):
@@ -98,9 +100,10 @@ class AdmmNR(Federated):
         n = self.comm.size
         if self.table is None or self.table.shape[0] != n:
             self.table = self.x.expand(n, -1).clone()  # s_j^0 = x_j^0 + u_j^0 = x^0
-        for r, vectors in rows.items():
-            self.table[r] = vectors[0]
-        self.x.add_(self.table.mean(0) - self.x, alpha=self.options.server_lr)
+        z, self.table = admm_nr_server_step(
+            self.x, self.table, {r: v[0] for r, v in rows.items()}, self.options.server_lr
+        )
+        self.x.copy_(z)
 
     def finish(self, participant, y):
         if participant:
@@ -148,6 +151,20 @@ class AdmmNR(Federated):
         table = state.get("table")
         self.table = None if table is None or self.comm.rank != SERVER else table.clone()
         self.showing_global = bool(state.get("showing_global", False))
+
+
+def admm_nr_anchor(z_now, z_end, z_start, g, rho):
+    """Step 1's anchor a_i = z_now + z_end - z_start + g_i / rho (module docstring)."""
+    return z_now + z_end - z_start + g / rho
+
+
+def admm_nr_server_step(z, table, rows, server_lr=1.0):
+    """Step 4, pure: table[i] <- s_i for the rows {i: s_i} received; z + eta_g (mean table - z).
+    Returns new (z, table); the table keeps every other client's last payload."""
+    table = table.clone()
+    for i, s in rows.items():
+        table[i] = s
+    return torch.add(z, table.mean(0) - z, alpha=server_lr), table
 
 
 class _ResumeLocal:
@@ -224,4 +241,11 @@ def admm_nr_wls(H, g, rho, rounds, clients, noise, gen):
     return out
 
 
-__all__ = ["AdmmNR", "AdmmNrOptions", "admm_nr_wls", "admm_wls"]
+__all__ = [
+    "AdmmNR",
+    "AdmmNrOptions",
+    "admm_nr_anchor",
+    "admm_nr_server_step",
+    "admm_nr_wls",
+    "admm_wls",
+]

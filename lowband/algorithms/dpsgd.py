@@ -134,6 +134,10 @@ class DPSGD(Algorithm):
         self.rounds = 0
         self.bytes_to: dict[int, int] = {}
         """Bytes this worker sent to each neighbour (by its fixed index), the per-edge count."""
+        self.link_s_to: dict[int, float] = {}
+        """The emulated link's time for those messages, per neighbour (--link or --link-map: the
+        pair's link; latency + bytes / bandwidth each, no jitter); this process's only (not
+        checkpointed)."""
         self.closure: Any = None
         self._batches: dict[int, tuple[torch.Tensor, ...]] = {}
         self._graphs: dict[int, Topology] = {}
@@ -245,9 +249,13 @@ class DPSGD(Algorithm):
                     if op == "send":
                         works.append((j, self.comm.send(payload, dst=j, tag=tag, async_op=True)))
                         seat = members[j]
-                        self.bytes_to[seat] = (
-                            self.bytes_to.get(seat, 0) + payload.numel() * payload.element_size()
-                        )
+                        nbytes = payload.numel() * payload.element_size()
+                        self.bytes_to[seat] = self.bytes_to.get(seat, 0) + nbytes
+                        link = self._link(j)
+                        if link is not None:
+                            self.link_s_to[seat] = self.link_s_to.get(seat, 0.0) + link.ideal_time(
+                                nbytes, 1
+                            )
                     else:
                         works.append((j, self.comm.recv(inbox[j], src=j, tag=tag, async_op=True)))
                 except Exception as e:  # noqa: BLE001 - the neighbour is already gone
@@ -290,12 +298,23 @@ class DPSGD(Algorithm):
         self._write(x)
         self.rounds += 1
 
+    def _link(self, j: int):
+        """The emulated link to group rank j: its pair's under --link-map, else --link's."""
+        comm = self.comm
+        if getattr(comm, "link_map", None) is None:
+            return getattr(comm, "link", None)
+        return comm.link_map.between(comm.global_ranks[comm.rank], comm.global_ranks[j])
+
     # -- life cycle, metrics, state -------------------------------------------------------------
     def close(self) -> None:
         if self.bytes_to:
-            self.sync.event(
-                {"event": "edge_bytes", "sent_to": {str(j): b for j, b in self.bytes_to.items()}}
-            )
+            event = {
+                "event": "edge_bytes",
+                "sent_to": {str(j): b for j, b in self.bytes_to.items()},
+            }
+            if self.link_s_to:
+                event["link_s_to"] = {str(j): s for j, s in self.link_s_to.items()}
+            self.sync.event(event)
 
     def metrics(self) -> dict[str, Any]:
         return {**super().metrics(), "gossip_round": self.rounds}

@@ -190,7 +190,7 @@ class Federated(Algorithm):
 
     def server_step(self, agg: list[torch.Tensor], rows: dict[int, list[torch.Tensor]]) -> None:
         """FedAvg: x <- x + eta_g mean(y_i - x)."""
-        self.x.add_(agg[0], alpha=self.options.server_lr)
+        self.x.copy_(fedavg_server_step(self.x, agg[0], self.options.server_lr))
 
     def downlink(self) -> list[torch.Tensor]:
         return [self.x]
@@ -376,6 +376,12 @@ class FedProx(Federated):
         return self.options.mu * (y - self.x) if self.options.mu else None
 
 
+def fedavg_server_step(x: torch.Tensor, mean_dy: torch.Tensor, server_lr: float) -> torch.Tensor:
+    """FedAvg's (and FedProx's) server step, pure: x + eta_g mean_{i in S}(y_i - x).
+    The class and the Flower strategy (lowband.flower) both call it."""
+    return torch.add(x, mean_dy, alpha=server_lr)
+
+
 def fedavg_reference(
     x: torch.Tensor, grads: list, k: int, lr: float, server_lr: float = 1.0, mu: float = 0.0
 ) -> torch.Tensor:
@@ -396,5 +402,6 @@ __all__ = [
     "Federated",
     "FederatedOptions",
     "fedavg_reference",
+    "fedavg_server_step",
     "participants",
 ]

@@ -185,6 +185,11 @@ def discover() -> dict[str, type[Algorithm]]:
 
 def get(name: str) -> type[Algorithm]:
     discover()
+    if name == "dadao":  # it replaces the optimizer and needs mu, L: docs/decentralized.md
+        raise ConfigError(
+            "DADAO is not a `lowband train` algorithm (it needs a smooth strongly convex problem "
+            "and replaces the optimizer): run `lowband dadao --topology ... --gossip-rates sdp`"
+        )
     if name not in ALGORITHMS:
         raise ConfigError(f"unknown algorithm {name!r}; choose one of: {', '.join(ALGORITHMS)}")
     return ALGORITHMS[name]

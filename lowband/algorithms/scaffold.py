@@ -189,8 +189,11 @@ class Scaffold(Federated):
         return [torch.empty_like(self.x), torch.empty_like(self.x)]
 
     def server_step(self, agg, rows):
-        self.x.add_(agg[0], alpha=self.options.server_lr)
-        self.c.add_(agg[1], alpha=len(rows) / self.comm.size)
+        x, c = scaffold_server_step(
+            self.x, self.c, agg[0], agg[1], len(rows), self.comm.size, self.options.server_lr
+        )
+        self.x.copy_(x)
+        self.c.copy_(c)
 
     def downlink(self):
         return [self.x, self.c]
@@ -274,16 +277,17 @@ class Scallion(Scaffold):
 
     def server_step(self, agg, rows):
         o = self.options
-        step = self.c + agg[0]  # the gradient estimate
-        if o.server_opt == "adam":  # m, v on the server only (beta 0.9, 0.99; bias-corrected)
-            self.adam_t += 1
-            self.adam_m.mul_(0.9).add_(step, alpha=0.1)
-            self.adam_v.mul_(0.99).addcmul_(step, step, value=0.01)
-            m_hat = self.adam_m / (1 - 0.9**self.adam_t)
-            v_hat = self.adam_v / (1 - 0.99**self.adam_t)
-            step = m_hat / (v_hat.sqrt() + 1e-8)
-        self.x.sub_(step, alpha=o.server_lr * self.K * o.local_lr)
-        self.c.add_(agg[0], alpha=self.alpha * len(rows) / self.comm.size)
+        adam = (self.adam_m, self.adam_v, self.adam_t) if o.server_opt == "adam" else None
+        x, c, adam = one_vector_server_step(
+            self.x, self.c, agg[0], len(rows), self.comm.size,
+            step_size=o.server_lr * self.K * o.local_lr, alpha=self.alpha, adam=adam,
+        )  # fmt: skip
+        self.x.copy_(x)
+        self.c.copy_(c)
+        if adam is not None:
+            self.adam_m.copy_(adam[0])
+            self.adam_v.copy_(adam[1])
+            self.adam_t = adam[2]
 
     @property
     def alpha(self) -> float:
@@ -337,8 +341,7 @@ class Scafcom(Scallion):
         return 1.0
 
     def _delta(self):
-        b = self.options.beta
-        self._v_new = (1 - b) * self.v + b * self.gbar()
+        self._v_new = scafcom_momentum(self.v, self.gbar(), self.options.beta)
         return self._v_new - self.c_i
 
     def finish(self, participant, y):
@@ -349,6 +352,36 @@ class Scafcom(Scallion):
 
     def extra_state(self):
         return {**super().extra_state(), "v": self.v}
+
+
+# -- the server steps, pure (the classes above and the Flower strategies, lowband.flower) ---------
+
+
+def scaffold_server_step(x, c, mean_dy, mean_dc, clients, n, server_lr=1.0):
+    """SCAFFOLD's server: x + eta_g mean dy_i, c + (|S|/N) mean dc_i. Returns new (x, c)."""
+    return torch.add(x, mean_dy, alpha=server_lr), torch.add(c, mean_dc, alpha=clients / n)
+
+
+def one_vector_server_step(x, c, mean_delta, clients, n, *, step_size, alpha=1.0, adam=None):
+    """The simplified form's server (SCALLION, SCAFCOM): x - step_size (c + mean delta_i),
+    step_size = eta_g K eta_l; c + alpha (|S|/N) mean delta_i. `adam`: (m, v, t) for
+    --server-opt adam (the step is Adam-normalised; beta 0.9, 0.99, bias-corrected), else None.
+    Returns new (x, c, adam)."""
+    step = c + mean_delta  # the gradient estimate
+    if adam is not None:  # m, v on the server only
+        m, v, t = adam
+        t += 1
+        m = torch.add(m * 0.9, step, alpha=0.1)
+        v = torch.addcmul(v * 0.99, step, step, value=0.01)
+        step = (m / (1 - 0.9**t)) / ((v / (1 - 0.99**t)).sqrt() + 1e-8)
+        adam = (m, v, t)
+    x = torch.sub(x, step, alpha=step_size)
+    return x, torch.add(c, mean_delta, alpha=alpha * clients / n), adam
+
+
+def scafcom_momentum(v, gbar, beta):
+    """SCAFCOM's client momentum: (1 - beta) v_i + beta gbar_i."""
+    return (1 - beta) * v + beta * gbar
 
 
 # -- fp64 references (tests) ---------------------------------------------------------------------
@@ -399,6 +432,9 @@ __all__ = [
     "ScaledSign",
     "TopK",
     "get_compressor",
+    "one_vector_server_step",
+    "scafcom_momentum",
+    "scaffold_server_step",
     "scaffold_reference",
     "simplified_reference",
 ]

@@ -6,10 +6,15 @@
     dirichlet:ALPHA  per source, p ~ Dir(ALPHA 1_N); each of its documents goes to worker j with
                      probability p_j.
 
-Every split is a pure function of (corpus documents, train length, workers, seed): each worker
-computes all of them alike, nothing travels. A worker's documents, cut at the train/eval boundary,
-are concatenated in corpus order and `PartitionSampler` draws windows from that stream as a pure
-function of (seed, world_size, rank, step), like ShardSampler.
+Held out for evaluation (`split_heldout`): under iid the corpus's tail, as before; under by-source
+and dirichlet a global, source-balanced set of documents (`heldout_documents`), taken out before
+the split, so every worker is measured on the same mixed data and no held-out document is in any
+worker's training share (the tail of a sorted corpus would be its alphabetically last sources).
+
+Every split is a pure function of (corpus documents, held-out set, workers, seed): each worker
+computes all of them alike, nothing travels. A worker's documents are concatenated in corpus order
+and `PartitionSampler` draws windows from that stream as a pure function of (seed, world_size,
+rank, step), like ShardSampler.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lowband.data.corpus import Corpus
+from lowband.data.corpus import Corpus, split_eval
 from lowband.data.sampler import ShardSampler
 from lowband.errors import ConfigError, DataError
 
@@ -55,29 +60,96 @@ def source_of(document: str) -> str:
     return document.split("/", 1)[0]
 
 
-def _train_documents(corpus: Corpus, train_len: int) -> list[tuple[str, int, int]]:
-    """(name, start, end) of every document cut at the train boundary (empty ones dropped)."""
+def _train_documents(
+    corpus: Corpus, train_len: int, exclude: frozenset[str] = frozenset()
+) -> list[tuple[str, int, int]]:
+    """(name, start, end) of every document cut at the train boundary (empty ones and those in
+    `exclude` dropped)."""
     docs, offset = [], 0
     if sum(n for _, n in corpus.documents) != len(corpus.tokens):
         raise DataError(f"corpus {corpus.name!r}: its document lengths do not cover its tokens")
     for name, n in corpus.documents:
         start, end = offset, min(offset + n, train_len)
-        if end > start:
+        if end > start and name not in exclude:
             docs.append((name, start, end))
         offset += n
     return docs
 
 
-def assign_documents(
-    corpus: Corpus, train_len: int, spec: PartitionSpec, workers: int, seed: int
-) -> list[list[tuple[str, int, int]]]:
-    """Per worker, its (name, start, end) documents in corpus order."""
+HELDOUT_SEED = 0x4E1D
+"""The held-out documents depend on the corpus alone (not on --seed or the partition), so every
+non-iid run on a corpus is evaluated on the same documents."""
+
+
+def heldout_documents(corpus: Corpus, min_eval_tokens: int = 4096) -> list[tuple[str, int, int]]:
+    """The documents held out for evaluation under a non-iid partition, in corpus order.
+
+    As many tokens as the iid tail (`split_eval`'s size), spread over the sources: sources with
+    at least two documents, in a seeded order, give one seeded document each in turn (round robin)
+    until the tokens suffice. A source always keeps a document for training, and its documents
+    larger than a quarter of the budget come after its smaller ones (so several documents mix).
+    """
+    _need_documents(corpus, "a global held-out split")
+    n_eval = len(split_eval(corpus, min_eval_tokens=min_eval_tokens)[1])
+    docs = _train_documents(corpus, len(corpus.tokens))
+    sources: dict[str, list[int]] = {}
+    for i, (name, _, _) in enumerate(docs):
+        sources.setdefault(source_of(name), []).append(i)
+    rng = np.random.default_rng([HELDOUT_SEED])
+    cap = n_eval / 4  # larger documents come last in their source's turn: several documents mix
+    names = [s for s in sorted(sources) if len(sources[s]) >= 2]
+    queues = {}
+    for s in (names[k] for k in rng.permutation(len(names))):
+        order = sorted(rng.permutation(sources[s]), key=lambda i: docs[i][2] - docs[i][1] > cap)
+        queues[s] = order[: len(sources[s]) - 1]  # at least one document stays for training
+    held, total = [], 0
+    while total < n_eval and any(queues.values()):
+        for q in queues.values():
+            if q and total < n_eval:
+                i = q.pop(0)
+                held.append(i)
+                total += docs[i][2] - docs[i][1]
+    if total < n_eval:
+        raise DataError(
+            f"corpus {corpus.name!r}: its sources cannot give {n_eval:,} held-out tokens and keep "
+            f"a document each for training (got {total:,}); use a larger corpus or --partition iid"
+        )
+    return [docs[i] for i in sorted(held)]
+
+
+def split_heldout(
+    corpus: Corpus, partition: str = "iid", min_eval_tokens: int = 4096
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train_tokens, eval_tokens) under --partition. iid: `split_eval` (the tail, unchanged).
+    by-source, dirichlet: eval is `heldout_documents` concatenated in corpus order, the same for
+    every worker and every seed; train is the whole corpus, whose held-out documents
+    `assign_documents` (through `make_sampler`) leaves out of every worker's share."""
+    if PartitionSpec.parse(partition).kind == "iid":
+        return split_eval(corpus, min_eval_tokens=min_eval_tokens)
+    held = heldout_documents(corpus, min_eval_tokens)
+    return corpus.tokens, np.concatenate([corpus.tokens[s:e] for _, s, e in held])
+
+
+def _need_documents(corpus: Corpus, what: str) -> None:
     if len(corpus.documents) < 2:
         raise ConfigError(
-            f"--partition {spec} splits the corpus by documents, and corpus {corpus.name!r} has "
+            f"--partition {what} splits the corpus by documents, and corpus {corpus.name!r} has "
             f"{len(corpus.documents)}; use a directory of files (or stdlib), or --partition iid"
         )
-    docs = _train_documents(corpus, train_len)
+
+
+def assign_documents(
+    corpus: Corpus,
+    train_len: int,
+    spec: PartitionSpec,
+    workers: int,
+    seed: int,
+    exclude: frozenset[str] = frozenset(),
+) -> list[list[tuple[str, int, int]]]:
+    """Per worker, its (name, start, end) documents in corpus order: those before `train_len`
+    and not in `exclude` (the held-out documents' names)."""
+    _need_documents(corpus, str(spec))
+    docs = _train_documents(corpus, train_len, exclude)
     sources: dict[str, list[int]] = {}
     for i, (name, _, _) in enumerate(docs):
         sources.setdefault(source_of(name), []).append(i)
@@ -160,9 +232,12 @@ def _windows(tokens: np.ndarray, index_BL1: np.ndarray) -> tuple[torch.Tensor, t
 
 
 def describe(
-    assignment: list[list[tuple[str, int, int]]], spec: PartitionSpec, top: int = 3
+    assignment: list[list[tuple[str, int, int]]],
+    spec: PartitionSpec,
+    top: int = 3,
+    heldout: list[tuple[str, int, int]] | None = None,
 ) -> dict[str, Any]:
-    """Each worker's share, for partition.json and the report."""
+    """Each worker's share (and the held-out documents'), for partition.json and the report."""
     total = sum(e - s for docs in assignment for _, s, e in docs) or 1
     workers = []
     for w, docs in enumerate(assignment):
@@ -180,7 +255,14 @@ def describe(
                 "top_sources": sorted(by_source, key=lambda k: (-by_source[k], k))[:top],
             }
         )
-    return {"partition": str(spec), "workers": workers}
+    out: dict[str, Any] = {"partition": str(spec), "workers": workers}
+    if heldout is not None:
+        out["heldout"] = {
+            "documents": len(heldout),
+            "sources": len({source_of(name) for name, _, _ in heldout}),
+            "tokens": sum(e - s for _, s, e in heldout),
+        }
+    return out
 
 
 def make_sampler(
@@ -195,8 +277,9 @@ def make_sampler(
 ) -> ShardSampler | PartitionSampler:
     """The training sampler of worker `shard` of `shards` under cfg.partition.
 
-    `iid` is ShardSampler exactly as before; the others split by documents. `write`, if given, is
-    called with the partition's description (rank 0 writes partition.json with it).
+    `iid` is ShardSampler exactly as before; the others split by documents, less the global
+    held-out ones (`split_heldout`; `train_tokens` is then unused). `write`, if given, is called
+    with the partition's description (rank 0 writes partition.json with it).
     """
     spec = PartitionSpec.parse(getattr(cfg, "partition", "iid"))
     if spec.kind == "iid":
@@ -208,9 +291,11 @@ def make_sampler(
             seq_len=cfg.seq_len,
             seed=seed,
         )
-    assignment = assign_documents(corpus, len(train_tokens), spec, shards, cfg.seed)
+    held = heldout_documents(corpus)
+    names = frozenset(name for name, _, _ in held)
+    assignment = assign_documents(corpus, len(corpus.tokens), spec, shards, cfg.seed, names)
     if write is not None:
-        write(describe(assignment, spec))
+        write(describe(assignment, spec, heldout=held))
     return PartitionSampler(
         corpus.tokens,
         assignment[shard],
@@ -227,6 +312,8 @@ __all__ = [
     "PartitionSpec",
     "assign_documents",
     "describe",
+    "heldout_documents",
     "make_sampler",
     "source_of",
+    "split_heldout",
 ]

@@ -21,10 +21,10 @@ event. With nu = mu/2:
      edges of r_ij (e_i - e_j)(e_i - e_j)^T (the rate-weighted Laplacian).
 Total gossip rate: `sqrt(2 chi1 chi2)` of the uniform-probability Laplacian (L_graph / |E|), as the
 authors' run script says ("lamb_mix ... should be sqrt(2 chi_1* chi_2*)"); chi2 is the largest
-edge resistance (1/2)(e_i - e_j)^T L^+ (e_i - e_j). Rates per edge (`gossip_rates`): "uniform"
-(total / |E| each) or "resistance" (proportional to each edge's effective resistance, normalised
-to the same total: a heuristic that favours bridges; the paper's SDP relaxation needs an SDP
-solver, which this environment does not have).
+edge resistance (1/2)(e_i - e_j)^T L^+ (e_i - e_j). Rates per edge (lowband.decentral.rates,
+`gossip_rates`): "uniform" (total / |E| each), "resistance" (proportional to each edge's effective
+resistance: a heuristic that favours bridges) or "sdp" (the rates that minimise the total rate
+under 2 chi1 chi2 <= 1: the paper's SDP, solved with cvxpy).
 
 The schedule is a pure function of the seed: node i's gradient clock from
 random.Random("dadao:grad:SEED:i"), edge (i, j)'s clock from random.Random("dadao:edge:SEED:i:j"),
@@ -62,51 +62,11 @@ from typing import Any
 
 import torch
 
+from lowband.decentral.rates import chi1, gossip_rates, laplacian, undirected_edges
 from lowband.decentral.topology import Topology
 
 GradFn = Callable[[int, torch.Tensor], torch.Tensor]
 """grad_fn(node, x) -> grad f_node(x)."""
-
-
-# -- graph quantities ---------------------------------------------------------------------------
-def undirected_edges(topo: Topology) -> list[tuple[int, int]]:
-    return sorted({(min(i, j), max(i, j)) for i, j in topo.edges()})
-
-
-def laplacian(n: int, edges: list[tuple[int, int]], rates: list[float]) -> torch.Tensor:
-    """sum over edges of rate (e_i - e_j)(e_i - e_j)^T, fp64."""
-    lap = torch.zeros(n, n, dtype=torch.float64)
-    for (i, j), r in zip(edges, rates):
-        lap[i, i] += r
-        lap[j, j] += r
-        lap[i, j] -= r
-        lap[j, i] -= r
-    return lap
-
-
-def chi1(lap: torch.Tensor) -> float:
-    """1 / the smallest positive eigenvalue (the graph is connected: the second one)."""
-    return float(1.0 / torch.linalg.eigvalsh(lap)[1])
-
-
-def resistances(lap: torch.Tensor, edges: list[tuple[int, int]]) -> list[float]:
-    """(1/2)(e_i - e_j)^T lap^+ (e_i - e_j) per edge (the authors' chi_2 convention)."""
-    pinv = torch.linalg.pinv(lap)
-    return [0.5 * float(pinv[i, i] + pinv[j, j] - 2 * pinv[i, j]) for i, j in edges]
-
-
-def gossip_rates(topo: Topology, kind: str = "uniform", total: float | None = None) -> list[float]:
-    """Per-edge gossip rates over `undirected_edges(topo)` (module docstring)."""
-    edges = undirected_edges(topo)
-    unit = laplacian(topo.n, edges, [1.0 / len(edges)] * len(edges))
-    if total is None:
-        total = math.sqrt(2 * chi1(unit) * max(resistances(unit, edges)))
-    if kind == "uniform":
-        return [total / len(edges)] * len(edges)
-    if kind == "resistance":
-        res = resistances(laplacian(topo.n, edges, [1.0] * len(edges)), edges)
-        return [total * r / sum(res) for r in res]
-    raise ValueError(f"unknown gossip rates {kind!r}: choose uniform or resistance (no SDP solver)")
 
 
 # -- constants and the schedule -----------------------------------------------------------------
@@ -179,6 +139,10 @@ class NodeState:
     @property
     def x(self) -> torch.Tensor:
         return self.P[0]
+
+    def peek(self, t: float) -> torch.Tensor:
+        """X at time t >= self.t had no event happened since self.t (the state is unchanged)."""
+        return (torch.linalg.matrix_exp(self.c.M * (t - self.t)) @ self.P)[0]
 
     def ode(self, t: float) -> None:
         self.P = torch.linalg.matrix_exp(self.c.M * (t - self.t)) @ self.P
@@ -269,14 +233,29 @@ class DADAONode:
         rates = gossip_rates(topo) if rates is None else rates
         self.state = NodeState(x0, constants_for(topo, rates, mu, L))
         self.events = node_events(comm.rank, edges, rates, seed, t_max, grad_rate)
+        self.t_max = t_max
         self.dropped: set[int] = set()
         self.gradients = self.gossips = 0
         self.bytes_to: dict[int, int] = {}
+        self.trace: list[tuple[float, torch.Tensor, int, int]] = []
+        """(t, x_i(t), gradients, gossips so far) at each of run's `checkpoints`."""
 
-    def run(self, stall: Callable[[int], None] | None = None) -> NodeState:
-        """Play every event; `stall(event_index)`: a test's hook to freeze this node."""
+    def run(
+        self, stall: Callable[[int], None] | None = None, checkpoints: list[float] = ()
+    ) -> NodeState:
+        """Play every event; `stall(event_index)`: a test's hook to freeze this node;
+        `checkpoints`: times at which to record the node's x into `self.trace` (read off the
+        ODE between events: recording changes nothing)."""
         me, s = self.comm.rank, self.state
+        marks = sorted(c for c in checkpoints if 0 <= c <= self.t_max)
+
+        def record_until(t: float) -> None:
+            while marks and marks[0] <= t:
+                c = marks.pop(0)
+                self.trace.append((c, s.peek(c), self.gradients, self.gossips))
+
         for n_event, (t, peer, k) in enumerate(self.events):
+            record_until(t)
             if stall is not None:
                 stall(n_event)
             if peer < 0:
@@ -303,6 +282,7 @@ class DADAONode:
             self.bytes_to[peer] = self.bytes_to.get(peer, 0) + mine.numel() * mine.element_size()
             s.gossip(mine, theirs)
             self.gossips += 1
+        record_until(self.t_max)
         return s
 
 

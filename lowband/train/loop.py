@@ -23,8 +23,8 @@ from lowband.algorithms import build_algorithm
 from lowband.algorithms.robust import robust_label
 from lowband.comm import Comm
 from lowband.config import TrainConfig
-from lowband.data import eval_batches, load_corpus, split_eval
-from lowband.data.partition import make_sampler
+from lowband.data import eval_batches, load_corpus
+from lowband.data.partition import make_sampler, split_heldout
 from lowband.errors import CheckpointError
 from lowband.models import build_model
 from lowband.seqpar.train import SeqParallel
@@ -230,7 +230,7 @@ def train_worker(
 
 def _train(cfg: TrainConfig, session: LocalSession, run: RunDir, device, resume: bool) -> dict:
     corpus = load_corpus(cfg.data)
-    train_tokens, eval_tokens = split_eval(corpus)
+    train_tokens, eval_tokens = split_heldout(corpus, cfg.partition)  # iid: the tail, as before
     steps = total_steps(cfg, session.world)
     fp = fingerprint(cfg, corpus.sha256)
     sp = SeqParallel.from_config(cfg, session.comm, device)  # sequence parallelism; off: a no-op

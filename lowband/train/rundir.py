@@ -242,6 +242,8 @@ def fingerprint(cfg: TrainConfig, corpus_sha256: str) -> str:
     for k, default in _ADDED_LATER.items():  # runs from before a field existed still match
         if d.get(k) == default:
             d.pop(k)
+    if d.get("partition", "iid") != "iid":  # held out across sources since #15, not the tail
+        d["heldout"] = "global"
     d["corpus_sha256"] = corpus_sha256
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
