@@ -474,11 +474,17 @@ class StreamingDiLoCo(Algorithm):
             delta = self._pseudo_gradient(fragment)
         own = delta  # this worker's contribution to the average (eager's local proxy)
         if self.compressor is not None:  # SparseLoCo: error feedback, top-k, all-gather
+            if scale == 0.0:  # a member healing this round contributes nothing (elastic)
+                delta = torch.zeros_like(delta)
             payload = self.compressor.compress_(
                 self.error[fragment], delta, self.options.error_decay
             )
             sent = self.compressor.exchange_bytes(delta.numel(), comm.size)
-            reduce = functools.partial(self._sparse_average, numel=delta.numel(), scale=scale)
+            # the mean over the members that contributed: the same factor on every member
+            contributors = max(1, sum(self.sync.contributing))
+            reduce = functools.partial(
+                self._sparse_average, numel=delta.numel(), scale=comm.size / contributors
+            )
             if self.eager:
                 own = self.compressor.dense(
                     *self.compressor.unpack(payload, delta.numel()), delta.numel()
@@ -528,8 +534,8 @@ class StreamingDiLoCo(Algorithm):
             p.copy_((g + o).to(p.dtype))
 
     def _sparse_average(self, payload: torch.Tensor, *, numel: int, scale: float, comm: Comm):
-        """The mean of every worker's decoded sparse update (x `scale` in an elastic round, whose
-        non-contributing members sent zeros)."""
+        """The mean of every worker's decoded sparse update, x `scale` = members / contributors
+        (an elastic round whose healing members sent zeros; 1 otherwise), on every member alike."""
         avg = self.compressor.average(payload, numel, comm)
         return avg.mul_(scale) if scale != 1.0 else avg
 
