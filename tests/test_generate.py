@@ -164,7 +164,10 @@ def test_cli_streams_text_and_prints_timings(capsys):
         (["--parallel", "tp", "--workers", "8", "--model", "1m"], "does not divide"),
         (["--parallel", "pp", "--workers", "5"], "5 stages for the model's 4 layers"),
         (["--parallel", "xx"], "unknown --parallel 'xx'"),
-        (["--parallel", "splitwise", "--workers", "3"], "splitwise runs 2 workers"),
+        (
+            ["--parallel", "splitwise", "--workers", "3", "--prefill-workers", "3"],
+            "at least 1 each",
+        ),
         (["--parallel", "lamina", "--workers", "4"], "3 memory workers, which must divide"),
         (["--parallel", "pp", "--workers", "2", "--memory-budget", "9"], "--memory-budget streams"),
         (["--memory-budget", "0.5"], "the sliding window needs 2"),
@@ -191,3 +194,36 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
     assert code == 2
     assert message in err
     assert err.count("\n") == 1
+
+
+def test_gpu_generate_benchmark_smoke_on_cpu_matches_transformers_tokens(tmp_path, monkeypatch):
+    # benchmarks/gpu_generate.py --device cpu --tiny: lowband and transformers decode the same
+    # weights (fp32), so their greedy tokens agree; the JSON and markdown tables are written
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_generate.py"
+    spec = importlib.util.spec_from_file_location("gpu_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = [
+        "gpu_generate.py",
+        "--device",
+        "cpu",
+        "--tiny",
+        "--batch",
+        "1,2",
+        "--out",
+        str(tmp_path),
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    rows = json.loads((tmp_path / "gpu_generate.json").read_text())["rows"]
+    assert [(r["impl"], r["batch"]) for r in rows] == [
+        ("lowband eager", 1), ("transformers generate", 1),
+        ("lowband eager", 2), ("transformers generate", 2),
+    ]  # fmt: skip
+    assert all(r["agree_tokens"] == r["new_tokens"] == 8 and r["tokens_per_s"] > 0 for r in rows)
+    assert "| tiny | 2 | transformers generate |" in (tmp_path / "gpu_generate.md").read_text()

@@ -207,3 +207,119 @@ def test_a_budget_below_two_layers_is_refused_in_one_line(tmp_path):
     cfg = GenerateConfig(prompt=PROMPT, max_new_tokens=4, memory_budget=0.5)
     with pytest.raises(ConfigError, match=r"holds 0 layer\(s\) of 0\.75 MB .* needs 2"):
         run_one(cfg, run_ranks(1, lambda comm: comm)[0], sharp_model(), None, tmp_path)
+
+
+def request_refs(model, n: int, **kw) -> list[list[int]]:
+    """Each of n requests' tokens from one process (request i: its prompt, seed + i)."""
+    from lowband.serve.requests import request_prompt
+
+    seed = kw.pop("seed", 0)
+    return [
+        single_prompt(model, request_prompt(PROMPT, i, n), seed=seed + i, **kw) for i in range(n)
+    ]
+
+
+def single_prompt(model, prompt: str, **kw) -> list[int]:
+    cfg = GenerateConfig(prompt=prompt, max_new_tokens=8, **kw)
+    return generate_local(model, cfg)["tokens"][0]
+
+
+@pytest.mark.parametrize("micro_batches", [0, 2])  # one request each; two padded batches
+def test_pipeline_micro_batches_give_each_request_its_single_process_tokens(micro_batches):
+    model = sharp_model()
+    model.output.weight.div_(10.0)
+    kw = dict(temperature=0.9, top_p=0.9, seed=7)
+    n = 5
+    cfg = GenerateConfig(
+        prompt=PROMPT, max_new_tokens=8, parallel="pp", requests=n,
+        micro_batches=micro_batches, **kw,
+    )  # fmt: skip
+    results = run_ranks(3, lambda comm: (run_one(cfg, comm, model), comm.stats.bytes_sent))
+    out = results[0][0]
+    assert out["tokens"] == request_refs(model, n, **kw)
+    assert [len(r["gaps_s"]) for r in out["requests"]] == [7] * n
+    # stage 0 and 1 send each micro-batch's h (B x L x E fp32) per step, the last the tokens
+    from lowband.serve.requests import make_requests
+
+    reqs = make_requests(cfg)
+    m = micro_batches or n
+    batches = [reqs[j::m] for j in range(m)]
+    h = sum(len(b) * (max(len(r.prompt) for r in b) + 7) * 128 * 4 for b in batches)
+    assert [b for _, b in results] == [h, h, n * 8 * 8]
+
+
+@pytest.mark.parametrize("sampling", [False, True])
+def test_splitwise_pools_route_a_stream_and_give_single_process_tokens(sampling):
+    model = sharp_model()
+    model.output.weight.div_(10.0)
+    kw = dict(temperature=0.9, top_p=0.9, seed=5) if sampling else {}
+    n = 6
+    cfg = GenerateConfig(
+        prompt=PROMPT, max_new_tokens=8, parallel="splitwise", requests=n, prefill_workers=2,
+        arrival_rate=200.0, **kw,
+    )  # fmt: skip
+    results = run_ranks(4, lambda comm: (run_one(cfg, comm, model), comm.stats.bytes_sent))
+    out = results[0][0]
+    assert out["tokens"] == request_refs(model, n, **kw)
+    recs = out["requests"]
+    assert {r["decode_worker"] for r in recs} == {0, 1}
+    assert {r["prefill_worker"] for r in recs} == {2, 3}
+    arrivals = [r["arrival_s"] for r in recs]
+    assert arrivals == sorted(arrivals) and arrivals[-1] > 0
+    # a prefill worker sends, per request: 4 layers x (k, v) x 2 kv heads x L x 32 fp32, token
+    state = torch.Generator().get_state().numel() if sampling else 0
+    for p in (2, 3):
+        expect = sum(
+            4 * 2 * 2 * r["prompt_tokens"] * 32 * 4 + 8 + state
+            for r in recs
+            if r["prefill_worker"] == p
+        )
+        assert results[p][1] == expect
+    assert results[0][1] == results[1][1] == 0  # decode workers send nothing
+
+
+def test_colocated_workers_serve_their_own_requests_without_communication():
+    model = sharp_model()
+    cfg = GenerateConfig(prompt=PROMPT, max_new_tokens=8, parallel="colocated", requests=4)
+    results = run_ranks(2, lambda comm: (run_one(cfg, comm, model), comm.stats.bytes_sent))
+    out = results[0][0]
+    assert out["tokens"] == request_refs(model, 4)
+    assert {r["decode_worker"] for r in out["requests"]} == {0, 1}
+    assert [b for _, b in results] == [0, 0]
+
+
+def test_stream_options_that_cannot_apply_are_refused():
+    from lowband.errors import ConfigError
+    from lowband.serve import validate_generate
+
+    bad = [
+        (dict(parallel="tp", workers=2, requests=3), "--requests 3 runs with"),
+        (dict(parallel="pp", workers=2, requests=2, micro_batches=3), "at most --requests"),
+        (dict(parallel="pp", workers=2, requests=2, arrival_rate=5.0), "--arrival-rate needs"),
+        (dict(parallel="splitwise", workers=2, prefill_workers=2), "at least 1 each"),
+        (dict(parallel="tp", workers=2, link="1gbit:1ms", link_map="x.json"), "exclude each other"),
+    ]
+    for kw, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            validate_generate(GenerateConfig(prompt=PROMPT, **kw))
+
+
+def test_a_link_map_sets_each_pairs_link_for_generate(tmp_path):
+    import json
+
+    from lowband.errors import ConfigError
+    from lowband.serve import validate_generate
+
+    path = tmp_path / "links.json"
+    path.write_text(json.dumps({"default": "10gbit:0ms", "pairs": [[0, 1, "1gbit:40ms"]]}))
+    ckpt = tmp_path / "rank0.pt"
+    torch.save({"model": sharp_model().state_dict()}, ckpt)
+    cfg = GenerateConfig(
+        init=str(ckpt), prompt=PROMPT, max_new_tokens=3, workers=2, parallel="pp",
+        link_map=str(path), quiet=True,
+    )  # fmt: skip
+    (r,) = generate(cfg)
+    assert r["tokens"][0] == single(sharp_model())[:3]
+    assert r["tbt_p50_s"] >= 0.04  # the 40 ms pair, not the default
+    with pytest.raises(ConfigError, match="worker 1 named, but --workers is 1"):
+        validate_generate(GenerateConfig(prompt=PROMPT, link_map=str(path)))

@@ -22,12 +22,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ms = lambda s: "-" if s is None else f"{s * 1e3:.1f} ms"  # noqa: E731
     mode = cfg.parallel if cfg.parallel != "tp" else f"tp/{cfg.allreduce}"
     print(
-        f"{cfg.model} {mode} x{cfg.workers} link {cfg.link or 'none'}: {len(r['tokens'][0])} tokens, "
+        f"{cfg.model} {mode} x{cfg.workers} link {cfg.link or (cfg.link_map and 'map ' + cfg.link_map) or 'none'}: {len(r['tokens'][0])} tokens, "
         f"TTFT {ms(r['ttft_s'])}, TBT {ms(r['tbt_mean_s'])} (p50 {ms(r['tbt_p50_s'])}, "
         f"max {ms(r['tbt_max_s'])}), {r['tokens_per_s']:.1f} tokens/s, "
         f"bytes sent per worker {r['bytes_sent_by_worker']}",
         file=sys.stderr,
     )
+    if "requests" in r and len(r["requests"]) > 1:
+        print(
+            f"{len(r['requests'])} requests: TTFT p50 {ms(r['ttft_p50_s'])}, p90 "
+            f"{ms(r['ttft_p90_s'])}; TBT p50 {ms(r['tbt_p50_s'])}, p90 {ms(r['tbt_p90_s'])}; "
+            f"{r['tokens_per_s']:.1f} tokens/s over all requests (the line above: request 0's "
+            "tokens; TTFT: mean over requests; TBT: over all of them)",
+            file=sys.stderr,
+        )
     if "memory" in r:
         m, mb = r["memory"], 2**20
         print(
@@ -42,7 +50,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def add_generate_parser(sub, add_config_flags) -> None:
     g = sub.add_parser(
         "generate",
-        help="generate text with a KV cache, on one process or split over workers (tp, pp)",
+        help="generate text with a KV cache, on one process or split over workers",
         description="Generate from a prompt: greedy, temperature or top-p sampling, streamed to "
         "stdout; TTFT, TBT and tokens/s on stderr. --parallel tp|pp splits the model over "
         "--workers local processes behind an emulated --link (docs/inference.md).",

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from lowband.config import BIG, check_ranges
 from lowband.errors import ConfigError
 
-PARALLEL_MODES = ("none", "tp", "pp", "lamina", "splitwise")
+PARALLEL_MODES = ("none", "tp", "pp", "lamina", "splitwise", "colocated")
+STREAM_MODES = ("pp", "splitwise", "colocated")  # modes that serve --requests N > 1
 ALLREDUCE = ("ring", "star", "tree")
 
 
@@ -35,13 +36,23 @@ class GenerateConfig:
     seed: int = 0
     """Seed of the sampler (and of the weights when there is no --init)."""
     parallel: str = "none"
-    """none (one process), tp (attention heads and FFN columns split over --workers; TPI-LLM), pp (layers split into --workers stages), lamina (worker 0 computes, the others hold the KV cache and run attention; Lamina) or splitwise (worker 1 runs the prompt and ships the KV cache layer by layer, worker 0 decodes; 2 workers)."""
+    """none (one process), tp (attention heads and FFN columns split over --workers; TPI-LLM), pp (layers split into --workers stages), lamina (worker 0 computes, the others hold the KV cache and run attention; Lamina), splitwise (a prefill pool of --prefill-workers runs the prompts and ships each KV cache layer by layer to a decode pool of the others; Splitwise) or colocated (every worker prefills and decodes its own requests: splitwise's baseline)."""
     allreduce: str = "ring"
     """--parallel tp's all-reduce: ring (2(W-1) latency hops), star (2 hops through worker 0; TPI-LLM) or tree (recursive doubling, log2 W hops; W a power of two)."""
     workers: int = 1
     """Worker processes (Gloo on CPU, --threads threads each)."""
     link: str | None = None
     """Emulated link between workers, BANDWIDTH:LATENCY[:JITTER][:LOSS%], as for `lowband train`."""
+    link_map: str | None = None
+    """A JSON file with a link per pair of workers (lowband.comm.LinkMap: default, sites with intra/inter links, named pairs); excludes --link."""
+    requests: int = 1
+    """Requests to serve (> 1: request i's prompt is --prompt repeated 1 + i mod 3 times then '#i', its sampler seeded --seed + i). With --parallel pp, splitwise or colocated."""
+    micro_batches: int = 0
+    """--parallel pp with --requests > 1: micro-batches kept in flight through the stages (requests dealt round-robin into them, each a left-padded batch); 0: one per request."""
+    arrival_rate: float = 0.0
+    """Requests per second arriving (a Poisson process seeded by --seed), for splitwise and colocated; 0: all at once."""
+    prefill_workers: int = 1
+    """--parallel splitwise: workers in the prefill pool (the last ones); the others decode."""
     device: str = "cpu"
     """cpu, cuda, or auto (one GPU per worker when there are enough GPUs, else CPU)."""
     threads: int = 1
@@ -63,7 +74,8 @@ class GenerateConfig:
 GENERATE_RANGES: dict[str, tuple[float | None, float | None]] = {
     "max_new_tokens": (1, BIG), "temperature": (0.0, 1e6), "top_p": (1e-9, 1.0),
     "seed": (0, 2**63 - 1), "workers": (1, 4096), "threads": (1, 1024),
-    "memory_budget": (1e-6, 1e9),
+    "memory_budget": (1e-6, 1e9), "requests": (1, 10**6), "micro_batches": (0, 10**6),
+    "arrival_rate": (0.0, 1e9), "prefill_workers": (1, 4096),
 }  # fmt: skip
 
 
@@ -102,7 +114,6 @@ def check_tp_split(n_heads: int, n_kv_heads: int, ffn_dim: int, workers: int) ->
 
 def validate_generate(cfg: GenerateConfig) -> None:
     """Everything that can be checked before a worker starts. Raises ConfigError (one line)."""
-    from lowband.comm import LinkSpec
     from lowband.models import PRESETS
     from lowband.zo.models import check_model_name
 
@@ -122,13 +133,31 @@ def validate_generate(cfg: GenerateConfig) -> None:
         raise ConfigError(f"unknown --device {cfg.device!r}; choose cpu, cuda or auto")
     if cfg.parallel == "none" and cfg.workers > 1:
         raise ConfigError(f"--workers {cfg.workers} needs --parallel tp or pp")
+    if cfg.requests > 1 and cfg.parallel not in STREAM_MODES:
+        raise ConfigError(
+            f"--requests {cfg.requests} runs with --parallel {', '.join(STREAM_MODES)}; "
+            f"--parallel {cfg.parallel} serves one request"
+        )
+    if cfg.micro_batches and (cfg.parallel != "pp" or cfg.micro_batches > cfg.requests):
+        raise ConfigError(
+            f"--micro-batches {cfg.micro_batches} needs --parallel pp and at most --requests "
+            f"({cfg.requests}) micro-batches"
+        )
+    if cfg.arrival_rate and cfg.parallel not in ("splitwise", "colocated"):
+        raise ConfigError("--arrival-rate needs --parallel splitwise or colocated")
+    if cfg.prefill_workers != 1 and cfg.parallel != "splitwise":
+        raise ConfigError("--prefill-workers needs --parallel splitwise")
     if cfg.parallel != "none" and cfg.model.startswith("hf:"):
         raise ConfigError(
             f"--parallel {cfg.parallel} runs lowband presets; {cfg.model} runs in one process"
         )
-    LinkSpec.parse(cfg.link)
+    from lowband.comm.link import resolve_link
+
+    link = resolve_link(cfg.link, cfg.link_map)
+    if cfg.link_map:
+        link.check(cfg.workers)
     if cfg.memory_budget is not None and (
-        cfg.parallel in ("pp", "lamina", "splitwise") or cfg.model.startswith("hf:")
+        cfg.parallel in ("pp", "lamina", "splitwise", "colocated") or cfg.model.startswith("hf:")
     ):
         raise ConfigError(
             "--memory-budget streams the layers of a preset with --parallel none or tp"
@@ -136,10 +165,16 @@ def validate_generate(cfg: GenerateConfig) -> None:
     if cfg.model.startswith("hf:"):
         return
     shape = PRESETS[cfg.model]
-    total = len(cfg.prompt.encode("utf-8")) + cfg.max_new_tokens
+    from lowband.serve.requests import request_prompt
+
+    longest = max(
+        len(request_prompt(cfg.prompt, i, cfg.requests).encode("utf-8"))
+        for i in range(cfg.requests)
+    )
+    total = longest + cfg.max_new_tokens
     if total > shape.max_seq_len:
         raise ConfigError(
-            f"prompt ({total - cfg.max_new_tokens} bytes) + --max-new-tokens {cfg.max_new_tokens} "
+            f"prompt ({longest} bytes) + --max-new-tokens {cfg.max_new_tokens} "
             f"exceeds the model's {shape.max_seq_len} positions"
         )
     if cfg.parallel == "tp":
@@ -149,7 +184,7 @@ def validate_generate(cfg: GenerateConfig) -> None:
     if cfg.parallel == "splitwise":
         from lowband.serve.splitwise import check_splitwise
 
-        check_splitwise(cfg.workers)
+        check_splitwise(cfg.workers, cfg.prefill_workers)
     if cfg.parallel == "lamina":
         from lowband.serve.lamina import check_lamina_split
 

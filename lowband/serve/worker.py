@@ -28,9 +28,10 @@ from lowband.serve.engine import (
     load_model,
 )
 from lowband.serve.lamina import lamina_generate
-from lowband.serve.pp import Stage, pp_decode_loop
+from lowband.serve.pp import Stage, pp_decode_loop, pp_requests
+from lowband.serve.requests import gather_records, make_requests, start_together, summarize
 from lowband.serve.sampling import Sampler
-from lowband.serve.splitwise import splitwise_generate
+from lowband.serve.splitwise import colocated_requests, splitwise_requests
 from lowband.serve.tp import TPShard
 from lowband.serve.window import stream_layers, tensor_bytes
 from lowband.train.rundir import RunDir
@@ -39,16 +40,33 @@ from lowband.train.rundir import RunDir
 def run_one(
     cfg: GenerateConfig, comm: Comm, model, on_token=None, weights_dir: Path | None = None
 ) -> dict[str, Any] | None:
-    """One request in cfg's mode on this worker; the result on worker 0, None elsewhere.
+    """cfg's request (or --requests N of them) in cfg's mode on this worker; the result on
+    worker 0, None elsewhere (several requests: lowband.serve.requests.summarize's figures).
     With cfg.memory_budget the layers are written under `weights_dir` and streamed back
     (lowband.serve.window); `model` then loses its layers."""
     device = next(model.parameters()).device
     if cfg.parallel == "none" and not hasattr(model, "forward_cached"):  # hf: its own cache
         return generate_local(model, cfg, on_token)
+    stream = None if on_token is None else (lambda rid, t: on_token(t) if rid == 0 else None)
+    if cfg.parallel in ("splitwise", "colocated"):
+        # a stream of requests over pools of workers; the figures are collected on worker 0
+        reqs = make_requests(cfg)
+        start_together(comm, model)
+        sample = (cfg.max_new_tokens, cfg.temperature, cfg.top_p, stream)
+        if cfg.parallel == "splitwise":
+            records = splitwise_requests(model, comm, reqs, cfg.prefill_workers, *sample)
+        else:
+            records = colocated_requests(model, comm, reqs, *sample)
+        every = gather_records(comm, records)
+        return None if every is None else summarize(every)
+    if cfg.parallel == "pp" and cfg.requests > 1:
+        stage = Stage(model, comm.rank, comm.size)
+        return pp_requests(
+            stage, comm, make_requests(cfg), cfg.micro_batches, cfg.max_new_tokens,
+            cfg.temperature, cfg.top_p, stream,
+        )  # fmt: skip
     prompt_BL = torch.tensor([encode(cfg.prompt)], device=device)
     sampler = Sampler(cfg.temperature, cfg.top_p, cfg.seed)
-    if cfg.parallel == "splitwise":
-        return splitwise_generate(model, comm, prompt_BL, cfg.max_new_tokens, sampler, on_token)
     if cfg.parallel == "lamina":
         return lamina_generate(model, comm, prompt_BL, cfg.max_new_tokens, sampler, on_token)
     if cfg.parallel == "pp":
