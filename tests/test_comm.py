@@ -316,3 +316,23 @@ def test_link_map_point_to_point_takes_the_pair_link_and_collectives_the_slowest
     assert times["fast"] < 0.05 <= 0.08 <= times["slow"]
     rounds = acc.all_reduce_traffic(4, 4, 0, 4).rounds
     assert times["all_reduce"] >= rounds * 0.08
+
+
+def test_messages_pipeline_on_a_link_collectives_queue():
+    """Two small messages sent back to back both arrive one latency after they are sent (the
+    wire is busy only while their bytes go out); two all-reduces queue whole (test above)."""
+    link = LinkSpec.parse("1gbit:100ms")
+
+    def body(comm: Comm):
+        comm.barrier()
+        t0 = time.perf_counter()
+        if comm.rank == 0:
+            works = [comm.send(torch.ones(10), 1, tag=i, async_op=True) for i in range(2)]
+        else:
+            works = [comm.recv(torch.empty(10), 0, tag=i, async_op=True) for i in range(2)]
+        for w in works:
+            w.wait()
+        return time.perf_counter() - t0
+
+    for seconds in run_ranks(2, body, link=link):
+        assert 0.09 < seconds < 0.18  # one latency, not two

@@ -212,11 +212,14 @@ class Comm:
         downlink = traffic.sent == 0 and traffic.recv > 0
         wire = self._wire
         with wire.lock:  # a background thread may share the wire
-            free = wire.free.get((link, downlink), 0.0)
-            end = max(t_done, free) + link.sample_time(
-                traffic.critical_bytes, traffic.rounds, self._rng
-            )
-            wire.free[(link, downlink)] = end
+            start = max(t_done, wire.free.get((link, downlink), 0.0))
+            if peer is None:  # a collective: its rounds run one after another on the group
+                end = start + link.sample_time(traffic.critical_bytes, traffic.rounds, self._rng)
+                wire.free[(link, downlink)] = end
+            else:  # a message: the wire is busy while its bytes go out; latency is in flight
+                busy = link.sample_time(traffic.critical_bytes, 0, self._rng)
+                wire.free[(link, downlink)] = start + busy
+                end = start + busy + link.sample_time(0, traffic.rounds, self._rng)
         delay = end - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
