@@ -62,7 +62,8 @@ def test_predicted_seconds_follow_the_link_model():
 def test_plan_cli_ranks_and_explains(tmp_path, capsys):
     js = tmp_path / "plan.json"
     argv = ["plan", "--model", "125m", "--tokens", "2e9", "--workers", "8", "--link", "1gbit:80ms",
-            "--tokens-per-s", "400000", "--batch-size", "16", "--seq-len", "2048", "--json", str(js)]  # fmt: skip
+            "--tokens-per-s", "400000", "--batch-size", "16", "--seq-len", "2048", "--json", str(js),
+            "--rank", "budget"]  # fmt: skip
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "recommended" in text and "assumptions" in text.lower()
@@ -99,3 +100,35 @@ def test_probe_measures_what_the_emulated_link_sets_and_plan_reads_it(tmp_path, 
     link = LinkSpec.parse(plan["link"])  # the probe's slowest pair, largest latency
     assert plan["workers"] == 2 and link.bandwidth_bps == pytest.approx(20e6, rel=0.1)
     assert link.latency_s == pytest.approx(0.100, rel=0.1)
+
+
+def test_plan_ranks_by_time_to_ddps_loss_with_the_measured_gaps(tmp_path):
+    """--rank loss (the default): every row's time to DDP's loss is its time to the budget times
+    (1 + measured gap)^(1/0.28); over a slow link the fewest bytes win the budget, but Streaming
+    DiLoCo's smaller measured gap wins the loss."""
+    from lowband.plan.cost import Technique
+    from lowband.plan.penalty import MEASURED, gap, token_multiplier
+
+    assert gap(Technique("diloco", 100, bits=4)) == MEASURED["diloco"]
+    assert (
+        gap(Technique("streaming-diloco", 100, 4, 10, compress="topk:0.01:2")) == MEASURED["sparse"]
+    )
+    assert not gap(Technique("ddp", bits=8)).measured
+    assert token_multiplier(MEASURED["ddp"]) == 1.0
+    assert token_multiplier(MEASURED["streaming-diloco"]) == pytest.approx(
+        (0.9500 / 0.8323) ** (1 / 0.28)
+    )
+    plans = {}
+    for rank in ("budget", "loss"):
+        js = tmp_path / f"{rank}.json"
+        argv = ["plan", "--model", "125m", "--tokens", "1e9", "--workers", "8", "--link",
+                "30mbit:100ms", "--tokens-per-s", "466000", "--rank", rank, "--json", str(js)]  # fmt: skip
+        assert main(argv) == 0
+        plans[rank] = json.loads(js.read_text())
+    for r in plans["loss"]["rows"]:
+        mult = (1 + max(0.0, r["loss_gap"])) ** (1 / 0.28)
+        assert r["time_to_ddp_loss_s"] == pytest.approx(r["time_to_budget_s"] * mult)
+    times = [r["time_to_ddp_loss_s"] for r in plans["loss"]["rows"]]
+    assert times[0] <= 1.02 * min(times) and times[1:] == sorted(times[1:])
+    assert "sparse" in plans["budget"]["recommended"]
+    assert "4-bit" in plans["loss"]["recommended"]

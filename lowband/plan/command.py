@@ -10,6 +10,8 @@ from pathlib import Path
 from lowband.comm import LinkSpec
 from lowband.errors import ConfigError
 from lowband.plan.cost import Workload, candidates, predict
+from lowband.plan.penalty import ASSUMPTION as LOSS_ASSUMPTION
+from lowband.plan.penalty import gap, token_multiplier
 
 ASSUMPTIONS = [
     "compute: the per-worker rate you gave (--tokens-per-s, measured: `lowband probe` or "
@@ -23,9 +25,7 @@ ASSUMPTIONS = [
     "memory: fp32 parameters, gradients and AdamW moments (16 N bytes), +8 N for the DiLoCo "
     "family's outer copy and momentum or error buffer, activations 34 x batch x seq x dim bytes "
     "per layer (bf16, fused attention; Korthikanti et al. 2022)",
-    "loss is NOT modelled: the ranking is by time to the token budget. Low-communication methods "
-    "can need more tokens for the same loss (benchmarks/RESULTS.md: DiLoCo family vs DDP); "
-    "check your target loss with a short run of the top choices",
+    LOSS_ASSUMPTION,
 ]
 
 
@@ -53,6 +53,13 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument(
+        "--rank",
+        choices=("loss", "budget"),
+        default="loss",
+        help="loss: by predicted time to DDP's loss at the budget (measured gaps, extrapolated); "
+        "budget: by time to the token budget, loss ignored (default: loss)",
+    )
     p.add_argument("--top", type=int, default=12, help="rows to print")
     p.add_argument("--json", type=Path, help="write the whole plan here")
     p.set_defaults(fn=run)
@@ -142,34 +149,55 @@ def run(args: argparse.Namespace) -> int:
     measured = _read_probe(args) if args.probe is not None else None
     n, link = _workers_and_link(args, measured)
     w = _workload(args)
-    preds = sorted((predict(w, t, n, link) for t in candidates()), key=lambda p: p.time_to_budget_s)
-    # Within 2% of the fastest, prefer the smallest H (the least stale: loss is not modelled),
-    # then the fewest bytes.
-    fastest = preds[0].time_to_budget_s
-    near = [p for p in preds if p.time_to_budget_s <= 1.02 * fastest]
+    preds = [predict(w, t, n, link) for t in candidates()]
+    to_loss = {id(p): p.time_to_budget_s * token_multiplier(gap(p.technique)) for p in preds}
+
+    def key(p) -> float:
+        return to_loss[id(p)] if args.rank == "loss" else p.time_to_budget_s
+
+    preds.sort(key=key)
+    # Within 2% of the fastest, prefer the smallest H (the least stale), then the fewest bytes.
+    near = [p for p in preds if key(p) <= 1.02 * key(preds[0])]
     best = min(near, key=lambda p: (p.technique.sync_every, p.bytes_per_step))
     preds.remove(best)
     preds.insert(0, best)
-    rows = [p.row() for p in preds]
+    rows = []
+    for p in preds:
+        g = gap(p.technique)
+        rows.append(
+            {
+                **p.row(),
+                "loss_gap": g.relative,
+                "loss_gap_source": g.source,
+                "loss_gap_measured": g.measured,
+                "time_to_ddp_loss_s": to_loss[id(p)],
+            }
+        )
     print(
         f"lowband plan: {w.params / 1e6:,.0f}M parameters, {n} workers, link {link or 'none'}, "
         f"{w.tokens:,.0f} tokens, {w.tokens_per_s:,.0f} tokens/s per worker "
         f"({1e3 * w.compute_s:.0f} ms per step of {w.step_tokens:,} tokens)\n"
     )
-    head = f"{'technique':<50} {'step':>9} {'exposed':>9} {'util':>5} {'MB/step':>9} {'memory':>8} {'to budget':>10}"
+    head = (
+        f"{'technique':<50} {'step':>9} {'exposed':>9} {'util':>5} {'MB/step':>9} {'memory':>8} "
+        f"{'to budget':>10} {'loss gap':>8} {'to DDP loss':>11}"
+    )
     print(head)
     print("-" * len(head))
     for p in preds[: args.top]:
         print(
             f"{p.technique.label():<50} {1e3 * p.step_s:>7.0f}ms {1e3 * p.exposed_s:>7.0f}ms "
             f"{100 * p.utilisation:>4.0f}% {p.bytes_per_step / 1e6:>9.2f} "
-            f"{p.memory_bytes / 2**30:>6.1f}GB {_duration(p.time_to_budget_s):>10}"
+            f"{p.memory_bytes / 2**30:>6.1f}GB {_duration(p.time_to_budget_s):>10} "
+            f"{100 * gap(p.technique).relative:>+7.0f}% {_duration(to_loss[id(p)]):>11}"
         )
     ddp = next(p for p in preds if p.technique.algo == "ddp" and p.technique.bits == 32)
+    ranked_by = "DDP's loss at the budget" if args.rank == "loss" else "the token budget"
     print(
-        f"\nrecommended: {best.technique.label()}: {100 * best.utilisation:.0f}% utilisation, "
-        f"{_duration(best.time_to_budget_s)} to the budget "
-        f"({ddp.time_to_budget_s / best.time_to_budget_s:.1f}x faster than DDP)\n"
+        f"\nrecommended (by time to {ranked_by}): {best.technique.label()}: "
+        f"{100 * best.utilisation:.0f}% utilisation, {_duration(best.time_to_budget_s)} to the "
+        f"budget, {_duration(to_loss[id(best)])} to DDP's loss "
+        f"({key(ddp) / key(best):.1f}x faster than DDP)\n"
         f"  lowband train {' '.join(best.technique.flags())}"
     )
     print("\nassumptions:")
@@ -180,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
             json.dumps(
                 {
                     "recommended": best.technique.label(),
+                    "rank": args.rank,
                     "workers": n,
                     "link": str(link),
                     "rows": rows,
