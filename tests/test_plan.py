@@ -32,6 +32,8 @@ def _workload() -> Workload:
         Technique("diloco", sync_every=4, bits=32),
         Technique("streaming-diloco", sync_every=4, fragments=2, overlap=1, bits=4),
         Technique("diloco", sync_every=4, compress="topk:0.05:2"),
+        Technique("noloco", sync_every=4, bits=16),
+        Technique("co2", sync_every=4, bits=4),
     ],
     ids=lambda t: t.label(),
 )

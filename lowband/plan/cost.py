@@ -84,11 +84,15 @@ class Technique:
     overlap: int = 0
     bits: int = 32
     compress: str | None = None
+    group_size: int = 2
+    """NoLoCo: replicas per gossip group."""
 
     def flags(self) -> list[str]:
         out = ["--algo", self.algo]
         if self.algo != "ddp":
             out += ["--sync-every", str(self.sync_every)]
+        if self.algo == "noloco":
+            out += ["--group-size", str(self.group_size)]
         if self.algo == "streaming-diloco":
             out += ["--fragments", str(self.fragments), "--overlap", str(self.overlap)]
         if self.compress:
@@ -100,8 +104,13 @@ class Technique:
     def label(self) -> str:
         if self.algo == "ddp":
             return "DDP" + (f" {self.bits}-bit" if self.bits != 32 else "")
-        name = {"diloco": "DiLoCo", "streaming-diloco": "Streaming DiLoCo"}[self.algo]
+        name = {
+            "diloco": "DiLoCo", "streaming-diloco": "Streaming DiLoCo", "noloco": "NoLoCo",
+            "co2": "CO2",
+        }[self.algo]  # fmt: skip
         knobs = [f"H={self.sync_every}"]
+        if self.algo == "noloco":
+            knobs.append(f"g={self.group_size}")
         if self.algo == "streaming-diloco":
             knobs += [f"P={self.fragments}", f"tau={self.overlap}"]
         knobs.append(f"sparse {self.compress[5:]}" if self.compress else f"{self.bits}-bit")
@@ -156,6 +165,22 @@ def sparse_gather(numel: int, n: int, spec: str, link: LinkSpec | None) -> tuple
     return _t(link, traffic), traffic.sent
 
 
+def group_exchange(numel: int, n: int, t: Technique, link: LinkSpec | None) -> tuple[float, int]:
+    """(seconds, bytes sent) of one NoLoCo round: the codec payload of the parameters sent point
+    to point to each of the other g - 1 members of the worker's group (the last group of an
+    uneven split is larger: this is the common case). The messages leave one after another on the
+    uplink and arrive a latency later (lowband.comm's message model)."""
+    g = min(t.group_size, n)
+    if g <= 1:
+        return 0.0, 0
+    codec = get_codec(t.bits)
+    payload = codec.payload_bytes(numel)
+    seconds = 0.0
+    if link is not None:
+        seconds = link.ideal_time((g - 1) * payload, 0) + link.ideal_time(0, 1)
+    return seconds, (g - 1) * payload
+
+
 def memory_bytes(w: Workload, t: Technique) -> int:
     """Parameters, gradients and AdamW moments in fp32 (16 N), the outer copy (4 N) and outer
     momentum or error buffer (4 N) of the DiLoCo family, and activations estimated for bf16 with
@@ -167,29 +192,36 @@ def memory_bytes(w: Workload, t: Technique) -> int:
     return state + activations
 
 
-def predict(w: Workload, t: Technique, n: int, link: LinkSpec | None) -> Prediction:
-    tc = w.compute_s
+def sync_costs(w: Workload, t: Technique, n: int, link: LinkSpec | None) -> list[tuple[float, int]]:
+    """(seconds, bytes each worker sends) of each synchronisation in one period of `t`: DDP's one
+    all-reduce per step, DiLoCo's one per H steps, Streaming DiLoCo's one per fragment. The single
+    source of these numbers for `predict` and the simulator (lowband.plan.simulate)."""
     if t.algo == "ddp":
         if n == 1:
-            sync_s, sent = 0.0, 0
-        elif t.bits == 32:  # every bucket issued, then waited: they queue on the uplink
+            return [(0.0, 0)]
+        if t.bits == 32:  # every bucket issued, then waited: they queue on the uplink
             traffic = [all_reduce_traffic(b, 4, 0, n) for b in w.ddp_buckets()]
-            sync_s, sent = sum(_t(link, x) for x in traffic), sum(x.sent for x in traffic)
-        else:
-            sync_s, sent = quantized_reduce(w.params, n, t.bits, link)
+            return [(sum(_t(link, x) for x in traffic), sum(x.sent for x in traffic))]
+        return [quantized_reduce(w.params, n, t.bits, link)]
+    if t.algo == "noloco":
+        return [group_exchange(w.params, n, t, link)]
+    p = t.fragments if t.algo == "streaming-diloco" else 1
+    if t.compress:
+        return [sparse_gather(numel, n, t.compress, link) for numel in w.fragment_numels(p)]
+    return [quantized_reduce(numel, n, t.bits, link) for numel in w.fragment_numels(p)]
+
+
+def predict(w: Workload, t: Technique, n: int, link: LinkSpec | None) -> Prediction:
+    tc = w.compute_s
+    costs = sync_costs(w, t, n, link)
+    if t.algo == "ddp":
+        ((sync_s, sent),) = costs
         exposed, per_step = sync_s, float(sent)
     else:
-        p = t.fragments if t.algo == "streaming-diloco" else 1
-        times, sents = [], []
-        for numel in w.fragment_numels(p):
-            if t.compress:
-                secs, sent = sparse_gather(numel, n, t.compress, link)
-            else:
-                secs, sent = quantized_reduce(numel, n, t.bits, link)
-            times.append(secs)
-            sents.append(sent)
+        times, sents = [c[0] for c in costs], [c[1] for c in costs]
         sync_s = max(times)
-        hidden = t.overlap * tc  # a fragment's reduction runs during tau inner steps
+        # a fragment's reduction runs during tau inner steps; CO2's during the whole next round
+        hidden = (t.sync_every if t.algo == "co2" else t.overlap) * tc
         exposed = sum(max(0.0, x - hidden) for x in times) / t.sync_every
         per_step = sum(sents) / t.sync_every
     step_s = tc + exposed
@@ -209,7 +241,7 @@ def predict(w: Workload, t: Technique, n: int, link: LinkSpec | None) -> Predict
 
 def candidates(bits_choices=(32, 4), h_choices=(1, 30, 100, 500)) -> list[Technique]:
     """The techniques `lowband plan` ranks: DDP (fp32 and 8-bit), DiLoCo and Streaming DiLoCo at
-    several H and bits, and SparseLoCo at 1% / 2 bits."""
+    several H and bits, SparseLoCo at 1% / 2 bits, NoLoCo (groups of 2, bf16) and CO2 (4-bit)."""
     out = [Technique("ddp"), Technique("ddp", bits=8)]
     for h in h_choices:
         if h == 1:
@@ -222,4 +254,6 @@ def candidates(bits_choices=(32, 4), h_choices=(1, 30, 100, 500)) -> list[Techni
             out.append(Technique("streaming-diloco", h, p, tau, bits=4))
             out.append(Technique("streaming-diloco", h, p, tau, compress="topk:0.01:2"))
         out.append(Technique("diloco", sync_every=h, compress="topk:0.01:2"))
+        out.append(Technique("noloco", sync_every=h, bits=16))
+        out.append(Technique("co2", sync_every=h, bits=4))
     return out
