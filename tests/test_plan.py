@@ -134,3 +134,24 @@ def test_plan_ranks_by_time_to_ddps_loss_with_the_measured_gaps(tmp_path):
     assert times[0] <= 1.02 * min(times) and times[1:] == sorted(times[1:])
     assert "sparse" in plans["budget"]["recommended"]
     assert "4-bit" in plans["loss"]["recommended"]
+
+
+def test_plan_takes_a_link_map_as_its_slowest_pair(tmp_path, capsys):
+    """Two sites over a slow link plan like one slow link everywhere (a flat ring crosses it),
+    and a map that leaves a worker out is refused in one line."""
+    m = tmp_path / "sites.json"
+    m.write_text(
+        json.dumps({"sites": [[0, 1], [2, 3]], "intra": "100gbit:10us", "inter": "1gbit:80ms"})
+    )
+    common = ["plan", "--model", "125m", "--tokens", "1e9", "--workers", "4", "--tokens-per-s",
+              "466000"]  # fmt: skip
+    rows = {}
+    for name, flags in (("map", ["--link-map", str(m)]), ("flat", ["--link", "1gbit:80ms"])):
+        js = tmp_path / f"{name}.json"
+        assert main([*common, *flags, "--json", str(js)]) == 0
+        rows[name] = json.loads(js.read_text())["rows"]
+    assert rows["map"] == rows["flat"]
+    capsys.readouterr()
+    assert main(["plan", "--model", "125m", "--workers", "5", "--link-map", str(m),
+                 "--tokens-per-s", "466000"]) == 2  # fmt: skip
+    assert "no link between workers 0 and 4" in capsys.readouterr().err

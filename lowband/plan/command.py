@@ -47,6 +47,11 @@ def add_parser(sub) -> None:
     p.add_argument("--link", help="the link every worker sits behind, e.g. 1gbit:80ms")
     p.add_argument("--inter", help="with --sites: the link between sites")
     p.add_argument("--intra", help="with --sites: the link inside a site (reported only)")
+    p.add_argument(
+        "--link-map",
+        help="a link per pair of workers (the JSON of `lowband train --link-map`; with --workers): "
+        "collectives take the slowest pair, as lowband's emulation does",
+    )
     p.add_argument("--tokens-per-s", type=float, help="measured compute rate per worker (tokens/s)")
     p.add_argument(
         "--probe", type=Path, help="a network file from `lowband probe`: its link and compute rate"
@@ -90,6 +95,16 @@ def _read_probe(args) -> LinkSpec | None:
 def _workers_and_link(args, measured: LinkSpec | None) -> tuple[int, LinkSpec | None]:
     if measured is not None:
         return args.workers, measured
+    if getattr(args, "link_map", None):
+        from lowband.comm.link import LinkMap
+
+        if args.link is not None or args.sites is not None:
+            raise ConfigError("--link-map replaces --link and --sites: give one of them")
+        if args.workers is None or args.workers < 1:
+            raise ConfigError("--link-map needs --workers N (the ranks the map names)")
+        links = LinkMap.load(args.link_map)
+        links.check(args.workers)
+        return args.workers, links.for_ranks(range(args.workers))
     if args.sites:
         try:
             sites, per = (int(x) for x in args.sites.lower().split("x"))
