@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from outer_helpers import one_intra_op_thread  # noqa: F401
 
 from lowband.cli import main
 from lowband.decentral import parse_topology
@@ -25,14 +26,6 @@ from lowband.decentral.rates import (
 )
 from lowband.decentral.topology import Topology, metropolis
 from lowband.errors import ConfigError
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _barbell() -> Topology:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from outer_helpers import one_intra_op_thread  # noqa: F401
 from torch import nn
 
 from lowband.algorithms.dfedsam import DFedSAM, DFedSAMMGS
@@ -25,14 +26,6 @@ from lowband.errors import ConfigError
 from lowband.testing import run_ranks
 
 LR, D_IN, D_OUT = 0.1, 3, 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # -- topologies ---------------------------------------------------------------------------------
