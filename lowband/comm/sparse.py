@@ -20,10 +20,17 @@ for each chunk, k indices of ceil(log2(chunk)) bits each, k values of b bits eac
 into bytes, chunk by chunk), then one fp32 scale per chunk (none at b = 32). Nothing else travels:
 the counts are fixed by (numel, chunk, k, b), which every worker knows.
 
-The exchange is an all-gather of those payloads (the ring charges each worker (n - 1) payloads
-sent and received); every worker decodes all n and sums them in rank order. A reduce-scatter of
-sparse sums would cost less only when the union of the workers' indices stays sparse after a
-merge, which at 1-3% density and a handful of workers it barely does; not implemented.
+The exchange is whichever of two costs a worker fewer bytes for the group's size n (`exchange`):
+- "gather": an all-gather of those payloads (the ring charges each worker (n - 1) payloads sent
+  and received); every worker decodes all n and sums them in rank order. Its cost grows with n.
+- "dense": each worker decodes its own payload into a dense fp32 vector and the group averages
+  those with an fp32 all-reduce (lowband.comm.quantized_all_reduce: an all-to-all then an
+  all-gather of 1/n chunks, about 2 x 4 bytes per value whatever n). The sum is the same up to
+  fp32 summation order, and every worker still ends with bit-identical values.
+At 1% / 2 bits a payload is 0.14 bits per value, so the gather costs 0.14 (n - 1) bits per value
+against the dense path's ~64: the gather wins below about 450 workers, the dense path above
+(3%: about 150). A reduce-scatter of sparse sums (cheaper only while the union of indices stays
+sparse after merging) is not implemented.
 """
 
 from __future__ import annotations
@@ -34,7 +41,9 @@ import math
 import torch
 from torch import Tensor
 
+from lowband.comm.codecs import get_codec
 from lowband.comm.group import Comm
+from lowband.comm.quantized import quantized_all_reduce, quantized_all_reduce_bytes
 from lowband.errors import ConfigError
 
 
@@ -157,8 +166,19 @@ class TopK:
         scale = payload[packed_len:].clone().view(torch.float32)
         return idx, self.values(raw.to(torch.float32), scale)
 
-    def average(self, payload: Tensor, numel: int, comm: Comm) -> Tensor:
-        """All-gather every worker's payload, decode, sum in rank order, divide by n."""
+    def exchange(self, numel: int, world_size: int) -> str:
+        """"gather" or "dense": whichever sends fewer bytes per worker for this group size (ties:
+        the gather, which sums exactly in rank order)."""
+        dense = quantized_all_reduce_bytes(numel, world_size, get_codec(32))
+        return "dense" if dense < (world_size - 1) * self.payload_bytes(numel) else "gather"
+
+    def average(self, payload: Tensor, numel: int, comm: Comm, exchange: str | None = None) -> Tensor:
+        """The mean of every worker's decoded payload, by the cheaper exchange for the group's
+        size (or the one named): all-gather the payloads, decode, sum in rank order, divide by n;
+        or decode one's own and average the dense vectors with an fp32 all-reduce."""
+        if (exchange or self.exchange(numel, comm.size)) == "dense":
+            own = self.dense(*self.unpack(payload, numel), numel)
+            return quantized_all_reduce(comm, own, get_codec(32), op="avg")
         gathered = [torch.empty_like(payload) for _ in range(comm.size)]
         comm.all_gather(gathered, payload)
         total = torch.zeros(numel, dtype=torch.float32, device=payload.device)
@@ -168,7 +188,10 @@ class TopK:
         return total.div_(comm.size)
 
     def exchange_bytes(self, numel: int, world_size: int) -> int:
-        """Bytes one worker sends in `average`: the ring all-gather's (n - 1) payloads."""
+        """Bytes one worker sends in `average`: the ring all-gather's (n - 1) payloads, or the
+        dense fp32 all-reduce's, whichever `exchange` picks."""
+        if self.exchange(numel, world_size) == "dense":
+            return quantized_all_reduce_bytes(numel, world_size, get_codec(32))
         return (world_size - 1) * self.payload_bytes(numel)
 
 

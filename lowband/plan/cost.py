@@ -158,9 +158,14 @@ def quantized_reduce(numel: int, n: int, bits: int, link: LinkSpec | None) -> tu
 
 
 def sparse_gather(numel: int, n: int, spec: str, link: LinkSpec | None) -> tuple[float, int]:
+    """(seconds, bytes sent) of SparseLoCo's exchange: the all-gather of top-k payloads, or, in a
+    group large enough that it costs less, the dense fp32 all-reduce (TopK.exchange)."""
     if n == 1:
         return 0.0, 0
-    payload = TopK.parse(spec).payload_bytes(numel)
+    topk = TopK.parse(spec)
+    if topk.exchange(numel, n) == "dense":
+        return quantized_reduce(numel, n, 32, link)
+    payload = topk.payload_bytes(numel)
     traffic = all_gather_traffic(payload, 1, 0, n)
     return _t(link, traffic), traffic.sent
 
