@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from lowband.algorithms import ALGORITHMS, Algorithm  # noqa: E402
 from lowband.comm import Comm, CommStats, LinkMap, LinkSpec, get_codec, quantized_all_reduce  # noqa: E402
+from lowband.comm.sparse import TopK as SparseCompressor  # noqa: E402
 from lowband.comm.sync import StaticGroup, SyncGroup  # noqa: E402
 from lowband.errors import LowbandError  # noqa: E402
 from lowband.fault.elastic import ElasticGroup, start_lighthouse  # noqa: E402 - torchft on use
@@ -31,6 +32,7 @@ __all__ = [
     "LinkSpec",
     "LowbandError",
     "RunWriter",
+    "SparseCompressor",
     "get_codec",
     "quantized_all_reduce",
 ]

@@ -188,3 +188,20 @@ def test_a_large_group_averages_the_decoded_payloads_densely():
     big = TopK.parse("topk:0.01:2")
     assert big.exchange(10**7, 4) == "gather" and big.exchange(10**7, 1000) == "dense"
     assert big.exchange_bytes(10**7, 1000) == quantized_all_reduce_bytes(10**7, 1000, get_codec(32))
+
+
+def test_the_library_classes_take_a_sparse_compressor_object():
+    """lowband.SparseCompressor (TopK) passed as `compress` runs exactly like its spec string."""
+    import lowband
+
+    comp = lowband.SparseCompressor(0.05, bits=2)
+
+    def body(comm, compress):
+        model, algo, _ = train(
+            comm, lambda m, o, c: DiLoCo(m, o, c, sync_every=3, compress=compress), 6
+        )
+        return flat(model)
+
+    a = run_ranks(2, body, comp)
+    b = run_ranks(2, body, "topk:0.05:2")
+    assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -238,7 +238,7 @@ class DiLoCoOptions:
     """Momentum of the outer Nesterov SGD step (0: plain SGD)."""
     bits: int = 32
     """Bits per pseudo-gradient value on the wire: 32, 16 (bf16), 8 or 4 (blockwise int)."""
-    compress: str | None = None
+    compress: str | TopK | None = None
     """SparseLoCo: topk:FRACTION[:BITS] sends, per chunk of 4096 values, the FRACTION largest of the error-feedback buffer at BITS bits (default 2), indices packed; the outer step is then plain SGD (the decayed buffer replaces outer momentum, so outer_momentum and bits are not used). docs/diloco.md."""
     error_decay: float = 0.95
     """SparseLoCo: decay beta of the error-feedback buffer, e <- beta e + Delta (with compress)."""
@@ -248,7 +248,7 @@ class DiLoCoOptions:
     def __post_init__(self) -> None:
         if self.outer not in ("blocking", "eager"):
             raise OptionError(f"{{outer}} must be blocking or eager, got {self.outer!r}")
-        if self.compress is not None:
+        if self.compress is not None and not isinstance(self.compress, TopK):
             try:
                 TopK.parse(self.compress)
             except ConfigError as e:
@@ -325,7 +325,11 @@ class StreamingDiLoCo(Algorithm):
         if self.eager:  # a fragment's reduction spans the H steps to its next sync instead
             self.tau, self.alpha = 0, 0.0
         self.codec = get_codec(opts.bits, block_size)
-        self.compressor = TopK.parse(opts.compress) if opts.compress else None
+        self.compressor = (
+            opts.compress
+            if isinstance(opts.compress, TopK) or opts.compress is None
+            else TopK.parse(opts.compress)
+        )
         """SparseLoCo's top-k + error feedback (lowband.comm.sparse), or None."""
         if fragment_modules is None:
             self.fragments = strided_fragments(model, self.P)
