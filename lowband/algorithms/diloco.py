@@ -238,8 +238,8 @@ class DiLoCoOptions:
     """Momentum of the outer Nesterov SGD step (0: plain SGD)."""
     bits: int = 32
     """Bits per pseudo-gradient value on the wire: 32, 16 (bf16), 8 or 4 (blockwise int)."""
-    compress: str | TopK | None = None
-    """SparseLoCo: topk:FRACTION[:BITS] sends, per chunk of 4096 values, the FRACTION largest of the error-feedback buffer at BITS bits (default 2), indices packed; the outer step is then plain SGD (the decayed buffer replaces outer momentum, so outer_momentum and bits are not used). docs/diloco.md."""
+    compress: str | None = None
+    """SparseLoCo: topk:FRACTION[:BITS] sends, per chunk of 4096 values, the FRACTION largest of the error-feedback buffer at BITS bits (default 2), indices packed (from Python, a lowband.SparseCompressor works too); the outer step is then plain SGD (the decayed buffer replaces outer momentum, so outer_momentum and bits are not used). docs/diloco.md."""
     error_decay: float = 0.95
     """SparseLoCo: decay beta of the error-feedback buffer, e <- beta e + Delta (with compress)."""
     outer: str = "blocking"
