@@ -521,6 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_plan_parser(sub)
     add_probe_parser(sub)
+    from lowband.plan.simulate_command import add_parser as _add_simulate_parser
+
+    _add_simulate_parser(sub)
 
     r = sub.add_parser("report", help="HTML report and plots comparing runs")
     r.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
