@@ -1,13 +1,22 @@
-"""Which gossip method trains best at equal tokens: D-PSGD vs DFedSAM-MGS on a ring and an
-exponential graph, against NoLoCo and DiLoCo (docs/decentralized.md).
+"""Which gossip method trains best at equal tokens, and at equal bytes: D-PSGD vs DFedSAM vs
+DFedSAM-MGS on a ring and an exponential graph, against NoLoCo and DiLoCo (docs/decentralized.md).
 
-Every run is `lowband train` on the 1m model with the same workers, steps, batch and round length
-(K = H = --sync-every), so all see the same tokens. Reported per run: rank 0's final eval loss, the
-mean eval loss over all workers' final models (from the last checkpoint), the consensus distance
+Every run is `lowband train` on the 1m model with the same workers, steps and batch, so all see the
+same tokens. Reported per run: rank 0's final eval loss, the mean eval loss over all workers' final
+models (from the last checkpoint, on the run's own held-out split), the consensus distance
 sqrt(mean_i ||x_i - x_bar||^2) / ||x_bar|| at every checkpoint, the bytes each worker sent, and for
 the graph methods the bytes per edge (edge_bytes events).
 
+`--set tokens` (the default): every method with one round every H = --sync-every steps (DFedSAM-MGS
+then sends Q times D-PSGD's bytes). `--set bytes`: the same bytes per edge, on each graph
+  * D-PSGD, H                       one gossip exchange per edge every H steps;
+  * DFedSAM (Q = 1, rho > 0), H     the same everything but SAM: SAM's share alone;
+  * DFedSAM-MGS (Q), Q H            Q exchanges every Q H steps: the same bytes, Q x fewer rounds,
+and at D-PSGD-ring's bytes per worker NoLoCo with H / 2 (one partner per round, not two) and
+DiLoCo with H. `--set all`: both. `--partition by-source` is passed to every run.
+
     python benchmarks/decentralized.py --workers 8 --steps 120 --sync-every 10
+    python benchmarks/decentralized.py --partition by-source --set all
 
 `--convex`: DADAO (lowband.decentral.dadao, uniform and resistance rates) against synchronous
 D-PSGD with gradient tracking (DIGing: x <- W x - a y; y <- W y + g(x_new) - g(x)) on distributed
@@ -35,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import train  # noqa: E402
 
-from lowband.data import eval_batches, load_corpus, split_eval  # noqa: E402
+from lowband.data import eval_batches, load_corpus  # noqa: E402
+from lowband.data.partition import split_heldout  # noqa: E402
 from lowband.models import build_model  # noqa: E402
 
 
@@ -64,9 +74,10 @@ def consensus(run: Path, workers: int) -> list[tuple[int, float, list[dict]]]:
 
 
 def mean_eval(states: list[dict], args) -> float:
-    """The mean over workers of each final model's eval loss (same batches as the run's)."""
+    """The mean over workers of each final model's eval loss (same batches as the run's: the
+    tail under iid, the global held-out documents under by-source or dirichlet)."""
     corpus = load_corpus("stdlib")
-    _, eval_tokens = split_eval(corpus)
+    _, eval_tokens = split_heldout(corpus, args.partition)
     evals = eval_batches(eval_tokens, batch_size=args.batch_size, seq_len=args.seq_len,
                          num_batches=args.eval_batches)  # fmt: skip
     model = build_model("1m", vocab_size=corpus.vocab_size, seed=0)
@@ -158,15 +169,41 @@ def convex(n: int = 8, precision: float = 1e-6, reg: float = 0.5) -> None:
             print(f"| {spec} | {method} | {hit[0]:,} | {hit[1]:,} | {hit[2]:.0f} |")
 
 
+def runs(args) -> dict[str, tuple[int, list[str]]]:
+    """label -> (H, the run's own flags) for --set (module docstring)."""
+    h, q = args.sync_every, args.gossip_steps
+    tokens, same_bytes = {}, {}
+    for graph in ("ring", "exponential"):
+        topo = ["--topology", graph]
+        dpsgd = (f"dpsgd {graph} H={h}", (h, ["--algo", "dpsgd", *topo]))
+        tokens.update([dpsgd])
+        tokens[f"dfedsam-mgs {graph} Q={q} H={h}"] = (
+            h, ["--algo", "dfedsam-mgs", *topo, "--gossip-steps", str(q)],
+        )  # fmt: skip
+        same_bytes.update([dpsgd])
+        same_bytes[f"dfedsam {graph} Q=1 H={h}"] = (h, ["--algo", "dfedsam", *topo])
+        same_bytes[f"dfedsam-mgs {graph} Q={q} H={q * h}"] = (
+            q * h, ["--algo", "dfedsam-mgs", *topo, "--gossip-steps", str(q)],
+        )  # fmt: skip
+    tokens[f"noloco g=2 H={h}"] = (h, ["--algo", "noloco"])
+    tokens[f"diloco H={h}"] = (h, ["--algo", "diloco"])
+    same_bytes[f"noloco g=2 H={h // 2}"] = (h // 2, ["--algo", "noloco"])
+    same_bytes[f"diloco H={h}"] = (h, ["--algo", "diloco"])
+    return {"tokens": tokens, "bytes": same_bytes, "all": {**tokens, **same_bytes}}[args.set]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--steps", type=int, default=120)
-    p.add_argument("--sync-every", type=int, default=10)
-    p.add_argument("--gossip-steps", type=int, default=4)
+    p.add_argument("--sync-every", type=int, default=10, help="H (K) of every run in --set tokens")
+    p.add_argument("--gossip-steps", type=int, default=4, help="Q of DFedSAM-MGS")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--eval-batches", type=int, default=4)
+    p.add_argument("--partition", default="iid", help="passed to every run: iid, by-source, ...")
+    p.add_argument("--set", choices=("tokens", "bytes", "all"), default="tokens",
+                   help="equal tokens (one H), equal bytes per edge, or both")  # fmt: skip
     p.add_argument("--out", default=None)
     p.add_argument("--convex", action="store_true", help="DADAO vs gradient tracking (ridge)")
     p.add_argument("--reg", type=float, default=0.5, help="--convex: the ridge penalty")
@@ -182,25 +219,13 @@ def main() -> None:
         str(args.batch_size), "--seq-len", str(args.seq_len), "--eval-batches",
         str(args.eval_batches), "--eval-every", str(args.steps), "--ckpt-every",
         str(args.steps // 3), "--keep-checkpoints", "10", "--threads", "1",
-        "--sync-every", str(args.sync_every),
+        "--partition", args.partition,
     ]  # fmt: skip
-    runs = {
-        "dpsgd ring": ["--algo", "dpsgd", "--topology", "ring"],
-        "dpsgd exponential": ["--algo", "dpsgd", "--topology", "exponential"],
-        f"dfedsam-mgs ring Q={args.gossip_steps}": [
-            "--algo", "dfedsam-mgs", "--topology", "ring", "--gossip-steps", str(args.gossip_steps),
-        ],
-        f"dfedsam-mgs exponential Q={args.gossip_steps}": [
-            "--algo", "dfedsam-mgs", "--topology", "exponential", "--gossip-steps",
-            str(args.gossip_steps),
-        ],
-        "noloco g=2": ["--algo", "noloco"],
-        "diloco": ["--algo", "diloco"],
-    }  # fmt: skip
     rows = []
-    for label, flags in runs.items():
+    for label, (h, flags) in runs(args).items():
         t0 = time.perf_counter()
-        run = train(root / label.replace(" ", "_").replace("=", ""), [*common, *flags])
+        name = label.replace(" ", "_").replace("=", "")
+        run = train(root / name, [*common, "--sync-every", str(h), *flags])
         summary = json.loads((run / "summary.json").read_text())
         cons = consensus(run, args.workers)
         edge = [b for r in range(args.workers) for e in _events(run, "edge_bytes", r)
@@ -220,14 +245,15 @@ def main() -> None:
         )
         print(json.dumps(rows[-1]), flush=True)
     print("| run | spectral gap | eval loss (rank 0) | eval loss (mean of workers) | consensus distance "
-          "(by step) | MB sent per worker | MB per directed edge |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+          "(by step) | MB sent per worker | MB per directed edge | run s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        cons = ", ".join(f"{s}: {d:.2e}" for s, d in r["consensus"])
+        cons = " / ".join(f"{d:.2e}" for _, d in r["consensus"])
         gap = f"{r['gap']:.3f}" if r["gap"] is not None else "-"
         edge = f"{r['mb_per_edge']:.1f}" if r["mb_per_edge"] is not None else "-"
         print(f"| {r['run']} | {gap} | {r['eval_rank0']:.4f} | {r['eval_mean']:.4f} | {cons} | "
-              f"{r['mb_per_worker']:.1f} | {edge} |")  # fmt: skip
+              f"{r['mb_per_worker']:.1f} | {edge} | {r['seconds']:.0f} |")  # fmt: skip
+    print("consensus at steps " + ", ".join(str(s) for s, _ in rows[0]["consensus"]))
     print("command: python benchmarks/decentralized.py " + shlex.join(sys.argv[1:]))
 
 

@@ -19,6 +19,7 @@ from lowband.algorithms.admm_nr import admm_nr_wls, admm_wls
 from lowband.algorithms.federated import participants
 from lowband.algorithms.scaffold import (
     get_compressor,
+    scafcom_reference,
     scaffold_reference,
     simplified_reference,
 )
@@ -125,6 +126,38 @@ def test_scallion_with_identity_is_scaffolds_simplified_form():
         for a in algos:
             torch.testing.assert_close(a.x.double(), ref[0], rtol=1e-4, atol=1e-4)
             assert a.uplink_bytes in (0, 6 * D * 4)  # one vector a round (rank 0 never sends)
+
+
+def _topk_reference(v, k):
+    """Textbook top-k: keep the k largest magnitudes, zero the rest."""
+    out = torch.zeros_like(v)
+    idx = v.abs().argsort(descending=True)[:k]
+    out[idx] = v[idx]
+    return out
+
+
+def test_scafcom_class_matches_the_papers_round_with_momentum_top_k_and_half_participation():
+    """beta 0.5, top-k 40% (2 of 5), 2 of 4 clients a round: x, c, every c_i and v_i as the fp64
+    reference (the paper's Algorithm 3) after 6 rounds of 3 local SGD steps."""
+    H, g, _ = problem()
+    zero = torch.zeros(D, dtype=torch.float64)
+    x, c, cs, vs = zero, zero, [zero] * N, [zero] * N
+    for r in range(1, 7):
+        chosen = participants(list(range(N)), 2, 0, r)
+        x, c, cs, vs = scafcom_reference(
+            x, c, cs, vs, grads_of(H, g), k=3, lr=0.05, beta=0.5,
+            compress=lambda v, i: _topk_reference(v, 2), clients=chosen,
+        )  # fmt: skip
+    algos = run_ranks(
+        N, train, "scafcom", 6, 3, compressor="topk:0.4", local_lr=0.05, beta=0.5,
+        participation=0.5,
+    )  # fmt: skip
+    for rank, a in enumerate(algos):
+        torch.testing.assert_close(a.x.double(), x, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.c.double(), c, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.c_i.double(), cs[rank], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.v.double(), vs[rank], rtol=1e-5, atol=1e-5)
+    assert any(v.abs().sum() > 0 for v in vs) and x.abs().sum() > 0
 
 
 @pytest.mark.parametrize(

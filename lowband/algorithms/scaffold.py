@@ -422,6 +422,28 @@ def simplified_reference(x, c, cs, grads, k, lr, server_lr=1.0, compress=None, a
     return x - server_lr * k * lr * (c + mean), c + alpha * mean, cs
 
 
+def scafcom_reference(x, c, cs, vs, grads, k, lr, beta, compress, server_lr=1.0, clients=None):
+    """One SCAFCOM round (Huang, Li and Li 2023, Algorithm 3) in fp64 with SGD local steps, in the
+    paper's terms: local steps on g_i - c_i + c from y = x; participants only:
+    v_i <- (1 - beta) v_i + beta ((x - y_i)/(K eta_l) - c + c_i)  (the mean local gradient);
+    delta_i = C(v_i - c_i) (no error-feedback buffer: c_i carries the residual);
+    c_i <- c_i + delta_i; server: x <- x - eta_g K eta_l (c + mean delta_i), c <- c + sum delta_i / N.
+    `compress(v, i)` is C. Returns (x, c, cs, vs) new; `clients`: the participants (default all)."""
+    n = len(grads)
+    clients = range(n) if clients is None else clients
+    deltas, cs, vs = [], [c_.clone() for c_ in cs], [v_.clone() for v_ in vs]
+    for i in clients:
+        y = x.clone()
+        for _ in range(k):
+            y = y - lr * (grads[i](y) - cs[i] + c)
+        vs[i] = (1 - beta) * vs[i] + beta * ((x - y) / (k * lr) - c + cs[i])
+        d = compress(vs[i] - cs[i], i)
+        deltas.append(d)
+        cs[i] = cs[i] + d
+    mean = torch.stack(deltas).mean(0)
+    return x - server_lr * k * lr * (c + mean), c + torch.stack(deltas).sum(0) / n, cs, vs
+
+
 __all__ = [
     "Compressor",
     "QSGD",
@@ -434,6 +456,7 @@ __all__ = [
     "get_compressor",
     "one_vector_server_step",
     "scafcom_momentum",
+    "scafcom_reference",
     "scaffold_server_step",
     "scaffold_reference",
     "simplified_reference",
