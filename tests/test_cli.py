@@ -343,24 +343,6 @@ def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path, capsys, done_ru
 
 
 # -- --link-map -------------------------------------------------------------------------------
-def test_link_map_trains_and_is_recorded(tmp_path):
-    """Two sites of two workers: NoLoCo's point-to-point exchanges take their pair's link
-    (tests/test_comm.py times that); the run finishes and records the map."""
-    m = tmp_path / "sites.json"
-    m.write_text(
-        json.dumps({"sites": [[0, 1], [2, 3]], "intra": "10gbit:0ms", "inter": "1gbit:30ms"})
-    )
-    out = tmp_path / "mapped"
-    flags = ["--algo", "noloco", "--sync-every", "2", "--group-size", "2"]
-    assert (
-        main(["train", "--workers", "4", "--out", str(out), "--link-map", str(m), *FAST, *flags])
-        == 0
-    )
-    config = json.loads((out / "config.json").read_text())
-    assert config["link_map"] == str(m)
-    assert metrics(out)[-1]["bytes_sent"] > 0
-
-
 @pytest.mark.parametrize(
     "content, flags, needle",
     [

@@ -322,6 +322,7 @@ def test_cli_dpsgd_on_two_sites_charges_each_edge_its_own_link(tmp_path):
     argv = ["train", "--algo", "dpsgd", "--topology", "ring", "--workers", "4", "--steps", "2",
             "--link-map", str(link_map), "--out", str(out), *FAST]  # fmt: skip
     assert main(argv) == 0
+    assert json.loads((out / "config.json").read_text())["link_map"] == str(link_map)
     nbytes = 4 * json.loads((out / "meta.json").read_text())["model_params"]  # fp32, one message
     fast, slow = LinkSpec.parse(sites["intra"]), LinkSpec.parse(sites["inter"])
     for rank in range(4):
