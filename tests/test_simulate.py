@@ -150,7 +150,11 @@ def test_cli_tables_json_plot_and_refusals(tmp_path, capsys):
             "--tokens", "2e6", "--straggler", "lognormal:0.1", "--failure-rate", "1",
             "--scale", "2,12", "--technique", "ddp", "--technique", "diloco,H=10,bits=4",
             "--json", str(js), "--plot", str(png)]  # fmt: skip
-    assert main(argv) == 0
+    page = tmp_path / "sim.html"
+    assert main([*argv, "--html", str(page)]) == 0
+    html = page.read_text()  # the report page: a table per worker count, the plot, assumptions
+    assert html.count("<h2>") == 3 + 1 + 2 and html.count("<tr>") == 3 * (1 + 2)
+    assert "data:image/png;base64," in html and "Modelled (assumptions)" in html
     text = capsys.readouterr().out
     assert "measured" in text and "modelled" in text and "N=12" in text
     rows = json.loads(js.read_text())["rows"]
@@ -160,7 +164,7 @@ def test_cli_tables_json_plot_and_refusals(tmp_path, capsys):
     assert png.stat().st_size > 1000
     for bad in (["--straggler", "lognormal:x"], ["--failure-rate", "-1"], ["--scale", "8,a"],
                 ["--technique", "diloco,H=0"], ["--sites", "3"], ["--technique", "fedavg"]):  # fmt: skip
-        assert main(argv[:-4] + bad) == 2
+        assert main(argv[:-4] + bad) == 2  # (the --html run above printed too)
         err = capsys.readouterr().err
         assert err.startswith("lowband: error:") and err.count("\n") == 1
 

@@ -9,6 +9,7 @@ import json
 import math
 import sys
 import time
+from datetime import UTC
 from pathlib import Path
 
 from lowband.comm import LinkSpec
@@ -90,6 +91,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-days", type=float, default=90.0, help="simulated; then extrapolate")
     p.add_argument("--json", type=Path, help="write every result here")
     p.add_argument("--plot", type=Path, help="PNG: utilisation and time to budget against N")
+    p.add_argument(
+        "--html", type=Path, help="a report page: the tables, the plot and every assumption"
+    )
     p.set_defaults(fn=run)
 
 
@@ -236,11 +240,13 @@ def run(args: argparse.Namespace) -> int:
             bar.advance(task)
     elapsed = time.perf_counter() - began
     _print(args, w, main_net, techniques, sizes, n_main, results, straggler, failures, elapsed)
+    model = args.model if args.params is None else f"{w.params / 1e9:g}B parameters"
+    title = f"{model}, {main_net.describe()}\nstragglers {straggler}, "
+    title += f"{failures.rate_per_hour:g} failures/worker/h"
     if args.plot:
-        model = args.model if args.params is None else f"{w.params / 1e9:g}B parameters"
-        title = f"{model}, {main_net.describe()}\nstragglers {straggler}, "
-        title += f"{failures.rate_per_hour:g} failures/worker/h"
         plot(args.plot, techniques, sizes, results, title)
+    if args.html:
+        args.html.write_text(html_page(title, techniques, sizes, results))
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -311,7 +317,61 @@ def _print(args, w, net, techniques, sizes, n_main, results, straggler, failures
         console.print(f"  - {line}", highlight=False)
 
 
-def plot(path: Path, techniques, sizes, results, title: str) -> None:
+def html_page(title: str, techniques, sizes, results) -> str:
+    """One self-contained page (the report's style): a table per worker count, the plot, and
+    what is measured and what is modelled."""
+    import base64
+    import io
+    from datetime import datetime
+
+    from lowband.report.html import _CSS, _esc
+
+    png = io.BytesIO()
+    plot(png, techniques, sizes, results, title)
+    head = ("technique", "utilisation", "step", "exposed / step", "MB / step / worker",
+            "time to budget", "failures", "rounds discarded")  # fmt: skip
+    parts = [
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
+        f"<title>lowband simulate</title><style>{_CSS}</style></head><body>",
+        f"<h1>lowband simulate: {_esc(title)}</h1>",
+        f'<p class="muted">Generated {datetime.now(UTC).isoformat(timespec="seconds")}.'
+        " Times marked * are extrapolated at the simulated rate.</p>",
+    ]
+    for n in sizes:
+        rows = "".join(
+            "<tr>"
+            + "".join(
+                f"<td>{_esc(c)}</td>"
+                for c in (
+                    t.label(),
+                    f"{100 * r.utilisation:.1f}%",
+                    f"{1e3 * r.step_s:.0f} ms",
+                    f"{1e3 * (r.exposed_s / r.steps if r.steps else 0.0):.0f} ms",
+                    f"{(r.bytes_per_worker / r.steps if r.steps else 0.0) / 1e6:.2f}",
+                    _when(r),
+                    r.failures,
+                    r.discarded_rounds,
+                )
+            )
+            + "</tr>"  # fmt: skip
+            for t in techniques
+            for r in [results[(t, n)]]
+        )
+        parts.append(f"<h2>{n} workers</h2><table><tr>")
+        parts.append("".join(f"<th>{_esc(h)}</th>" for h in head) + f"</tr>{rows}</table>")
+    data = base64.b64encode(png.getvalue()).decode("ascii")
+    parts.append(
+        f'<h2>Where each technique stops scaling</h2><figure><img src="data:image/png;base64,'
+        f'{data}" alt="utilisation and time to budget against workers"></figure>'
+    )
+    for name, items in (("Measured", MEASURED), ("Modelled (assumptions)", MODELLED)):
+        parts.append(f"<h2>{name}</h2><ul>" + "".join(f"<li>{_esc(x)}</li>" for x in items))
+        parts.append("</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def plot(path, techniques, sizes, results, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
