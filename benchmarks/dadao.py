@@ -15,6 +15,13 @@ reach 1e-6 here at any constant step (the heterogeneity bias; tests/test_dadao.p
 
     python benchmarks/dadao.py                      # L/mu ~ 7 and ~ 217, ring and erdos:0.4
     python benchmarks/dadao.py --problem logistic --settings 0.01:1
+
+`--straggler RANK:SECONDS` asks another question instead: does one slow node slow the others?
+Rendezvous against mailbox runtime (`lowband dadao --runtime`), on a real-time clock (`--pace`),
+with and without node RANK sleeping SECONDS per gradient; wall time of its neighbours, of the
+others and of itself, gradients it lost, and the final error.
+
+    python benchmarks/dadao.py --straggler 3:0.02 --graphs ring --time 200 --pace 0.005
 """
 
 from __future__ import annotations
@@ -80,6 +87,30 @@ def tracking_row(kind: str, spec: str, n: int, reg: float, cond: float, precisio
     }
 
 
+def straggler_rows(root: Path, args) -> None:
+    """The --straggler question (module docstring): one run per runtime, with and without it."""
+    rank = int(args.straggler.split(":")[0])
+    spec = args.graphs.split(",")[0]
+    topo = parse_topology(spec, args.workers, seed=0)
+    near = {j for e in undirected_edges(topo) if rank in e for j in e} - {rank}
+    print(f"| runtime | slow node | wall s: neighbours of {rank} | others | node {rank} "
+          f"| gradients lost by {rank} | final error |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for slow in (None, args.straggler):
+        for runtime in ("rendezvous", "mailbox"):
+            flags = ["--problem", args.problem, "--workers", str(args.workers), "--topology", spec,
+                     "--time", f"{args.time:g}", "--pace", f"{args.pace:g}", "--runtime", runtime,
+                     "--record-every", "1"] + (["--straggler", slow] if slow else [])  # fmt: skip
+            run = train(root / f"{runtime}-{bool(slow)}", flags, command="dadao")
+            s = json.loads((run / "summary.json").read_text())
+            node = json.loads((run / "nodes" / f"rank{rank}.json").read_text())
+            secs = s["seconds_per_node"]
+            others = [secs[r] for r in range(args.workers) if r != rank and r not in near]
+            print(f"| {runtime} | {slow or 'none'} | {max(secs[r] for r in near):.2f} | "
+                  f"{max(others):.2f} | {secs[rank]:.2f} | {node['gradients_skipped']} | "
+                  f"{s['final_error']:.3g} |", flush=True)  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--problem", default="ridge", help="ridge or logistic")
@@ -88,9 +119,16 @@ def main() -> None:
     p.add_argument("--settings", default="0.5:1,0.01:100", help="REG:CONDITION pairs")
     p.add_argument("--rates", default="uniform,sdp")
     p.add_argument("--out", default=None)
+    p.add_argument("--straggler", help="RANK:SECONDS: the slow-node question instead")
+    p.add_argument("--time", type=float, default=200.0, help="with --straggler: Poisson time")
+    p.add_argument("--pace", type=float, default=0.005, help="with --straggler: s per time unit")
     args = p.parse_args()
     torch.set_num_threads(1)
     root = Path(args.out or tempfile.mkdtemp(prefix="dadao-bench-"))
+    if args.straggler:
+        straggler_rows(root, args)
+        print("command: python benchmarks/dadao.py " + shlex.join(sys.argv[1:]))
+        return
     print("| L/mu | graph | method | gradients | edge activations | time (DADAO) / iterations "
           "| linear rate (log error per time unit) |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")

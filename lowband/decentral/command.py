@@ -11,7 +11,8 @@ like the paper's experiments:
 2. `--workers` processes (lowband.launch.local: Gloo, 127.0.0.1) each rebuild the same problem
    from the seed, read the rates, and play their own node's events (lowband.decentral.dadao.
    DADAONode) with point-to-point messages on their edges only, through the emulated `--link` or
-   `--link-map` (a pair's own link); each writes RUN/nodes/rankR.json: x_i at every
+   `--link-map` (a pair's own link), under `--runtime rendezvous` (exact) or `mailbox` (never
+   waits for a neighbour), optionally on a real-time clock (`--pace`); each writes RUN/nodes/rankR.json: x_i at every
    `--record-every` time units, its gradient and gossip counts, bytes per neighbour, dropped edges.
 3. The parent joins them into RUN/trace.jsonl (per recorded time: mean_i ||x_i - x*||^2 / ||x*||^2,
    consensus distance, gradients, edge activations, bytes), RUN/summary.json (when the error
@@ -39,7 +40,7 @@ RANGES = {
     "workers": (2, 256), "seed": (0, 2**63 - 1), "time": (1e-3, 1e6), "grad_rate": (1e-6, 1e6),
     "total_rate": (1e-9, 1e9), "dim": (1, 10**5), "samples": (1, 10**6), "reg": (1e-12, 1e6),
     "condition": (1.0, 1e12), "record_every": (1e-3, 1e6), "precision": (1e-300, 1.0),
-    "threads": (1, 1024),
+    "threads": (1, 1024), "pace": (0.0, 10.0),
 }  # fmt: skip
 
 
@@ -81,6 +82,12 @@ class DADAOConfig:
     """A JSON file with a link per pair of workers, as for `lowband train --link-map`."""
     threads: int = 1
     """CPU threads per process."""
+    runtime: str = "rendezvous"
+    """rendezvous (each gossip event waits for the neighbour: bit-identical to the single-process reference) or mailbox (never waits: a slow node slows only itself; not reproducible)."""
+    pace: float = 0.0
+    """Wall seconds per unit of Poisson time: events are played on a real-time clock (0: as fast as each node can; mailbox needs a pace well above the message latency)."""
+    straggler: str | None = None
+    """RANK:SECONDS: that node sleeps SECONDS at each gradient (a slow worker, for experiments)."""
 
     device = "cpu"  # not a field: lowband.launch.local asks; DADAO's vectors are tiny
 
@@ -104,9 +111,13 @@ def validate(cfg: DADAOConfig):
     from lowband.comm import LinkMap, resolve_link
     from lowband.config import check_ranges
     from lowband.decentral import parse_topology
+    from lowband.decentral.dadao import RUNTIMES
     from lowband.decentral.rates import gossip_rates
 
     check_ranges(cfg, RANGES)
+    if cfg.runtime not in RUNTIMES:
+        raise ConfigError(f"unknown --runtime {cfg.runtime!r}; choose {' or '.join(RUNTIMES)}")
+    straggler(cfg)
     if cfg.time / cfg.record_every > 1e6:
         raise ConfigError("--time / --record-every must be at most 1e6 records")
     links = resolve_link(cfg.link, cfg.link_map)
@@ -120,6 +131,22 @@ def validate(cfg: DADAOConfig):
     return topo, rates, problem
 
 
+def straggler(cfg: DADAOConfig) -> tuple[int, float] | None:
+    """--straggler RANK:SECONDS, checked."""
+    if cfg.straggler is None:
+        return None
+    try:
+        rank, seconds = cfg.straggler.split(":")
+        rank, seconds = int(rank), float(seconds)
+    except ValueError:
+        raise ConfigError(f"--straggler {cfg.straggler!r}: expected RANK:SECONDS") from None
+    if not 0 <= rank < cfg.workers or not 0 <= seconds <= 10:
+        raise ConfigError(
+            f"--straggler {cfg.straggler!r}: rank in [0, --workers), seconds in [0, 10]"
+        )
+    return rank, seconds
+
+
 def dadao_worker(cfg: DADAOConfig, comm, run, device, resume: bool = False) -> None:
     """One node (step 2 of the module docstring), in its own process."""
     from lowband.decentral import parse_topology
@@ -130,15 +157,36 @@ def dadao_worker(cfg: DADAOConfig, comm, run, device, resume: bool = False) -> N
     graph = json.loads((run.path / "graph.json").read_text())
     topo = parse_topology(cfg.topology, comm.size, cfg.seed)
     x0 = torch.zeros(problem.dim, dtype=torch.float64)
-    node = DADAONode(comm, topo, problem.grad, x0, problem.mu, problem.L, cfg.time, seed=cfg.seed,
-                     rates=graph["rates"], grad_rate=cfg.grad_rate)  # fmt: skip
+    grad, slow = problem.grad, straggler(cfg)
+    if slow is not None and slow[0] == comm.rank:
+
+        def grad(i, x):
+            time.sleep(slow[1])
+            return problem.grad(i, x)
+
+    node = DADAONode(comm, topo, grad, x0, problem.mu, problem.L, cfg.time, seed=cfg.seed,
+                     rates=graph["rates"], grad_rate=cfg.grad_rate, mode=cfg.runtime,
+                     pace=cfg.pace)  # fmt: skip
     marks = [k * cfg.record_every for k in range(int(cfg.time / cfg.record_every) + 1)]
-    t0 = time.perf_counter()
-    node.run(checkpoints=marks)
+    with comm.stats.setup():  # one agreed start (Poisson time 0), so paced clocks line up
+        start = torch.tensor([time.time()], dtype=torch.float64)
+        comm.all_reduce(start, op="max")
+    node.run(checkpoints=marks, start=float(start) + 0.05)
     out = {
         "rank": comm.rank,
-        "seconds": time.perf_counter() - t0,
+        "seconds": node.seconds,
+        "drain_seconds": node.drain_seconds,
         "gradients": node.gradients,
+        "gradients_skipped": node.skipped,
+        "updates_late": node.late,
+        "mean_delay": node.late_time / max(node.late, 1),
+        "messages_to": {str(j): m for j, m in sorted(node.messages_to.items())},
+        "messages_from": {str(j): m for j, m in sorted(node.messages_from.items())},
+        "comm_bytes": {  # what lowband.comm counted (and charged to the link), for the tests
+            op: comm.stats.ops[op].bytes_sent + comm.stats.ops[op].bytes_recv
+            for op in ("send", "recv")
+            if op in comm.stats.ops
+        },
         "gossips": node.gossips,
         "dropped": sorted(node.dropped),
         "sent_to": {str(j): b for j, b in sorted(node.bytes_to.items())},
@@ -171,6 +219,7 @@ def summarise(run: Path, cfg: DADAOConfig, problem) -> dict:
             f.write(json.dumps(row) + "\n")
     summary = {
         "problem": problem.name,
+        "runtime": cfg.runtime,
         "mu": problem.mu,
         "L": problem.L,
         "final_error": rows[-1]["error"] if rows else None,
@@ -183,6 +232,9 @@ def summarise(run: Path, cfg: DADAOConfig, problem) -> dict:
             {tuple(sorted((n["rank"], d))) for n in nodes for d in n["dropped"]}
         ),
         "seconds_per_node": [n["seconds"] for n in nodes],
+        "drain_seconds_per_node": [n["drain_seconds"] for n in nodes],
+        "gradients_skipped": sum(n["gradients_skipped"] for n in nodes),
+        "updates_late": sum(n["updates_late"] for n in nodes),
         "edge_bytes": {str(n["rank"]): n["sent_to"] for n in nodes},
     }
     (run / "summary.json").write_text(json.dumps(summary, indent=1))
