@@ -42,7 +42,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, machine  # noqa: E402
-from vs_torchft import _children_cpu, _common_view, run_lowband, run_torchft, steady  # noqa: E402
+from vs_torchft import (  # noqa: E402
+    _children_cpu,
+    _common_view,
+    add_task_args,
+    run_lowband,
+    run_torchft,
+    steady,
+)
 
 WORKER = Path(__file__).resolve().parent / "_hivemind_worker.py"
 
@@ -111,17 +118,7 @@ def run_hivemind(args, out: Path, seed: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--sync-every", type=int, default=50, help="H")
-    p.add_argument("--model", default="1m")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--outer-lr", type=float, default=0.7)
-    p.add_argument("--outer-momentum", type=float, default=0.9)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--eval-batches", type=int, default=8)
+    add_task_args(p)
     p.add_argument("--hivemind-python", default="/tmp/hmenv/bin/python")
     p.add_argument("--matchmaking-time", type=float, default=5.0,
                    help="hivemind min_matchmaking_time (hivemind's default)")  # fmt: skip

@@ -308,8 +308,8 @@ def plot(ours: dict, theirs: dict, path: Path, title: str) -> None:
     fig.savefig(path)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_task_args(p: argparse.ArgumentParser) -> None:
+    """The task every side-by-side runs alike (vs_torchft.py, vs_hivemind.py)."""
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--sync-every", type=int, default=50, help="H")
@@ -321,6 +321,11 @@ def main() -> None:
     p.add_argument("--outer-momentum", type=float, default=0.9)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-batches", type=int, default=8)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_task_args(p)
     p.add_argument("--order", choices=["lowband-first", "torchft-first"], default="lowband-first")
     p.add_argument(
         "--repeats",
