@@ -91,9 +91,7 @@ def main() -> None:
     base_lr = DEFAULT_LR[args.model]
     mults = [float(x) for x in args.lr_mults.split(",")]
     chosen = {
-        k: v
-        for k, v in methods(args).items()
-        if not args.methods or k in args.methods.split(",")
+        k: v for k, v in methods(args).items() if not args.methods or k in args.methods.split(",")
     }
     global_tokens_per_step = args.workers * args.batch_size * args.seq_len
     steps = int(args.tokens) // global_tokens_per_step

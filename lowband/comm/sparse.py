@@ -167,12 +167,14 @@ class TopK:
         return idx, self.values(raw.to(torch.float32), scale)
 
     def exchange(self, numel: int, world_size: int) -> str:
-        """"gather" or "dense": whichever sends fewer bytes per worker for this group size (ties:
+        """ "gather" or "dense": whichever sends fewer bytes per worker for this group size (ties:
         the gather, which sums exactly in rank order)."""
         dense = quantized_all_reduce_bytes(numel, world_size, get_codec(32))
         return "dense" if dense < (world_size - 1) * self.payload_bytes(numel) else "gather"
 
-    def average(self, payload: Tensor, numel: int, comm: Comm, exchange: str | None = None) -> Tensor:
+    def average(
+        self, payload: Tensor, numel: int, comm: Comm, exchange: str | None = None
+    ) -> Tensor:
         """The mean of every worker's decoded payload, by the cheaper exchange for the group's
         size (or the one named): all-gather the payloads, decode, sum in rank order, divide by n;
         or decode one's own and average the dense vectors with an fp32 all-reduce."""
