@@ -292,13 +292,10 @@ class LinkMap:
     def for_ranks(self, ranks) -> LinkSpec | None:
         """The link a collective over `ranks` sees: its slowest pair (None: all unlimited)."""
         ranks = list(ranks)
-        links = [self.between(a, b) for i, a in enumerate(ranks) for b in ranks[i + 1 :]]
+        pairs = [self.between(a, b) for i, a in enumerate(ranks) for b in ranks[i + 1 :]]
+        links = [x for x in pairs if x is not None]  # None: an unlimited pair
         if not links:
             return None
-        if any(x is None for x in links):
-            links = [x for x in links if x is not None]
-            if not links:
-                return None
         return LinkSpec(
             bandwidth_bps=min(x.bandwidth_bps for x in links),
             latency_s=max(x.latency_s for x in links),

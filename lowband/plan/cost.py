@@ -61,7 +61,7 @@ class Workload:
         """Element counts of Streaming DiLoCo's fragments (lowband.algorithms.diloco)."""
         if self.model is None:
             return [math.ceil(self.params / fragments)] * fragments
-        from lowband.algorithms.diloco import strided_fragments
+        from lowband.algorithms.fragments import strided_fragments
 
         return [sum(p.numel() for p in f) for f in strided_fragments(self.model, fragments)]
 
