@@ -99,8 +99,8 @@ class FaultyComm(Comm):
         super().__init__(*args, **kwargs)
         self.armed = False
 
-    def _issue(self, op, traffic, launch, async_op, finish=None, peer=None):
-        work = super()._issue(op, traffic, launch, async_op=True, finish=finish, peer=peer)
+    def _issue(self, op, traffic, launch, async_op, finish=None, **timing):
+        work = super()._issue(op, traffic, launch, async_op=True, finish=finish, **timing)
         if op in self.LAST_OPS:
             work = _FaultyWork(work, self)
         if not async_op:

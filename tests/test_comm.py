@@ -287,23 +287,22 @@ def test_link_map_checks_the_world():
 
 
 def test_link_map_point_to_point_takes_the_pair_link_and_collectives_the_slowest():
-    """Rank 0 sends to its site neighbour (1 ms) and across (80 ms); an all-reduce of all four
-    waits for the slow pair; the fast send does not queue behind the slow one."""
+    """Rank 0 sends to its site neighbour (1 ms) and across (80 ms): each receiver waits for its
+    own pair's latency; an all-reduce of all four waits for the slow pair."""
     link_map = LinkMap.from_dict(_TWO_SITES)
 
     def body(comm: Comm):
         x = torch.ones(4)
         times = {}
+        comm.barrier()
+        t0 = time.perf_counter()
         if comm.rank == 0:
-            t0 = time.perf_counter()
-            slow = comm.send(x, 2, async_op=True)
-            fast = comm.send(x, 1, async_op=True)
-            fast.wait()
-            times["fast"] = time.perf_counter() - t0
-            slow.wait()
-            times["slow"] = time.perf_counter() - t0
+            works = [comm.send(x, 2, async_op=True), comm.send(x, 1, async_op=True)]
+            for w in works:
+                w.wait()
         elif comm.rank in (1, 2):
             comm.recv(torch.empty(4), 0)
+        times["p2p"] = time.perf_counter() - t0
         comm.barrier()
         t0 = time.perf_counter()
         comm.all_reduce(x)
@@ -311,11 +310,11 @@ def test_link_map_point_to_point_takes_the_pair_link_and_collectives_the_slowest
         return times, comm.link
 
     out = run_ranks(4, body, link=link_map)
-    times, link = out[0]
-    assert link == LinkSpec.parse("100mbit:80ms")
-    assert times["fast"] < 0.05 <= 0.08 <= times["slow"]
+    assert out[0][1] == LinkSpec.parse("100mbit:80ms")
+    assert out[0][0]["p2p"] < 0.04  # a sender is busy for the bytes only
+    assert out[1][0]["p2p"] < 0.04 <= 0.08 <= out[2][0]["p2p"]
     rounds = acc.all_reduce_traffic(4, 4, 0, 4).rounds
-    assert times["all_reduce"] >= rounds * 0.08
+    assert out[0][0]["all_reduce"] >= rounds * 0.08
 
 
 def test_messages_pipeline_on_a_link_collectives_queue():
@@ -334,5 +333,28 @@ def test_messages_pipeline_on_a_link_collectives_queue():
             w.wait()
         return time.perf_counter() - t0
 
-    for seconds in run_ranks(2, body, link=link):
-        assert 0.09 < seconds < 0.18  # one latency, not two
+    sender, receiver = run_ranks(2, body, link=link)
+    assert sender < 0.05  # out as soon as its bytes are
+    assert 0.09 < receiver < 0.18  # one latency, not two
+
+
+def test_a_message_relayed_through_stages_pays_every_hop_even_if_received_early():
+    """Every stage posts its receive before the message is sent (a pipeline's stages wait for
+    activations): the last one still sees three latencies, not one or none."""
+    link = LinkSpec.parse("1gbit:50ms")
+
+    def body(comm: Comm):
+        x = torch.zeros(8)
+        comm.barrier()
+        t0 = time.perf_counter()
+        if comm.rank > 0:
+            comm.recv(x, comm.rank - 1)
+        else:
+            x += 1.0
+        if comm.rank < comm.size - 1:
+            comm.send(x, comm.rank + 1)
+        return time.perf_counter() - t0, x[0].item()
+
+    out = run_ranks(4, body, link=link)
+    assert [v for _, v in out] == [1.0] * 4
+    assert 0.15 <= out[3][0] < 0.25, out

@@ -16,6 +16,17 @@ and `wait()` sleeps until `end`. t_done already includes waiting for the last pe
 late peer delays everybody as on a real network; `link_free` (the previous emulated end) makes
 operations queue on the uplink in the order they are waited on. The real transfer time is
 included as well (a few ms on loopback, small next to a wide-area link).
+
+Point-to-point messages are timed at both ends. At issue, a send takes the sender's uplink
+(start = max(issue, uplink free), busy for the bytes' transmission time) and stamps the message
+with its emulated arrival, start + transmission + latency: 8 bytes of float64 ride behind the
+payload on the real transport (emulation metadata, not counted as traffic). The sender's wait
+ends when its bytes are out (start + transmission); the receiver's ends at the stamped arrival
+(later if its downlink is still busy with an earlier message), however early it posted the
+receive. So a message crossing four pipeline stages pays four latencies, and a send is not
+blocked for the latency. The stamp is read on the receiver's clock: `time.perf_counter` is the
+system-wide monotonic clock on Linux, so this holds for processes on one host, which is where
+links are emulated.
 """
 
 from __future__ import annotations
@@ -47,9 +58,9 @@ class Work:
         traffic: Traffic,
         finish: Callable[[], None] | None = None,
         t_issue: float | None = None,
-        peer: int | None = None,
+        deadline: Callable[[], float] | None = None,
     ) -> None:
-        self._peer = peer
+        self._deadline = deadline
         self._comm, self._op, self._works, self._traffic, self._finish = (
             comm,
             op,
@@ -82,12 +93,9 @@ class Work:
         t_done = (
             time.perf_counter() if self._t_done is None else min(self._t_done, time.perf_counter())
         )
-        if self._op in ("send", "recv"):
-            # Gloo completes a send or receive only inside wait(), so t_done says when we
-            # *asked*, not when the bytes moved. Charge the link from the issue time instead; a
-            # peer that is later than that still shows, through t_done, as a floor.
-            self._comm._sleep_for_link(self._t_issue, self._traffic, floor=t_done, peer=self._peer)
-        else:
+        if self._deadline is not None:  # a message over an emulated link (module docstring)
+            _sleep_until(self._deadline())
+        elif self._op not in ("send", "recv"):
             self._comm._sleep_for_link(t_done, self._traffic)
         if self._finish is not None:
             self._finish()
@@ -97,6 +105,16 @@ class Work:
         self._comm.stats.add(self._op, seconds=seconds, background=background)
         for observe in self._comm.observers:
             observe(self._op, self._t_issue, seconds, background)
+
+
+def _sleep_until(t: float) -> None:
+    delay = t - time.perf_counter()
+    if delay > 0:
+        time.sleep(delay)
+
+
+_STAMP = 8
+"""Bytes of a message's emulated arrival time (float64) behind its payload."""
 
 
 def _global_ranks(group: dist.ProcessGroup | None, size: int) -> list[int]:
@@ -201,28 +219,37 @@ class Comm:
             return self.link
         return self.link_map.between(self.global_ranks[self.rank], self.global_ranks[peer])
 
-    def _sleep_for_link(
-        self, t_done: float, traffic: Traffic, floor: float = 0.0, peer: int | None = None
-    ) -> None:
-        link = self._link_to(peer)
+    def _sleep_for_link(self, t_done: float, traffic: Traffic) -> None:
+        """A collective's emulated time: its rounds run one after another on the group's link,
+        after the operations before it on this worker's wire."""
+        link = self.link
         if link is None or traffic.rounds == 0:
             return
-        # A pure receive arrives over the sender's uplink, not ours: it queues on our downlink,
-        # so a pair exchange (send + recv) overlaps as on a full-duplex link.
+        # A pure receive (a broadcast's leaves) queues on the downlink, so a send and a receive
+        # overlap as on a full-duplex link.
         downlink = traffic.sent == 0 and traffic.recv > 0
         wire = self._wire
         with wire.lock:  # a background thread may share the wire
             start = max(t_done, wire.free.get((link, downlink), 0.0))
-            if peer is None:  # a collective: its rounds run one after another on the group
-                end = start + link.sample_time(traffic.critical_bytes, traffic.rounds, self._rng)
-                wire.free[(link, downlink)] = end
-            else:  # a message: the wire is busy while its bytes go out; latency is in flight
-                busy = link.sample_time(traffic.critical_bytes, 0, self._rng)
-                wire.free[(link, downlink)] = start + busy
-                end = start + busy + link.sample_time(0, traffic.rounds, self._rng)
-        delay = end - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
+            end = start + link.sample_time(traffic.critical_bytes, traffic.rounds, self._rng)
+            wire.free[(link, downlink)] = end
+        _sleep_until(end)
+
+    def _take_uplink(self, link: LinkSpec, nbytes: int, t_issue: float) -> tuple[float, float]:
+        """A message leaving now: (when its bytes are out, its emulated arrival at the peer)."""
+        with self._wire.lock:
+            start = max(t_issue, self._wire.free.get((link, False), 0.0))
+            out = start + link.sample_time(nbytes, 0, self._rng)
+            self._wire.free[(link, False)] = out
+            return out, out + link.sample_time(0, 1, self._rng)
+
+    def _take_downlink(self, link: LinkSpec, nbytes: int, arrival: float) -> float:
+        """A message stamped to arrive at `arrival`: when it is in, after earlier ones."""
+        with self._wire.lock:
+            busy = link.sample_time(nbytes, 0, self._rng)
+            end = max(arrival, self._wire.free.get((link, True), 0.0) + busy)
+            self._wire.free[(link, True)] = end
+            return end
 
     # -- emulated noise (--link ...:noise=SIGMA) ---------------------------------------------
     _NOISY = (torch.float32, torch.float16, torch.bfloat16)
@@ -258,12 +285,13 @@ class Comm:
         launch: Callable[[], Sequence],
         async_op: bool,
         finish=None,
-        peer: int | None = None,
+        deadline: Callable[[], float] | None = None,
+        t_issue: float | None = None,
     ) -> Work:
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() if t_issue is None else t_issue
         works = launch() if self.size > 1 else [_DoneWork()]
         self.stats.add(op, traffic, seconds=time.perf_counter() - t0, background=self.in_background)
-        work = Work(self, op, works, traffic, finish, t_issue=t0, peer=peer)
+        work = Work(self, op, works, traffic, finish, t_issue=t0, deadline=deadline)
         if not async_op:
             work.wait()
         return work
@@ -381,20 +409,50 @@ class Comm:
     def send(self, tensor: torch.Tensor, dst: int, tag: int = 0, async_op: bool = False) -> Work:
         traffic = acc.p2p_traffic(tensor.numel(), tensor.element_size(), sending=True)
         buf = self._host(tensor)
+        link = self._link_to(dst) if self.size > 1 else None
+        if link is None:
+            return self._issue("send", traffic, lambda: [self.group.send([buf], dst, tag)], async_op)
+        t0 = time.perf_counter()
+        out, arrival = self._take_uplink(link, traffic.critical_bytes, t0)
+        stamp = torch.tensor([arrival], dtype=torch.float64).view(torch.uint8)
+        msg = torch.cat([buf.reshape(-1).view(torch.uint8), stamp.to(buf.device)])
         return self._issue(
-            "send", traffic, lambda: [self.group.send([buf], dst, tag)], async_op, peer=dst
+            "send",
+            traffic,
+            lambda: [self.group.send([msg], dst, tag)],
+            async_op,
+            deadline=lambda: out,
+            t_issue=t0,
         )
 
     def recv(self, tensor: torch.Tensor, src: int, tag: int = 0, async_op: bool = False) -> Work:
         traffic = acc.p2p_traffic(tensor.numel(), tensor.element_size(), sending=False)
         buf = self._host(tensor)
+        finish = self._noisy(self._back([(tensor, buf)]), [tensor], peer=src)
+        link = self._link_to(src) if self.size > 1 else None
+        if link is None:
+            return self._issue(
+                "recv", traffic, lambda: [self.group.recv([buf], src, tag)], async_op, finish
+            )
+        nbytes = traffic.critical_bytes
+        msg = torch.empty(nbytes + _STAMP, dtype=torch.uint8, device=buf.device)
+
+        def unpack() -> None:
+            buf.copy_(msg[:nbytes].view(buf.dtype).view(buf.shape))
+            if finish is not None:
+                finish()
+
+        def arrived() -> float:
+            stamp = msg[nbytes:].to("cpu", copy=True).view(torch.float64).item()
+            return self._take_downlink(link, nbytes, stamp)
+
         return self._issue(
             "recv",
             traffic,
-            lambda: [self.group.recv([buf], src, tag)],
+            lambda: [self.group.recv([msg], src, tag)],
             async_op,
-            self._noisy(self._back([(tensor, buf)]), [tensor], peer=src),
-            peer=src,
+            unpack,
+            deadline=arrived,
         )
 
     def barrier(self) -> None:

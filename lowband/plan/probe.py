@@ -70,19 +70,26 @@ def _pair(comm: Comm, a: int, b: int, cfg: ProbeConfig) -> dict | None:
     latency = statistics.median(halves)
     numel = max(1, int(cfg.megabytes * 1e6 / 4))
     bulk = torch.zeros(numel, device=comm.device)
-    rates = {}
+    # Each direction is timed at its sender, from the send to the receiver's one-value reply:
+    # transmission plus two latencies. b then tells a its figure.
+    rate = torch.zeros(1, dtype=torch.float64, device=comm.device)
     for src, dst in ((a, b), (b, a)):
-        t0 = time.perf_counter()
         if me == src:
+            t0 = time.perf_counter()
             comm.send(bulk, dst)
             comm.recv(small, dst)
+            elapsed = time.perf_counter() - t0
+            rate.fill_(numel * 4 * 8 / max(elapsed - 2 * latency, 1e-9))
+            if me == a:
+                rates = {f"{a}->{b}": rate.item()}
         else:
             comm.recv(bulk, src)
             comm.send(small, src)
-        elapsed = time.perf_counter() - t0
-        rates[f"{src}->{dst}"] = numel * 4 * 8 / max(elapsed - 2 * latency, 1e-9)
     if me != a:
+        comm.send(rate, a)
         return None
+    comm.recv(rate, b)
+    rates[f"{b}->{a}"] = rate.item()
     return {
         "a": a,
         "b": b,
