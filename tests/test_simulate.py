@@ -4,6 +4,7 @@ seed; stragglers hurt DDP more than DiLoCo; a failure costs what docs/plan.md sa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -46,6 +47,109 @@ def test_without_stragglers_or_failures_it_is_the_plan(technique):
     assert r.utilisation == pytest.approx(p.utilisation, rel=1e-9)
     assert r.bytes_per_worker == pytest.approx(r.steps * p.bytes_per_step, rel=1e-12)
     assert r.time_to_budget_s == pytest.approx(p.time_to_budget_s, rel=1e-9)
+
+
+NOLOCO_CO2 = [
+    Technique("noloco", sync_every=10, bits=16),
+    Technique("noloco", sync_every=10, bits=32, group_size=3),
+    Technique("co2", sync_every=10, bits=4),  # reduction shorter than a round: hidden
+    Technique("co2", sync_every=10, bits=32),  # longer: the excess exposed
+]
+
+
+@pytest.mark.parametrize("technique", NOLOCO_CO2, ids=lambda t: t.label())
+def test_noloco_and_co2_without_noise_are_the_plan(technique):
+    """NoLoCo: the plan's step time, utilisation, bytes and time to budget, exactly (6 workers
+    behind one link, so every group of g has the plan's link and size). CO2: the plan's bytes and
+    steady-state step time exactly; the whole run is one pipeline drain longer, min(H t_c, s):
+    the last round's reduction is waited for (CO2.close), the first hides behind nothing."""
+    w = _workload()
+    net = Network(workers=6, link=INTER)
+    r = simulate(w, technique, net)
+    p = predict(w, technique, 6, INTER)
+    assert not r.extrapolated and r.tokens == w.tokens and r.steps == p.steps
+    assert r.bytes_per_worker == pytest.approx(r.steps * p.bytes_per_step, rel=1e-12)
+    if technique.algo == "noloco":
+        assert r.step_s == pytest.approx(p.step_s, rel=1e-9)
+        assert r.utilisation == pytest.approx(p.utilisation, rel=1e-9)
+        assert r.time_to_budget_s == pytest.approx(p.time_to_budget_s, rel=1e-9)
+        return
+    drain = min(technique.sync_every * w.compute_s, p.sync_s)
+    assert r.time_to_budget_s == pytest.approx(p.time_to_budget_s + drain, rel=1e-9)
+    longer = simulate(dataclasses.replace(w, tokens=2 * w.tokens), technique, net)
+    steady = (longer.wall_s - r.wall_s) / (longer.steps - r.steps)
+    assert steady == pytest.approx(p.step_s, rel=1e-9)
+
+
+def test_co2_hides_a_short_reduction_and_exposes_exactly_the_excess_of_a_long_one():
+    """Round r's all-reduce (s seconds) runs behind round r+1's H t_c of compute. s < H t_c: no
+    round waits, only the final drain (s) is exposed: utilisation R H t_c / (R H t_c + s). s >
+    H t_c: rounds 2..R each wait exactly s - H t_c, plus the drain, s."""
+    w = _workload()
+    h, tc, rounds = 10, w.compute_s, 20
+    for link, hidden in ((LinkSpec.parse("1gbit:1ms"), True), (INTER, False)):
+        t = Technique("co2", sync_every=h, bits=32)
+        r = simulate(w, t, Network(workers=6, link=link))
+        s = predict(w, t, 6, link).sync_s
+        assert r.steps == rounds * h and (s < h * tc) == hidden
+        if hidden:
+            assert r.exposed_s == pytest.approx(s, rel=1e-9)
+            assert r.utilisation == pytest.approx(rounds * h * tc / (rounds * h * tc + s))
+            assert r.utilisation > 0.99
+        else:
+            assert r.exposed_s == pytest.approx((rounds - 1) * (s - h * tc) + s, rel=1e-9)
+
+
+def test_a_straggler_under_noloco_slows_only_its_group():
+    """The same i.i.d. stragglers (lognormal 0.3, 64 workers, fast link, fixed seeds): DiLoCo's
+    round waits for the slowest of all 64, NoLoCo's group for the slowest of its 2, so NoLoCo
+    keeps more of its utilisation. And in one round, a rank one second late delays only its
+    group's other member, not the world."""
+    w = _workload(n=64)
+    net = Network(workers=64, link=LinkSpec.parse("100gbit:10us"))
+    stragglers = Straggler.parse("lognormal:0.3")
+    for seed in range(2):
+        util = {
+            algo: simulate(
+                w, Technique(algo, sync_every=10, bits=16), net, stragglers, seed=seed
+            ).utilisation
+            for algo in ("diloco", "noloco")
+        }
+        assert util["noloco"] > util["diloco"] + 0.05
+    # one round, a group of 2 with one straggler: the other groups do not wait
+    from lowband.plan.simulate import _Run
+
+    t = Technique("noloco", sync_every=10, bits=16, group_size=2)
+    run = _Run(w, t, net, Straggler(), Failures(), seed=0)
+    run.advance(10)
+    run.clocks[5] += 1.0  # rank 5 one second late
+    groups = [[2 * i, 2 * i + 1] for i in range(32)]
+    run.exchange(groups, {})
+    late = [r for r, c in zip(run.ranks, run.clocks) if c > 10 * w.compute_s + 0.5]
+    assert late == [4, 5]
+
+
+def test_noloco_failure_costs_only_its_group():
+    """A failure during the inner steps (0.3 s of 0.51): the failed worker's round is lost, its partner waits for
+    the detection and goes on alone; the other groups' clocks and rounds are untouched; no round
+    is discarded."""
+    from lowband.plan.simulate import _Run
+
+    n, w = 6, _workload()
+    net = Network(workers=n, link=INTER)
+    t = Technique("noloco", sync_every=10, bits=16)
+    f = Failures(rate_per_hour=0.0, recovery_s=1.0, detect_s=5.0)
+    run = _Run(w, t, net, Straggler(), f, seed=0, fail_at=((0.3, 3),))
+    run.advance(10)
+    done = run.exchange([[0, 1], [2, 3], [4, 5]], {})
+    secs = predict(w, t, n, INTER).sync_s
+    end = {r: c for r, c in zip(run.ranks, run.clocks)}
+    assert done == 5 and run.failed == 1 and run.discarded == 0 and 3 not in end
+    assert end[2] == pytest.approx(0.3 + f.detect_s)
+    for r in (0, 1, 4, 5):
+        assert end[r] == pytest.approx(10 * w.compute_s + secs)
+    r = simulate(w, t, net, failures=f, fail_at=((0.3, 3),))
+    assert r.discarded_rounds == 0 and r.tokens >= w.tokens and r.heal_s > 0
 
 
 def test_group_links_are_the_slowest_pair_as_the_link_map_says():
@@ -184,3 +288,21 @@ def test_hierarchical_is_inside_then_across_sites():
     ((secs, nbytes),) = hier.sync(w, t, list(range(12)))
     assert secs == pytest.approx(inside + across) and nbytes == pytest.approx(b_in + b_across / 4)
     assert simulate(w, t, hier).step_s < simulate(w, t, flat).step_s
+
+
+def test_cli_plays_noloco_and_co2(tmp_path, capsys):
+    from lowband.plan.simulate_command import parse_technique
+
+    assert parse_technique("noloco,H=50,g=3") == Technique("noloco", 50, bits=16, group_size=3)
+    assert parse_technique("co2,H=48") == Technique("co2", 48, bits=4)
+    page, png = tmp_path / "sim.html", tmp_path / "sim.png"
+    argv = ["simulate", "--model", "1m", "--workers", "4", "--link", "100mbit:40ms",
+            "--tokens-per-s", "20000", "--batch-size", "8", "--seq-len", "128", "--tokens", "4e5",
+            "--technique", "noloco,H=10", "--technique", "co2,H=10"]  # fmt: skip
+    assert main([*argv, "--html", str(page), "--plot", str(png)]) == 0
+    html = page.read_text()
+    assert "NoLoCo H=10, g=2, 16-bit" in html and "CO2 H=10, 4-bit" in html
+    assert png.stat().st_size > 1000 and "NoLoCo" in capsys.readouterr().out
+    for bad in ("noloco,H=10,P=2", "co2,H=10,g=2", "noloco,g=1"):
+        assert main([*argv[:-4], "--technique", bad]) == 2
+        assert capsys.readouterr().err.startswith("lowband: error:")

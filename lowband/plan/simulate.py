@@ -9,7 +9,7 @@ budget, per technique and per N (where it stops scaling).
 One source of truth: every synchronisation's seconds and bytes come from
 `lowband.plan.cost.sync_costs`, the function `predict` uses, evaluated on the link of the group
 that takes part (`Network.group_link`). With no stragglers and no failures the simulated step time
-is `predict`'s, exactly (tests/test_simulate.py).
+is `predict`'s, exactly (tests/test_simulate.py; CO2: in the steady state, see below).
 
 The schedule, per technique (H = --sync-every, P = fragments, tau = overlap; DDP: H = P = 1,
 DiLoCo: P = 1, tau = 0), is a sequence of rounds of H/P inner steps, as in
@@ -40,6 +40,32 @@ Events (failure, recovery) sit in a heapq queue and are taken in time order betw
     benchmarks/RESULTS.md, "Elastic recovery"). It contributes tokens from the round after.
 So a failure costs its in-flight round (its own steps, or everyone's if it hits a collective),
 a detection delay, and a heal transfer at the link's speed.
+
+NoLoCo (lowband.algorithms.noloco) has no collective over all workers. Round r:
+  1. the groups are `noloco_groups(len(quorum), g, seed, r)` over the quorum (the live workers, in
+     rank order, plus any that failed after their last exchange and are not yet detected), the
+     real algorithm's function, so the group sizes are its own (the last group takes the rest);
+  2. every worker runs H inner steps on its own clock;
+  3. each group's exchange starts when its last member arrives and lasts cost.group_exchange's
+     seconds for the group's real size on its own link (its slowest pair: a group inside one site
+     uses the intra link); its members leave at the end. Clocks are per group: a straggler delays
+     only its group that round (and, through the next rounds' groups, those it meets later).
+  Failures: a member that fails before its group's exchange ends loses its round; its partners
+  cannot finish before the failure is detected (t_fail + --detect-s) and average among themselves
+  (the real algorithm's `partner_lost`): no round is discarded and no other group waits. A worker
+  that fails after its exchange is still drawn into the next round's group, which waits for the
+  detection. A recovered worker downloads the state (20 bytes per parameter) from one live peer
+  (same site if any) at that peer's round boundary; only the two of them stall.
+
+CO2 (lowband.algorithms.co2, delay 1): round r's all-reduce, launched when the last member ends
+round r (and has landed round r-1's), runs behind round r+1's H inner steps; at the end of round
+r+1 each worker waits only for what is left of it (CO2._land_previous), then launches round r+1's.
+So a round takes max(H t_c, s) in the steady state, `predict`'s; a run is one pipeline drain
+longer, min(H t_c, s): the first round hides no reduction and the last one's is waited for
+(CO2.close). A round's tokens count when its average lands. A failure while round r's average is
+on the wire (most of the time, when s is close to H t_c) discards round r for everyone, known at
+t_fail + --detect-s; round r+1's work goes on (the real algorithm applies no average and submits
+round r+1's). A failure before the launch leaves the worker out, as above.
 
 Links: a collective over a group takes the group's slowest pair (LinkMap.for_ranks): exact for a
 ring whose every step waits for the slowest hop. With --hierarchical and sites, a collective is
@@ -151,6 +177,26 @@ class Network:
             across = sync_costs(w, t, s, wide)
             self._cache[key] = [(a[0] + b[0], a[1] + b[1] / g) for a, b in zip(inside, across)]
         return self._cache[key]
+
+    def exchange(self, w: Workload, t: Technique, members) -> tuple[float, float]:
+        """(seconds, bytes per member) of one NoLoCo group's exchange: cost.group_exchange (via
+        sync_costs) for a group of len(members), the group's real size (the last group of an
+        uneven split is larger), on the group's slowest pair. Point to point inside the group,
+        so --hierarchical does not apply."""
+        g = len(members)
+        link = self.group_link(members)
+        key = ("p2p", w, t, g, link)
+        if key not in self._cache:
+            ((secs, sent),) = sync_costs(w, dataclasses.replace(t, group_size=g), g, link)
+            self._cache[key] = (secs, sent)
+        return self._cache[key]
+
+    def heal_source(self, newcomer: int, alive) -> int:
+        """The live peer a recovering worker downloads from: the same site's when there is one."""
+        if self._by_site:
+            site = self.link_map.site_of[newcomer]
+            return next((r for r in alive if self.link_map.site_of[r] == site), alive[0])
+        return alive[0]
 
     def describe(self) -> str:
         if self.link_map is None:
@@ -325,10 +371,12 @@ def heal_bytes(w: Workload, t: Technique) -> int:
 
 def _period(t: Technique) -> tuple[int, int, int]:
     """(inner steps per round, fragments, tau)."""
-    if t.algo not in ("ddp", "diloco", "streaming-diloco"):
-        raise ConfigError(f"{t.label()}: the simulator plays DDP and the DiLoCo family only")
+    if t.algo not in ("ddp", "diloco", "streaming-diloco", "noloco", "co2"):
+        raise ConfigError(f"{t.label()}: the simulator plays DDP, the DiLoCo family, NoLoCo, CO2")
     if t.algo == "ddp":
         return 1, 1, 0
+    if t.algo in ("noloco", "co2"):
+        return t.sync_every, 1, 0
     p = t.fragments if t.algo == "streaming-diloco" else 1
     tau = t.overlap if t.algo == "streaming-diloco" else 0
     if t.sync_every % p or t.sync_every < p:
@@ -350,6 +398,7 @@ class _Run:
         self.ranks = list(range(net.workers))
         self.clocks = np.zeros(net.workers)
         self.pending: list[int] = []  # recovered, waiting for the next collective to join
+        self.back_at: dict[int, float] = {}  # when each pending worker came back
         self.now = 0.0
         self.failed = self.discarded = 0
         self.sent = self.exposed = self.heal = self.detect = 0.0
@@ -367,6 +416,7 @@ class _Run:
             self.now = when
             if kind == "recover":
                 self.pending.append(who)
+                self.back_at[who] = when
             elif who in self.pending:  # failed again before it joined
                 self.pending.remove(who)
             else:
@@ -431,6 +481,81 @@ class _Run:
             return False
         return True
 
+    # -- NoLoCo: per-group clocks ----------------------------------------------------------------
+
+    def heal_into_groups(self) -> None:
+        """NoLoCo: each recovered worker downloads the state from one live peer (same site if
+        any) when that peer is at its round boundary; only the two of them stall."""
+        if not self.pending or not self.ranks:
+            return
+        state = heal_bytes(self.w, self.t)
+        for j in self.pending:
+            src = self.net.heal_source(j, self.ranks)
+            link = self.net.heal_link(j, [src])
+            heal = link.ideal_time(state, 1) if link else 0.0
+            i = self.ranks.index(src)
+            done = max(float(self.clocks[i]), self.back_at.get(j, self.now)) + heal
+            self.clocks[i] = done
+            self.ranks.append(j)
+            self.clocks = np.append(self.clocks, done)
+            self.sent += state
+            self.heal += heal
+        self.pending = []
+
+    def exchange(self, groups: list[list[int]], ghosts: dict[int, float]) -> int:
+        """NoLoCo's round end: every group exchanges on its own clock. Returns the workers whose
+        round is applied; `ghosts` (drawn into a group but failed after their last exchange) is
+        replaced by this round's such workers. See the module docstring, "NoLoCo"."""
+        at = {r: i for i, r in enumerate(self.ranks)}
+        live = [[r for r in g if r in at] for g in groups]
+        arrive = [max((float(self.clocks[at[r]]) for r in m), default=self.now) for m in live]
+        hold = [max((ghosts[r] + self.f.detect_s for r in g if r in ghosts), default=-math.inf)
+                for g in groups]  # fmt: skip
+
+        def end_of(k: int) -> float:
+            secs = self.net.exchange(self.w, self.t, live[k])[0] if len(live[k]) > 1 else 0.0
+            return max(arrive[k] + secs, hold[k])
+
+        ends = [end_of(k) for k in range(len(groups))]
+        group_of = {r: k for k, m in enumerate(live) for r in m}
+        new_ghosts: dict[int, float] = {}
+        slowest = float(self.clocks.max()) if self.ranks else self.now
+        while self.events.next_time() < max(ends, default=-math.inf):
+            when, kind, who = self.events.pop()
+            self.now = max(self.now, when)
+            if kind == "recover":
+                self.pending.append(who)
+                self.back_at[who] = when
+                new_ghosts.pop(who, None)
+            elif who in self.pending:  # failed again before it joined
+                self.pending.remove(who)
+            elif who in group_of:
+                self.failed += 1
+                k = group_of.pop(who)
+                if when < ends[k]:  # before its group's exchange ended: its round is lost
+                    live[k].remove(who)
+                    arrive[k] = max((float(self.clocks[at[r]]) for r in live[k]), default=when)
+                    hold[k] = max(hold[k], when + self.f.detect_s)
+                    ends[k] = end_of(k)
+                else:  # already in its next round: its next group waits for the detection
+                    new_ghosts[who] = when
+        survivors = [r for m in live for r in m if r in group_of]
+        clocks = np.empty(len(survivors))
+        i = 0
+        for k, m in enumerate(live):
+            if len(m) > 1:
+                self.sent += self.net.exchange(self.w, self.t, m)[1] * len(m)
+            kept = [r for r in m if r in group_of]
+            clocks[i : i + len(kept)] = ends[k]
+            i += len(kept)
+        committed = sum(len(m) for m in live)
+        self.ranks, self.clocks = survivors, clocks
+        if self.ranks:
+            self.exposed += max(0.0, float(clocks.max()) - slowest)
+        ghosts.clear()
+        ghosts.update(new_ghosts)
+        return committed
+
 
 def simulate(
     w: Workload,
@@ -450,26 +575,9 @@ def simulate(
     committed by then, the time to budget is infinite. `fail_at`: failures injected as (seconds, worker)."""
     period, frags, tau = _period(t)
     run = _Run(w, t, net, straggler, failures, seed, fail_at)
-    tokens = step = k = lost_in_a_row = 0
-    while tokens < w.tokens and step < max_steps and lost_in_a_row < give_up_after:
-        if run.ranks and float(run.clocks.max()) > max_wall_s:
-            break
-        run.restart_if_all_down()
-        run.advance(period - tau)  # 1.
-        start, members = run.start()  # 2.
-        if not run.ranks:
-            lost_in_a_row += 1
-            continue
-        secs, nbytes = net.sync(w, t, run.ranks)[k % frags]
-        run.sent += nbytes * len(run.ranks)
-        run.advance(tau)  # 3.
-        if run.finish(start + secs):
-            tokens += members * period * w.step_tokens  # 4.
-            lost_in_a_row = 0
-        else:
-            lost_in_a_row += 1
-        step += period
-        k += 1
+    play = {"noloco": _play_noloco, "co2": _play_co2}.get(t.algo, _play_rounds)
+    tokens, step, lost_in_a_row = play(run, period, frags, tau, seed, max_steps, max_wall_s,
+                                       give_up_after)  # fmt: skip
     wall = float(run.clocks.max()) if run.ranks else run.now
     extrapolated = tokens < w.tokens
     stalled = lost_in_a_row >= give_up_after
@@ -486,3 +594,96 @@ def simulate(
         time_to_budget_s=to_budget, extrapolated=extrapolated, stalled=stalled,
         compute_s=w.compute_s, step_tokens=w.step_tokens,
     )  # fmt: skip
+
+
+def _go_on(run: _Run, tokens, step, lost, max_steps, max_wall_s, give_up_after) -> bool:
+    if tokens >= run.w.tokens or step >= max_steps or lost >= give_up_after:
+        return False
+    return not (run.ranks and float(run.clocks.max()) > max_wall_s)
+
+
+def _play_rounds(run: _Run, period, frags, tau, seed, *limits) -> tuple[int, int, int]:
+    """DDP and the DiLoCo family: steps 1-4 of the module docstring."""
+    w, t, net = run.w, run.t, run.net
+    tokens = step = k = lost_in_a_row = 0
+    while _go_on(run, tokens, step, lost_in_a_row, *limits):
+        run.restart_if_all_down()
+        run.advance(period - tau)  # 1.
+        start, members = run.start()  # 2.
+        if not run.ranks:
+            lost_in_a_row += 1
+            continue
+        secs, nbytes = net.sync(w, t, run.ranks)[k % frags]
+        run.sent += nbytes * len(run.ranks)
+        run.advance(tau)  # 3.
+        if run.finish(start + secs):
+            tokens += members * period * w.step_tokens  # 4.
+            lost_in_a_row = 0
+        else:
+            lost_in_a_row += 1
+        step += period
+        k += 1
+    return tokens, step, lost_in_a_row
+
+
+def _play_co2(run: _Run, period, frags, tau, seed, *limits) -> tuple[int, int, int]:
+    """CO2 with delay 1 (lowband.algorithms.co2): round r's all-reduce runs behind round r+1's
+    compute; the end of round r+1 waits for it (the outer step applies it) and then launches
+    round r+1's. A round's tokens count when its average lands; the last one is waited for at
+    the end (CO2.close), so a run is one pipeline drain longer than the steady state."""
+    w, t, net = run.w, run.t, run.net
+    tokens = step = lost_in_a_row = 0
+    pending: tuple[float, int] | None = None  # (end, members) of the reduction on the wire
+
+    def land() -> None:
+        nonlocal tokens, lost_in_a_row, pending
+        end, members = pending
+        pending = None
+        if run.finish(end):  # a failure while it is on the wire discards the round
+            tokens += members * period * w.step_tokens
+            lost_in_a_row = 0
+        else:
+            lost_in_a_row += 1
+
+    while _go_on(run, tokens, step, lost_in_a_row, *limits):
+        if pending and tokens + pending[1] * period * w.step_tokens >= w.tokens:
+            land()  # the budget is on the wire: CO2.close() waits for it
+            continue
+        run.restart_if_all_down()
+        run.advance(period)  # round r+1's inner steps, round r's reduction in flight
+        if pending:
+            land()  # the outer step: wait for round r's average (_land_previous)
+        start, members = run.start()  # launch round r+1's once the last member submits it
+        step += period
+        if not run.ranks:
+            lost_in_a_row += 1
+            continue
+        secs, nbytes = net.sync(w, t, run.ranks)[0]
+        run.sent += nbytes * len(run.ranks)
+        pending = (start + secs, members)
+    return tokens, step, lost_in_a_row
+
+
+def _play_noloco(run: _Run, period, frags, tau, seed, *limits) -> tuple[int, int, int]:
+    """NoLoCo (lowband.algorithms.noloco): every round, groups drawn by `noloco_groups` from
+    the seed and the round over the live workers; each group exchanges on its own clock."""
+    from lowband.algorithms.noloco import noloco_groups
+
+    tokens = step = lost_in_a_row = r = 0
+    ghosts: dict[int, float] = {}  # failed after their exchange: their next group waits
+    while _go_on(run, tokens, step, lost_in_a_row, *limits):
+        if not run.ranks:
+            ghosts.clear()
+        run.restart_if_all_down()
+        run.heal_into_groups()
+        r += 1
+        quorum = sorted({*run.ranks, *ghosts})
+        groups = [
+            [quorum[i] for i in g] for g in noloco_groups(len(quorum), run.t.group_size, seed, r)
+        ]
+        run.advance(period)
+        done = run.exchange(groups, ghosts)
+        tokens += done * period * run.w.step_tokens
+        lost_in_a_row = 0 if done else lost_in_a_row + 1
+        step += period
+    return tokens, step, lost_in_a_row

@@ -33,6 +33,12 @@ MODELLED = [
     "on G parallel rings)",
     "links carry one collective at a time with no jitter or loss; DDP does not overlap its "
     "all-reduce with the backward pass; Streaming DiLoCo hides a fragment behind tau steps",
+    "NoLoCo: groups drawn as lowband.algorithms.noloco.noloco_groups (--seed, the round) over "
+    "the live workers; each group exchanges on its own clock and link (its slowest pair), so a "
+    "straggler or a failure delays only its group; --hierarchical does not apply (point to point)",
+    "CO2 (delay 1): round r's all-reduce runs behind round r+1's inner steps; a worker blocks at "
+    "round r+1's end only for what is left of it; the last round's reduction is waited for "
+    "(one pipeline drain, min(H t_c, reduction), beyond the plan's steady state)",
     "failures: exponential up-times (--failure-rate per worker-hour), --recovery-s down, "
     "detected after --detect-s; a failure before a collective drops that worker's round, one "
     "during a collective discards the round for everyone (torchft's should_commit); a recovered "
@@ -84,8 +90,9 @@ def add_parser(sub) -> None:
         action="append",
         metavar="SPEC",
         help="repeatable: ddp[,bits=8] | diloco,H=100[,bits=4|compress=topk:0.01:2] | "
-        "streaming,H=100,P=4,tau=12[,bits=4|compress=...]. Default: DDP and the plan's best of "
-        "each family",
+        "streaming,H=100,P=4,tau=12[,bits=4|compress=...] | noloco,H=100[,g=2,bits=16] | "
+        "co2,H=100[,bits=4]. Default: DDP and the plan's best of each family (DiLoCo, Streaming "
+        "DiLoCo, SparseLoCo, NoLoCo, CO2)",
     )
     p.add_argument("--max-steps", type=int, default=200_000, help="then extrapolate")
     p.add_argument("--max-days", type=float, default=90.0, help="simulated; then extrapolate")
@@ -100,10 +107,14 @@ def add_parser(sub) -> None:
 def parse_technique(spec: str) -> Technique:
     """`diloco,H=100,bits=4` -> Technique("diloco", sync_every=100, bits=4)."""
     name, *rest = [x.strip() for x in spec.split(",")]
-    algo = {"ddp": "ddp", "diloco": "diloco", "streaming": "streaming-diloco"}.get(name.lower())
-    keys = {"h": "sync_every", "p": "fragments", "tau": "overlap", "bits": "bits"}
+    algo = {
+        "ddp": "ddp", "diloco": "diloco", "streaming": "streaming-diloco", "noloco": "noloco",
+        "co2": "co2",
+    }.get(name.lower())  # fmt: skip
+    keys = {"h": "sync_every", "p": "fragments", "tau": "overlap", "bits": "bits",
+            "g": "group_size"}  # fmt: skip
     if algo is None:
-        raise ConfigError(f"--technique {spec!r}: start with ddp, diloco or streaming")
+        raise ConfigError(f"--technique {spec!r}: start with ddp, diloco, streaming, noloco or co2")
     kw: dict = {}
     for item in rest:
         key, _, value = item.partition("=")
@@ -122,11 +133,22 @@ def parse_technique(spec: str) -> Technique:
                 raise ValueError
         except (ValueError, ConfigError):
             raise ConfigError(
-                f"--technique {spec!r}: bad {item!r} (H=, P=, tau=, bits= take integers; "
+                f"--technique {spec!r}: bad {item!r} (H=, P=, tau=, g=, bits= take integers; "
                 "compress=topk:FRACTION:BITS)"
             ) from None
-    if algo == "ddp" and set(kw) - {"bits"}:
-        raise ConfigError(f"--technique {spec!r}: ddp takes only bits=")
+    allowed = {
+        "ddp": {"bits"}, "noloco": {"sync_every", "group_size", "bits"},
+        "co2": {"sync_every", "bits"},
+    }.get(algo)  # fmt: skip
+    if allowed is not None and set(kw) - allowed:
+        takes = {"ddp": "bits=", "noloco": "H=, g= and bits=", "co2": "H= and bits="}[algo]
+        raise ConfigError(f"--technique {spec!r}: {algo} takes only {takes}")
+    if algo == "noloco":
+        kw.setdefault("bits", 16)  # the plan's NoLoCo: parameters in bf16
+        if kw.get("group_size", 2) < 2:
+            raise ConfigError(f"--technique {spec!r}: g must be at least 2")
+    if algo == "co2":
+        kw.setdefault("bits", 4)
     if algo == "streaming-diloco":
         kw.setdefault("fragments", 4)
         kw.setdefault("overlap", 1)
@@ -189,13 +211,16 @@ def _check(args) -> list[int]:
 
 
 def default_techniques(w, n: int, link: LinkSpec | None) -> list[Technique]:
-    """DDP, and per family (DiLoCo, Streaming DiLoCo, SparseLoCo) the plan's fastest to budget."""
+    """DDP, and per family (DiLoCo, Streaming DiLoCo, SparseLoCo, NoLoCo, CO2) the plan's
+    fastest to budget: every technique `lowband plan` ranks."""
     preds = sorted((predict(w, t, n, link) for t in candidates()), key=lambda p: p.time_to_budget_s)
     out = [Technique("ddp")]
     for family in (
         lambda t: t.algo == "diloco" and not t.compress,
         lambda t: t.algo == "streaming-diloco" and not t.compress,
         lambda t: bool(t.compress),
+        lambda t: t.algo == "noloco",
+        lambda t: t.algo == "co2",
     ):
         out.append(next(p.technique for p in preds if family(p.technique)))
     return out
