@@ -6,6 +6,7 @@ times the steps; the others run the whole budget. Every byte counts: values, ind
 the start check.
 
     python benchmarks/sparse_outer.py --append
+    python benchmarks/sparse_outer.py --parallel 4 --sync-every 48 --only sweep --json sweep.json
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import concurrent.futures
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -58,13 +60,46 @@ def configs(h: int) -> dict[str, list[str]]:
     }  # fmt: skip
 
 
+def sweep(h: int) -> dict[str, list[str]]:
+    """#14's sweep toward >= 3,000x fewer bytes than DDP at a loss no worse than fp32 DiLoCo at
+    the same H: DiLoCo fp32 at its outer lr 0.7 and 1.0 as the reference; SparseLoCo over the outer
+    lr (the paper tunes it; the reference code's mean over the workers that sent a value makes
+    its steps up to R x ours, so lrs up to 4 = R are in range), the error decay beta, the fraction
+    and the chunk layout (flat runs vs the paper's per-tensor 64 x 64 tiles). Names start with
+    "sweep:"; choose with --only, and --steps 3000 for the longer runs."""
+    H = str(h)
+    rows = {
+        "sweep: DiLoCo fp32, outer lr 0.7": ["--algo", "diloco", "--sync-every", H],
+        "sweep: DiLoCo fp32, outer lr 1.0": [
+            "--algo", "diloco", "--sync-every", H, "--outer-lr", "1.0",
+        ],
+    }  # fmt: skip
+    grid = [  # (fraction, layout, outer lr, decay); 1.5% is ~3,690x fewer bytes than DDP at 1m
+        *[(f, lay, lr, "0.95") for f in ("0.01", "0.015") for lay in ("flat", "tiles")
+          for lr in ("1.5", "2.0", "3.0", "4.0")],
+        *[("0.01", "tiles", lr, d) for lr in ("2.0", "3.0") for d in ("0.9", "0.99")],
+    ]  # fmt: skip
+    for fraction, layout, lr, decay in grid:
+        name = f"sweep: SparseLoCo {float(fraction) * 100:g}% 2-bit {layout}, outer lr {lr}, decay {decay}"
+        rows[name] = [
+            "--algo", "diloco", "--sync-every", H, "--compress", f"topk:{fraction}:2:{layout}",
+            "--outer-lr", lr, "--error-decay", decay,
+        ]  # fmt: skip
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="1m")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--sync-every", type=int, default=50)
-    p.add_argument("--only", default="", help="config names to run, separated by ';'")
+    p.add_argument(
+        "--only",
+        default="",
+        help="config names to run, separated by ';' (default: the first table's; 'sweep': all the "
+        "'sweep:' ones)",
+    )
     p.add_argument("--parallel", type=int, default=1, help="runs at once (on a machine with cores)")
     p.add_argument("--json", type=Path)
     p.add_argument("--append", action="store_true")
@@ -76,20 +111,25 @@ def main() -> None:
         ddp = train(Path(tmp) / "ddp", [*common, "--steps", "20", "--eval-every", "20"])
         per_step = json.loads((ddp / "summary.json").read_text())["bytes_sent_per_worker"] / 20
         ddp_bytes = per_step * args.steps
-        chosen = {
-            name: flags
-            for name, flags in configs(args.sync_every).items()
-            if not args.only or name in args.only.split(";")
-        }
+        every = {**configs(args.sync_every), **sweep(args.sync_every)}
+        wanted = args.only.split(";") if args.only else [n for n in every if "sweep:" not in n]
+        if args.only == "sweep":
+            wanted = [n for n in every if n.startswith("sweep:")]
+        unknown = [n for n in wanted if n not in every]
+        if unknown:
+            p.error(f"unknown config(s) {unknown}; known: {list(every)}")
+        chosen = {name: every[name] for name in wanted}
 
         def one(item):
             name, flags = item
-            out = Path(tmp) / name.replace(" ", "_")
-            return train(out, [*common, "--steps", str(args.steps), *flags])
+            out = Path(tmp) / "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+            start = time.monotonic()
+            run = train(out, [*common, "--steps", str(args.steps), *flags])
+            return run, time.monotonic() - start
 
         with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
             runs = list(pool.map(one, chosen.items()))
-        for name, run in zip(chosen, runs, strict=True):
+        for name, (run, wall) in zip(chosen, runs, strict=True):
             s = json.loads((run / "summary.json").read_text())
             rows.append(
                 {
@@ -97,19 +137,21 @@ def main() -> None:
                     "bytes": s["bytes_sent_per_worker"],
                     "x_fewer_than_ddp": ddp_bytes / s["bytes_sent_per_worker"],
                     "eval_loss": s["final_eval_loss"],
+                    "wall_s": round(wall, 1),
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
             if args.json:
                 args.json.write_text(json.dumps({"ddp_bytes": ddp_bytes, "rows": rows}, indent=1))
     lines = [
-        "| method | bytes sent per worker | fewer than DDP | final eval loss |",
-        "|---|---|---|---|",
-        f"| DDP (bytes: 20 measured steps x {args.steps}) | {ddp_bytes:,.0f} | 1x | - |",
+        "| method | bytes sent per worker | fewer than DDP | final eval loss | run s |",
+        "|---|---|---|---|---|",
+        f"| DDP (bytes: 20 measured steps x {args.steps}) | {ddp_bytes:,.0f} | 1x | - | - |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['name']} | {r['bytes']:,.0f} | {r['x_fewer_than_ddp']:,.0f}x | {r['eval_loss']:.4f} |"
+            f"| {r['name']} | {r['bytes']:,.0f} | {r['x_fewer_than_ddp']:,.0f}x "
+            f"| {r['eval_loss']:.4f} | {r['wall_s']:.0f} |"
         )
     text = "\n".join(lines)
     print(text)

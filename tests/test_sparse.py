@@ -5,6 +5,7 @@ without momentum), byte counts, bit-identical replicas, checkpoints and heals, a
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 from lowband.algorithms import DiLoCo, StreamingDiLoCo
 from lowband.cli import main
 from lowband.comm import Comm
-from lowband.comm.sparse import TopK
+from lowband.comm.sparse import TiledTopK, TopK
 from lowband.errors import ConfigError
 from lowband.testing import run_ranks
 from tests.test_diloco import flat, train
@@ -46,14 +47,21 @@ def test_selection_keeps_the_largest_and_the_chunk_maximum_exactly():
     assert (dense != 0).sum() == 4
 
 
-def test_error_feedback_conserves_mass():
+# Per-tensor tiles (chunk 64: 8 x 8): a tiled matrix, a vector in runs, a matrix of 6 x 7 tiles,
+# one whose sides have no divisor near 8 (5 x 11: in runs of its own), a scalar; 500 values.
+SHAPES = [(16, 16), (20,), (12, 14), (5, 11), (1,)]
+
+
+@pytest.mark.parametrize("layout", ["flat", "tiles"])
+def test_error_feedback_conserves_mass(layout):
     """With decay 1, what was sent over the rounds plus what is left equals everything put in."""
-    t = TopK(0.1, 2, chunk=32)
+    t = TopK(0.1, 2, chunk=32 if layout == "flat" else 64, layout=layout).bind(SHAPES)
     g = torch.Generator().manual_seed(0)
     error, sent, fed = torch.zeros(500), torch.zeros(500), torch.zeros(500)
     for _ in range(20):
         delta = torch.randn(500, generator=g)
         payload = t.compress_(error, delta, decay=1.0)
+        assert payload.numel() == t.payload_bytes(500)
         idx, vals = t.unpack(payload, 500)
         sent += t.dense(idx, vals, 500)
         fed += delta
@@ -61,16 +69,15 @@ def test_error_feedback_conserves_mass():
     assert error.abs().max() > 0  # something is still waiting: the test can fail
 
 
-def test_all_values_at_fp32_equal_diloco_without_momentum():
+@pytest.mark.parametrize("spec", ["topk:1:32", "topk:1:32:tiles"])
+def test_all_values_at_fp32_equal_diloco_without_momentum(spec):
     """fraction 1, 32 bits, decay 0: every value is sent exactly and nothing is fed back, so
     SparseLoCo's outer step is DiLoCo's with plain SGD (outer momentum 0), bit for bit."""
     opts = dict(sync_every=3, outer_lr=0.7)
     sparse = run_ranks(
         2,
         lambda c: flat(
-            train(
-                c, lambda m, o, c: DiLoCo(m, o, c, compress="topk:1:32", error_decay=0.0, **opts), 9
-            )[0]
+            train(c, lambda m, o, c: DiLoCo(m, o, c, compress=spec, error_decay=0.0, **opts), 9)[0]
         ),
     )
     dense = run_ranks(
@@ -81,8 +88,8 @@ def test_all_values_at_fp32_equal_diloco_without_momentum():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("overlap", [0, 1])
-def test_replicas_identical_and_bytes_are_the_payloads(overlap):
+@pytest.mark.parametrize(("overlap", "layout"), [(0, "flat"), (1, "flat"), (1, "tiles")])
+def test_replicas_identical_and_bytes_are_the_payloads(overlap, layout):
     n, steps = 3, 8
 
     def body(comm):
@@ -90,29 +97,38 @@ def test_replicas_identical_and_bytes_are_the_payloads(overlap):
 
         def make(m, o, c):
             algo_box["a"] = StreamingDiLoCo(
-                m, o, c, sync_every=4, fragments=2, overlap=overlap, compress="topk:0.05:2"
-            )
+                m, o, c, sync_every=4, fragments=2, overlap=overlap,
+                compress=f"topk:0.05:2:{layout}",
+            )  # fmt: skip
             return algo_box["a"]
 
         model, algo, _ = train(comm, make, steps)
-        sizes = [sum(g.numel() for g in frag) for frag in algo.global_params]
+        shapes = [[tuple(g.shape) for g in frag] for frag in algo.global_params]
         globals_ = torch.cat([g.reshape(-1) for frag in algo.global_params for g in frag])
         return (
             globals_,
             comm.stats.by_op(),
-            sizes,
+            shapes,
             algo.outer_steps,
             float(algo.error[0].abs().sum()),
         )
 
     results = run_ranks(n, body)
-    t = TopK(0.05, 2)
-    for globals_, ops, sizes, outer, residual in results:
+    t = TopK(0.05, 2, layout=layout)
+    for globals_, ops, shapes, outer, residual in results:
         assert torch.equal(globals_, results[0][0])  # bit-identical replicas
         assert outer == 4 and residual > 0
         # 2 syncs of each fragment; the start check's 8-byte digest is the only other all-gather.
-        expected = 2 * sum(t.exchange_bytes(s, n) for s in sizes) + 8 * (n - 1)
-        assert ops["all_gather"]["bytes_sent"] == expected
+        sizes = [sum(torch.Size(s).numel() for s in frag) for frag in shapes]
+        sent = [t.bind(frag).exchange_bytes(s, n) for frag, s in zip(shapes, sizes)]
+        assert ops["all_gather"]["bytes_sent"] == 2 * sum(sent) + 8 * (n - 1)
+        if layout == "tiles":  # by hand: each tensor of this small model is one chunk, its own,
+            by_hand = 0  # and keeps k = round(0.05 x 4096) = 205 of its values (all if fewer)
+            for numel in [torch.Size(s).numel() for frag in shapes for s in frag]:
+                assert numel <= 64 * 64
+                bits = min(numel, 205) * (math.ceil(math.log2(numel)) + 2)
+                by_hand += -(-bits // 8) + 4  # packed indices and values, one fp32 scale
+            assert sum(sent) == (n - 1) * by_hand
 
 
 def test_checkpoint_keeps_the_error_feedback_and_a_heal_starts_it_empty():
@@ -205,3 +221,29 @@ def test_the_library_classes_take_a_sparse_compressor_object():
     a = run_ranks(2, body, comp)
     b = run_ranks(2, body, "topk:0.05:2")
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_tiles_are_per_tensor_and_two_dimensional():
+    """Layout "tiles" (the reference code's rule): k per 2 x 2 tile of the matrix (chunk 4, k 1),
+    runs of the vector's own values; no chunk crosses the two tensors. The flat layout's
+    compressor is the spec itself, so its figures cannot change."""
+    spec = TopK.parse("topk:0.25:32:tiles", chunk=4)
+    assert spec.layout == "tiles" and TopK.parse("topk:0.25:32").bind([(4, 4)]) == TopK(0.25, 32)
+    t = spec.bind([(4, 4), (6,)])
+    # 4 tiles x 1 x (2 + 32) bits = 17 bytes, then 2 runs x 1 x (2 + 32) bits = 9 (fp32: no scale)
+    assert isinstance(t, TiledTopK) and t.payload_bytes(22) == 17 + 9
+    x = torch.randn(22, generator=torch.Generator().manual_seed(3))
+    error = torch.zeros(22)
+    sent = t.dense(*t.unpack(t.compress_(error, x, 0.0), 22), 22)
+    torch.testing.assert_close(sent + error, x, rtol=0, atol=0)
+
+    def by_tile(v):  # [tile, its 4 values] of the 4 x 4 matrix
+        return v[:16].view(2, 2, 2, 2).permute(0, 2, 1, 3).reshape(4, 4)
+
+    assert ((by_tile(sent) != 0).sum(1) == 1).all()  # one value per 2 x 2 tile, its largest
+    assert torch.equal(by_tile(sent).abs().amax(1), by_tile(x).abs().amax(1))
+    assert (sent[16:20] != 0).sum() == 1 and (sent[20:] != 0).sum() == 1  # runs of 4, then 2
+    with pytest.raises(ConfigError, match="layout"):
+        TopK.parse("topk:0.1:2:rows")
+    with pytest.raises(ConfigError, match="bind"):
+        spec.compress_(torch.zeros(22), x, 0.0)

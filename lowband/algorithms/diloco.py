@@ -59,7 +59,7 @@ from lowband.algorithms.overlap import BackgroundReducer
 from lowband.algorithms.registry import OptionError, check_bits
 from lowband.comm import Comm, get_codec, quantized_all_reduce
 from lowband.comm.quantized import quantized_all_reduce_bytes
-from lowband.comm.sparse import TopK
+from lowband.comm.sparse import TiledTopK, TopK
 from lowband.comm.sync import SyncGroup
 from lowband.errors import ConfigError
 from lowband.robust import RobustReducer
@@ -92,7 +92,7 @@ class DiLoCoOptions:
     bits: int = 32
     """Bits per pseudo-gradient value on the wire: 32, 16 (bf16), 8 or 4 (blockwise int)."""
     compress: str | None = None
-    """SparseLoCo: topk:FRACTION[:BITS] sends, per chunk of 4096 values, the FRACTION largest of the error-feedback buffer at BITS bits (default 2), indices packed (from Python, a lowband.SparseCompressor works too); the outer step is then plain SGD (the decayed buffer replaces outer momentum, so outer_momentum and bits are not used). docs/diloco.md."""
+    """SparseLoCo: topk:FRACTION[:BITS[:flat|tiles]] sends, per chunk of 4096 values (flat: runs of the fragment's flat vector; tiles: 64 x 64 tiles of each matrix and runs of each vector, chunks never crossing a tensor, k = round(FRACTION x 4096) per chunk), the FRACTION largest of the error-feedback buffer at BITS bits (default 2), indices packed (from Python, a lowband.SparseCompressor works too); the outer step is then plain SGD (the decayed buffer replaces outer momentum, so outer_momentum and bits are not used). docs/diloco.md."""
     error_decay: float = 0.95
     """SparseLoCo: decay beta of the error-feedback buffer, e <- beta e + Delta (with compress)."""
     outer: str = "blocking"
@@ -216,6 +216,12 @@ class StreamingDiLoCo(Algorithm):
             if self.compressor is not None else []
         )  # fmt: skip
         """Per fragment: this worker's error-feedback buffer (its own; never shared)."""
+        self.fragment_compressors = (
+            [self.compressor.bind([g.shape for g in frag]) for frag in self.global_params]
+            if self.compressor is not None else []
+        )  # fmt: skip
+        """Per fragment: the compressor in the spec's chunk layout (per-tensor tiles need the
+        fragment's shapes; the flat layout is `compressor` itself)."""
         # --outer eager: this worker's own part of its parameters, theta_i = theta_g + offset (its
         # fresh pseudo-gradients not yet replaced by the average), stepped by its own copy of the
         # outer optimizer; `sent` is its contribution to the reduction in flight.
@@ -333,19 +339,19 @@ class StreamingDiLoCo(Algorithm):
         if self.compressor is not None:  # SparseLoCo: error feedback, top-k, all-gather
             if scale == 0.0:  # a member healing this round contributes nothing (elastic)
                 delta = torch.zeros_like(delta)
-            payload = self.compressor.compress_(
-                self.error[fragment], delta, self.options.error_decay
-            )
-            sent = self.compressor.exchange_bytes(delta.numel(), comm.size)
+            compressor = self.fragment_compressors[fragment]
+            payload = compressor.compress_(self.error[fragment], delta, self.options.error_decay)
+            sent = compressor.exchange_bytes(delta.numel(), comm.size)
             # the mean over the members that contributed: the same factor on every member
             contributors = max(1, sum(self.sync.contributing))
             reduce = functools.partial(
-                self._sparse_average, numel=delta.numel(), scale=comm.size / contributors
+                self._sparse_average,
+                compressor=compressor,
+                numel=delta.numel(),
+                scale=comm.size / contributors,
             )
             if self.eager:
-                own = self.compressor.dense(
-                    *self.compressor.unpack(payload, delta.numel()), delta.numel()
-                )
+                own = compressor.dense(*compressor.unpack(payload, delta.numel()), delta.numel())
             delta = payload  # what travels
         elif self.reducer is not None:  # robust rule: rows of non-contributors are left out
             sent = self.reducer.bytes_per_round(delta.numel(), comm.size)
@@ -390,10 +396,18 @@ class StreamingDiLoCo(Algorithm):
         ):
             p.copy_((g + o).to(p.dtype))
 
-    def _sparse_average(self, payload: torch.Tensor, *, numel: int, scale: float, comm: Comm):
+    def _sparse_average(
+        self,
+        payload: torch.Tensor,
+        *,
+        compressor: TopK | TiledTopK,
+        numel: int,
+        scale: float,
+        comm: Comm,
+    ):
         """The mean of every worker's decoded sparse update, x `scale` = members / contributors
         (an elastic round whose healing members sent zeros; 1 otherwise), on every member alike."""
-        avg = self.compressor.average(payload, numel, comm)
+        avg = compressor.average(payload, numel, comm)
         return avg.mul_(scale) if scale != 1.0 else avg
 
     def _result(self, fragment: int) -> torch.Tensor:

@@ -10,6 +10,17 @@ the pseudo-gradient (theta_g - theta_r) and e_r the worker's error-feedback buff
     Delta    = (1/R) sum_r D_r         identical on every worker (decoded in rank order)
     theta_g <- theta_g - alpha * Delta (no outer momentum: the decayed buffer stands in for it)
 
+Chunk layout (`layout`, the spec's 4th field): "flat" (the default) cuts the fragment's flat vector
+into runs of `chunk` consecutive values, across tensor boundaries. "tiles" is the reference
+code's rule (module TiledTopK, docs/diloco.md): chunks never cross a tensor; a matrix (a tensor
+of 2 or more dimensions, seen as [shape[0], rest]) is cut into h x w tiles, h and w the largest
+divisors of its two sides no larger than sqrt(chunk) (64 x 64 for chunk 4096); any other tensor,
+or a matrix whose tiles would be under chunk/4 values, into runs of `chunk` values of its own.
+As in that code, k is a count per chunk, round(fraction x chunk), the same for every chunk
+(at most the chunk's size: a norm weight of 128 values keeps 41 of them at 1%, a 64 x 64 tile 41
+of 4096); each tensor has its own index width. "tiles" needs the tensors' shapes: `bind(shapes)`
+returns the compressor for one fragment.
+
 The quantiser (`bits` b < 32): per chunk, s = max |v| over its k kept values; a value v is sent
 as the nearest of 2^b levels spread evenly over [-s, s] (b = 2: -s, -s/3, s/3, s), so the
 largest value of each chunk is exact and the rounding error goes back into e_r. b = 32 sends the
@@ -18,7 +29,9 @@ values as fp32 and no scale.
 Wire format of one worker's update, `payload_bytes(numel)` bytes, the same for every worker:
 for each chunk, k indices of ceil(log2(chunk)) bits each, k values of b bits each (both packed
 into bytes, chunk by chunk), then one fp32 scale per chunk (none at b = 32). Nothing else travels:
-the counts are fixed by (numel, chunk, k, b), which every worker knows.
+the counts are fixed by (numel, chunk, k, b), which every worker knows. With "tiles" the payload
+is the concatenation of each tensor's payload in that format (each padded to whole bytes, so at
+most one byte per tensor more than the bits).
 
 The exchange is whichever of two costs a worker fewer bytes for the group's size n (`exchange`):
 - "gather": an all-gather of those payloads (the ring charges each worker (n - 1) payloads sent
@@ -46,14 +59,56 @@ from lowband.comm.group import Comm
 from lowband.comm.quantized import quantized_all_reduce, quantized_all_reduce_bytes
 from lowband.errors import ConfigError
 
+LAYOUTS = ("flat", "tiles")
+
+
+class _Exchange:
+    """The exchange of payloads, shared by the flat compressor and the per-tensor one: needs
+    payload_bytes(numel), unpack(payload, numel) and dense(idx, vals, numel)."""
+
+    def exchange(self, numel: int, world_size: int) -> str:
+        """ "gather" or "dense": whichever sends fewer bytes per worker for this group size (ties:
+        the gather, which sums exactly in rank order)."""
+        dense = quantized_all_reduce_bytes(numel, world_size, get_codec(32))
+        return "dense" if dense < (world_size - 1) * self.payload_bytes(numel) else "gather"
+
+    def average(
+        self, payload: Tensor, numel: int, comm: Comm, exchange: str | None = None
+    ) -> Tensor:
+        """The mean of every worker's decoded payload, by the cheaper exchange for the group's
+        size (or the one named): all-gather the payloads, decode, sum in rank order, divide by n;
+        or decode one's own and average the dense vectors with an fp32 all-reduce."""
+        if (exchange or self.exchange(numel, comm.size)) == "dense":
+            own = self.dense(*self.unpack(payload, numel), numel)
+            return quantized_all_reduce(comm, own, get_codec(32), op="avg")
+        gathered = [torch.empty_like(payload) for _ in range(comm.size)]
+        comm.all_gather(gathered, payload)
+        total = torch.zeros(numel, dtype=torch.float32, device=payload.device)
+        for p in gathered:
+            idx, vals = self.unpack(p, numel)
+            total += self.dense(idx, vals, numel)
+        return total.div_(comm.size)
+
+    def exchange_bytes(self, numel: int, world_size: int) -> int:
+        """Bytes one worker sends in `average`: the ring all-gather's (n - 1) payloads, or the
+        dense fp32 all-reduce's, whichever `exchange` picks."""
+        if self.exchange(numel, world_size) == "dense":
+            return quantized_all_reduce_bytes(numel, world_size, get_codec(32))
+        return (world_size - 1) * self.payload_bytes(numel)
+
 
 @dataclasses.dataclass(frozen=True)
-class TopK:
-    """--compress topk:FRACTION[:BITS] (module docstring); `chunk` values per top-k."""
+class TopK(_Exchange):
+    """--compress topk:FRACTION[:BITS[:LAYOUT]] (module docstring); `chunk` values per top-k.
+
+    Its methods are the flat rule on a flat vector; `bind(shapes)` gives the compressor of one
+    fragment in the spec's layout (itself for "flat"). Without shapes, `payload_bytes` of a
+    "tiles" spec is the flat layout's, an estimate (lowband plan uses it)."""
 
     fraction: float
     bits: int = 2
     chunk: int = 4096
+    layout: str = "flat"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction <= 1.0:
@@ -62,19 +117,27 @@ class TopK:
             raise ConfigError(f"top-k value bits must be 1..8 or 32, got {self.bits}")
         if self.chunk < 2:
             raise ConfigError(f"top-k chunk must be at least 2, got {self.chunk}")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"top-k layout must be flat or tiles, got {self.layout!r}")
 
     @classmethod
     def parse(cls, spec: str, chunk: int = 4096) -> TopK:
-        """'topk:0.01' or 'topk:0.01:2' (fraction, value bits)."""
+        """'topk:0.01', 'topk:0.01:2' or 'topk:0.01:2:tiles' (fraction, value bits, layout)."""
         parts = spec.split(":")
-        if parts[0] != "topk" or len(parts) not in (2, 3):
-            raise ConfigError(f"compress must be topk:FRACTION[:BITS], got {spec!r}")
+        usage = f"compress must be topk:FRACTION[:BITS[:flat|tiles]], got {spec!r}"
+        if parts[0] != "topk" or len(parts) not in (2, 3, 4):
+            raise ConfigError(usage)
         try:
             fraction = float(parts[1])
-            bits = int(parts[2]) if len(parts) == 3 else 2
+            bits = int(parts[2]) if len(parts) >= 3 else 2
         except ValueError:
-            raise ConfigError(f"compress must be topk:FRACTION[:BITS], got {spec!r}") from None
-        return cls(fraction, bits, chunk)
+            raise ConfigError(usage) from None
+        return cls(fraction, bits, chunk, parts[3] if len(parts) == 4 else "flat")
+
+    def bind(self, shapes: list[tuple[int, ...]] | list[torch.Size]) -> TopK | TiledTopK:
+        """The compressor of a fragment whose flat vector concatenates tensors of these shapes:
+        this one for the flat layout, a TiledTopK for "tiles"."""
+        return self if self.layout == "flat" else TiledTopK(self, shapes)
 
     # -- sizes -----------------------------------------------------------------------------------
     @property
@@ -129,6 +192,8 @@ class TopK:
     def compress_(self, error: Tensor, delta: Tensor, decay: float) -> Tensor:
         """Error feedback and selection, in place: e <- decay * e + delta; sent = Q(TopK(e));
         e <- e - sent. Returns the packed payload of `sent`."""
+        if self.layout != "flat":
+            raise ConfigError("a top-k 'tiles' compressor needs the tensors' shapes: use bind()")
         error.mul_(decay).add_(delta)
         idx, codes, scale = self.select(error)
         error.sub_(self.dense(idx, self.values(codes, scale), error.numel()))
@@ -166,35 +231,86 @@ class TopK:
         scale = payload[packed_len:].clone().view(torch.float32)
         return idx, self.values(raw.to(torch.float32), scale)
 
-    def exchange(self, numel: int, world_size: int) -> str:
-        """ "gather" or "dense": whichever sends fewer bytes per worker for this group size (ties:
-        the gather, which sums exactly in rank order)."""
-        dense = quantized_all_reduce_bytes(numel, world_size, get_codec(32))
-        return "dense" if dense < (world_size - 1) * self.payload_bytes(numel) else "gather"
 
-    def average(
-        self, payload: Tensor, numel: int, comm: Comm, exchange: str | None = None
-    ) -> Tensor:
-        """The mean of every worker's decoded payload, by the cheaper exchange for the group's
-        size (or the one named): all-gather the payloads, decode, sum in rank order, divide by n;
-        or decode one's own and average the dense vectors with an fp32 all-reduce."""
-        if (exchange or self.exchange(numel, comm.size)) == "dense":
-            own = self.dense(*self.unpack(payload, numel), numel)
-            return quantized_all_reduce(comm, own, get_codec(32), op="avg")
-        gathered = [torch.empty_like(payload) for _ in range(comm.size)]
-        comm.all_gather(gathered, payload)
-        total = torch.zeros(numel, dtype=torch.float32, device=payload.device)
-        for p in gathered:
-            idx, vals = self.unpack(p, numel)
-            total += self.dense(idx, vals, numel)
-        return total.div_(comm.size)
+class TiledTopK(_Exchange):
+    """TopK in the "tiles" layout, bound to one fragment's tensor shapes (TopK.bind): one flat
+    TopK per tensor, with that tensor's tile size as its chunk, over its values gathered tile by
+    tile. Same interface as TopK for the algorithm; `idx` and `vals` are lists, one per tensor."""
 
-    def exchange_bytes(self, numel: int, world_size: int) -> int:
-        """Bytes one worker sends in `average`: the ring all-gather's (n - 1) payloads, or the
-        dense fp32 all-reduce's, whichever `exchange` picks."""
-        if self.exchange(numel, world_size) == "dense":
-            return quantized_all_reduce_bytes(numel, world_size, get_codec(32))
-        return (world_size - 1) * self.payload_bytes(numel)
+    def __init__(self, spec: TopK, shapes: list[tuple[int, ...]] | list[torch.Size]) -> None:
+        self.spec = spec
+        self.parts: list[tuple[TopK, Tensor]] = []
+        """Per tensor: (its flat TopK, the positions of its values in the fragment's flat vector,
+        in chunk order: tile by tile, row-major inside a tile)."""
+        side = math.isqrt(spec.chunk)
+        offset = 0
+        for shape in shapes:
+            n = math.prod(shape)
+            rows = shape[0] if len(shape) >= 2 else 1
+            cols = n // max(rows, 1)
+            h, w = _divisor_at_most(rows, side), _divisor_at_most(cols, side)
+            pos = torch.arange(offset, offset + n)
+            if len(shape) >= 2 and h * w >= spec.chunk // 4:
+                pos = pos.view(rows // h, h, cols // w, w).permute(0, 2, 1, 3).reshape(-1)
+                chunk = h * w
+            else:  # a vector, or a matrix whose sides have no divisor near sqrt(chunk)
+                chunk = min(n, spec.chunk)
+            # k is a count per chunk, the same for every chunk of every tensor (the reference
+            # code's top_k): a vector of 128 values keeps min(k, 128) of them, as a tile does k.
+            chunk = max(2, chunk)
+            k = min(chunk, max(1, round(spec.fraction * spec.chunk)))
+            part = TopK(k / chunk, spec.bits, chunk)
+            assert part.k == k
+            self.parts.append((part, pos))
+            offset += n
+        self.numel = offset
+
+    def __repr__(self) -> str:
+        return f"TiledTopK({self.spec}, {len(self.parts)} tensors)"
+
+    def _check(self, numel: int) -> None:
+        if numel != self.numel:
+            raise ValueError(f"bound to {self.numel} values, got {numel}")
+
+    def payload_bytes(self, numel: int) -> int:
+        self._check(numel)
+        return sum(t.payload_bytes(pos.numel()) for t, pos in self.parts)
+
+    def compress_(self, error: Tensor, delta: Tensor, decay: float) -> Tensor:
+        """TopK.compress_, tensor by tensor, each in its own tiles."""
+        self._check(error.numel())
+        error.mul_(decay).add_(delta)
+        payloads = []
+        for t, pos in self.parts:
+            pos = pos.to(error.device)
+            x = error[pos]
+            idx, codes, scale = t.select(x)
+            error[pos] = x - t.dense(idx, t.values(codes, scale), x.numel())
+            payloads.append(t.pack(idx, codes, scale))
+        return torch.cat(payloads)
+
+    def unpack(self, payload: Tensor, numel: int) -> tuple[list[Tensor], list[Tensor]]:
+        self._check(numel)
+        idx, vals, start = [], [], 0
+        for t, pos in self.parts:
+            size = t.payload_bytes(pos.numel())
+            i, v = t.unpack(payload[start : start + size], pos.numel())
+            idx.append(i)
+            vals.append(v)
+            start += size
+        return idx, vals
+
+    def dense(self, idx: list[Tensor], vals: list[Tensor], numel: int) -> Tensor:
+        self._check(numel)
+        out = torch.zeros(numel, dtype=torch.float32, device=vals[0].device)
+        for (t, pos), i, v in zip(self.parts, idx, vals, strict=True):
+            out[pos.to(out.device)] = t.dense(i, v, pos.numel())
+        return out
+
+
+def _divisor_at_most(n: int, limit: int) -> int:
+    """The largest divisor of n that is at most limit (the reference code's tile side)."""
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
 def _to_bits(fields: Tensor, widths: Tensor) -> Tensor:
