@@ -155,3 +155,21 @@ def test_plan_takes_a_link_map_as_its_slowest_pair(tmp_path, capsys):
     assert main(["plan", "--model", "125m", "--workers", "5", "--link-map", str(m),
                  "--tokens-per-s", "466000"]) == 2  # fmt: skip
     assert "no link between workers 0 and 4" in capsys.readouterr().err
+
+
+def test_memory_term_matches_the_measured_gpu_peaks():
+    """The plan's memory term against the 9 training-step peaks measured on an H200
+    (benchmarks/gpu_memory.py; tests/golden/gpu_memory_h200.json): each within 5%."""
+    from pathlib import Path
+
+    from lowband.models import PRESETS
+    from lowband.plan.cost import memory_bytes
+
+    golden = Path(__file__).parent / "golden" / "gpu_memory_h200.json"
+    rows = json.loads(golden.read_text())["rows"]
+    assert len(rows) == 9
+    for r in rows:
+        c = PRESETS[r["preset"]]
+        w = Workload(r["params"], c.n_layers, c.dim, r["batch"], r["seq"], 0, 1.0, c.ffn_dim)
+        predicted = memory_bytes(w, Technique("ddp"), compiled=r["compiled"])
+        assert abs(predicted / r["peak_bytes"] - 1) < 0.05, r

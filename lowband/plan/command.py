@@ -22,9 +22,11 @@ ASSUMPTIONS = [
     "link (an upper bound: no hierarchical reduction)",
     "DDP does not overlap its all-reduce with the backward pass (lowband's DDP waits after it)",
     "Streaming DiLoCo hides a fragment's reduction behind tau inner steps; the rest is exposed",
-    "memory: fp32 parameters, gradients and AdamW moments (16 N bytes), +8 N for the DiLoCo "
-    "family's outer copy and momentum or error buffer, activations 34 x batch x seq x dim bytes "
-    "per layer (bf16, fused attention; Korthikanti et al. 2022)",
+    "memory: the compiled bf16 step of `lowband train` on a GPU: fp32 parameters and AdamW "
+    "moments (12 N bytes), +8 N for the DiLoCo family's outer copy and momentum or error buffer, "
+    "plus the larger of autocast's bf16 weights (2 N) with the activations, 0.64 x (27.6 dim + "
+    "9.28 ffn) bytes per token and layer (fitted to 9 H200 peaks of lowband's presets, within "
+    "3%), and the gradients (4 N); ffn = 4 x dim unless a preset or --ffn-dim says",
     LOSS_ASSUMPTION,
 ]
 
@@ -39,6 +41,7 @@ def add_parser(sub) -> None:
     p.add_argument("--params", type=float, help="parameter count (instead of a preset)")
     p.add_argument("--layers", type=int, help="with --params: transformer blocks")
     p.add_argument("--dim", type=int, help="with --params: model width")
+    p.add_argument("--ffn-dim", type=int, help="with --params: FFN width (default 4 x --dim)")
     p.add_argument(
         "--tokens", type=float, required=False, default=1e9, help="token budget (default 1e9)"
     )
@@ -130,7 +133,10 @@ def _workload(args) -> Workload:
     if args.params is not None:
         if args.layers is None or args.dim is None or args.params < 1:
             raise ConfigError("--params needs --layers and --dim")
+        if args.ffn_dim is not None and args.ffn_dim < 1:
+            raise ConfigError(f"--ffn-dim must be positive, got {args.ffn_dim}")
         model, params, layers, dim = None, int(args.params), args.layers, args.dim
+        ffn = args.ffn_dim
     else:
         from lowband.models import PRESETS, build_model
 
@@ -139,14 +145,11 @@ def _workload(args) -> Workload:
                 f"unknown model preset {args.model!r}; choose one of: {', '.join(PRESETS)}"
             )
         model = build_model(args.model, device="meta")
-        params, layers, dim = (
-            model.num_params(),
-            PRESETS[args.model].n_layers,
-            PRESETS[args.model].dim,
-        )
+        cfg = PRESETS[args.model]
+        params, layers, dim, ffn = model.num_params(), cfg.n_layers, cfg.dim, cfg.ffn_dim
     return Workload(
         params=params, layers=layers, dim=dim, batch_size=args.batch_size, seq_len=args.seq_len,
-        tokens=int(args.tokens), tokens_per_s=args.tokens_per_s, model=model,
+        tokens=int(args.tokens), tokens_per_s=args.tokens_per_s, ffn_dim=ffn, model=model,
     )  # fmt: skip
 
 

@@ -43,6 +43,8 @@ class Workload:
     tokens: int
     tokens_per_s: float
     """Measured per-worker compute rate of one inner step at this batch (tokens/s)."""
+    ffn_dim: int | None = None
+    """The FFN (SwiGLU) width; None: 4 x dim."""
     model: Any = dataclasses.field(default=None, compare=False, repr=False)
     """The model on the meta device, when known (a preset): DDP's buckets and Streaming
     DiLoCo's fragments are then the ones `lowband train` makes, so bytes are exact."""
@@ -186,15 +188,28 @@ def group_exchange(numel: int, n: int, t: Technique, link: LinkSpec | None) -> t
     return seconds, (g - 1) * payload
 
 
-def memory_bytes(w: Workload, t: Technique) -> int:
-    """Parameters, gradients and AdamW moments in fp32 (16 N), the outer copy (4 N) and outer
-    momentum or error buffer (4 N) of the DiLoCo family, and activations estimated for bf16 with
-    fused attention as 34 x batch x seq x dim bytes per layer (Korthikanti et al. 2022)."""
-    state = 16 * w.params
-    if t.algo != "ddp":
-        state += 8 * w.params
-    activations = 34 * w.batch_size * w.seq_len * w.dim * w.layers
-    return state + activations
+ACTIVATION_BYTES = (27.6, 9.28)
+"""Bytes kept for the backward pass per token and layer, per unit of width and of FFN width, of
+lowband's block (RMSNorm, GQA attention, SwiGLU) in an eager bf16-autocast step: fitted to 7
+peaks on an H200 (125m, 350m, 1b; batch x seq 4k-16k tokens; benchmarks/RESULTS.md, "the plan's
+memory term, refitted"), all within 1.5%."""
+COMPILED_ACTIVATIONS = 0.64
+"""torch.compile's fused blocks keep this share of the eager step's activations (2 peaks)."""
+
+
+def memory_bytes(w: Workload, t: Technique, compiled: bool = True) -> int:
+    """Peak device memory of one training step, as `lowband train` runs it on a GPU (compiled
+    blocks by default): fp32 parameters and AdamW moments (12 N), +8 N for the DiLoCo family's
+    outer copy and momentum or error buffer, then the larger of the forward's peak (autocast's
+    bf16 weight copies, 2 N, plus the activations ACTIVATION_BYTES per token and layer) and the
+    gradients' (4 N, after the activations are freed)."""
+    state = 12 * w.params + (0 if t.algo == "ddp" else 8 * w.params)
+    ffn = w.ffn_dim if w.ffn_dim is not None else 4 * w.dim
+    per_token_layer = ACTIVATION_BYTES[0] * w.dim + ACTIVATION_BYTES[1] * ffn
+    activations = per_token_layer * w.batch_size * w.seq_len * w.layers
+    if compiled:
+        activations *= COMPILED_ACTIVATIONS
+    return int(state + max(2 * w.params + activations, 4 * w.params))
 
 
 def sync_costs(w: Workload, t: Technique, n: int, link: LinkSpec | None) -> list[tuple[float, int]]:
