@@ -46,6 +46,17 @@ def predicted_tbt_comm(mode: str, model: str, workers: int, link: LinkSpec) -> f
     return (workers - 1) * link.ideal_time(c.dim * 4, 1) + link.ideal_time(8, 1)
 
 
+def predicted_lamina_prefill_comm(model: str, tokens: int, workers: int, link: LinkSpec) -> float:
+    """Link-model seconds of lamina's prompt messages: per layer, worker 0 sends each of the
+    M = W - 1 memory workers its heads' q, k, v of every prompt token (back to back on its
+    uplink: they pipeline, one latency), and each sends its heads' attention back (they share
+    worker 0's downlink, one latency)."""
+    c = PRESETS[model]
+    out = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim * 4 * tokens
+    back = c.n_heads * c.head_dim * 4 * tokens
+    return c.n_layers * (link.ideal_time(out, 1) + link.ideal_time(back, 1))
+
+
 def window_budget_mb(model: str) -> float:
     """A budget that holds the embedding, head and KV cache and two layers (plus 2%)."""
     c = PRESETS[model]
@@ -187,15 +198,18 @@ def part_stream(args) -> None:
 
 def part_lamina_context(args) -> None:
     """lamina (1 compute + W-1 memory workers) vs one process at several context lengths: bytes
-    per token on the link against the formula, and TBT."""
+    per token on the link against the formula, TBT, and TTFT against the link model's time for
+    the prompt's messages (per layer q, k, v of T tokens out, then T tokens of attention back,
+    each message its transmission plus a latency, one after the other)."""
     new = args.new_tokens
     print(f"command: `python benchmarks/inference.py {shlex.join(sys.argv[1:])}`\n")
     print(
         "| model | link | workers | context (prompt tokens) | single TBT p50 ms | lamina TBT p50 ms "
-        "| lamina TTFT ms | bytes per token, measured | formula (H + 2K) D 4 N + H D 4 N "
+        "| single TTFT ms | lamina TTFT ms | predicted comm in TTFT ms "
+        "| bytes per token, measured | formula (H + 2K) D 4 N + H D 4 N "
         "| KV cache kept on the memory workers |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model in args.models.split(","):
         c = PRESETS[model]
         per_token = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim * 4 * c.n_layers + (
@@ -214,10 +228,11 @@ def part_lamina_context(args) -> None:
                     fed = T + new - 1  # the prompt's tokens, then new - 1 one at a time
                     measured = sum(r["bytes_sent_by_worker"]) / fed
                     cache = 2 * c.n_layers * c.n_kv_heads * c.head_dim * (T + new) * 4
+                    pred = predicted_lamina_prefill_comm(model, T, w, LinkSpec.parse(spec))
                     print(
                         f"| {model} | {spec} | {w} | {T} | {ms(one['tbt_p50_s'])} | "
-                        f"{ms(r['tbt_p50_s'])} | {ms(r['ttft_s'])} | {measured:,.0f} | "
-                        f"{per_token:,} | {cache:,} B |"
+                        f"{ms(r['tbt_p50_s'])} | {ms(one['ttft_s'])} | {ms(r['ttft_s'])} | "
+                        f"{ms(pred)} | {measured:,.0f} | {per_token:,} | {cache:,} B |"
                         + ("" if r["tokens"] == one["tokens"] else " (tokens differ!)")
                     )
                     sys.stdout.flush()
