@@ -78,6 +78,7 @@ def sweep(h: int) -> dict[str, list[str]]:
         *[(f, lay, lr, "0.95") for f in ("0.01", "0.015") for lay in ("flat", "tiles")
           for lr in ("1.5", "2.0", "3.0", "4.0")],
         *[("0.01", "tiles", lr, d) for lr in ("2.0", "3.0") for d in ("0.9", "0.99")],
+        *[(f, "tiles", "6.0", "0.95") for f in ("0.01", "0.015")],  # lr kept helping to 4
     ]  # fmt: skip
     for fraction, layout, lr, decay in grid:
         name = f"sweep: SparseLoCo {float(fraction) * 100:g}% 2-bit {layout}, outer lr {lr}, decay {decay}"

@@ -294,8 +294,7 @@ def test_link_map_point_to_point_takes_the_pair_link_and_collectives_the_slowest
     def body(comm: Comm):
         x = torch.ones(4)
         times = {}
-        comm.barrier()
-        t0 = time.perf_counter()
+        t0 = comm.start_together()
         if comm.rank == 0:
             works = [comm.send(x, 2, async_op=True), comm.send(x, 1, async_op=True)]
             for w in works:
@@ -323,8 +322,7 @@ def test_messages_pipeline_on_a_link_collectives_queue():
     link = LinkSpec.parse("1gbit:100ms")
 
     def body(comm: Comm):
-        comm.barrier()
-        t0 = time.perf_counter()
+        t0 = comm.start_together()
         if comm.rank == 0:
             works = [comm.send(torch.ones(10), 1, tag=i, async_op=True) for i in range(2)]
         else:
@@ -345,8 +343,7 @@ def test_a_message_relayed_through_stages_pays_every_hop_even_if_received_early(
 
     def body(comm: Comm):
         x = torch.zeros(8)
-        comm.barrier()
-        t0 = time.perf_counter()
+        t0 = comm.start_together()
         if comm.rank > 0:
             comm.recv(x, comm.rank - 1)
         else:
@@ -358,3 +355,19 @@ def test_a_message_relayed_through_stages_pays_every_hop_even_if_received_early(
     out = run_ranks(4, body, link=link)
     assert [v for _, v in out] == [1.0] * 4
     assert 0.15 <= out[3][0] < 0.25, out
+
+
+def test_start_together_wakes_every_worker_at_one_instant():
+    """Workers arriving 0, 60 and 120 ms apart leave at the same instant (the latest + margin)."""
+
+    def body(comm: Comm):
+        time.sleep(0.06 * comm.rank)
+        start = comm.start_together(margin_s=0.05)
+        return start, time.perf_counter()
+
+    out = run_ranks(3, body, link=LinkSpec.parse("1gbit:50ms"))
+    starts = {s for s, _ in out}
+    assert len(starts) == 1  # the same agreed instant everywhere
+    woke = [w for _, w in out]
+    assert max(woke) - min(woke) < 0.03  # 120 ms apart without it
+    assert all(w >= s for s, w in out)

@@ -411,7 +411,9 @@ class Comm:
         buf = self._host(tensor)
         link = self._link_to(dst) if self.size > 1 else None
         if link is None:
-            return self._issue("send", traffic, lambda: [self.group.send([buf], dst, tag)], async_op)
+            return self._issue(
+                "send", traffic, lambda: [self.group.send([buf], dst, tag)], async_op
+            )
         t0 = time.perf_counter()
         out, arrival = self._take_uplink(link, traffic.critical_bytes, t0)
         stamp = torch.tensor([arrival], dtype=torch.float64).view(torch.uint8)
@@ -454,6 +456,25 @@ class Comm:
             unpack,
             deadline=arrived,
         )
+
+    def start_together(self, margin_s: float = 0.02) -> float:
+        """Return at one instant on every worker, and that instant: an all-reduce (max) of the
+        workers' clocks straight on the group (not emulated, not counted), then a sleep to the
+        latest reading + margin_s. For timings that start on one worker and end on another
+        (a request's TTFT); the clock is one host's `time.perf_counter`, as the emulated links
+        assume (module docstring). A worker later than the margin starts late, as it would."""
+        if self.size == 1:
+            return time.perf_counter()
+        host = self.stage_on_host or self.device.type == "cpu"
+        t = torch.tensor(
+            [time.perf_counter()], dtype=torch.float64, device="cpu" if host else self.device
+        )
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MAX
+        self.group.allreduce([t], opts).wait()
+        start = t.item() + margin_s
+        _sleep_until(start)
+        return start
 
     def barrier(self) -> None:
         self._issue(

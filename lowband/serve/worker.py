@@ -117,8 +117,7 @@ def generate_worker(
             # the previous mode streamed them away
             model = load_model(cfg, device)
         sink = TextSink() if comm.rank == 0 and not c.quiet else None
-        if comm.size > 1:
-            comm.barrier()  # start together; TTFT is measured from here
+        comm.start_together()  # every worker's clock starts here: TTFT is measured from it
         before = comm.stats.bytes_sent
         out = run_one(c, comm, model, sink, run.path)
         sent = torch.tensor([float(comm.stats.bytes_sent - before)])
