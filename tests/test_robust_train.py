@@ -135,7 +135,7 @@ class Recording(RobustReducer):
         return out
 
 
-def diloco_worker(comm: Comm, streaming: bool, aggregate, attack):
+def diloco_worker(comm: Comm, streaming: bool, aggregate, attack, compress=None):
     model = build_model(CFG, seed=1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     reducer = None
@@ -146,7 +146,7 @@ def diloco_worker(comm: Comm, streaming: bool, aggregate, attack):
             model, opt, comm, sync_every=4, fragments=2, overlap=1, bits=32, reducer=reducer
         )
     else:
-        algo = DiLoCo(model, opt, comm, sync_every=3, reducer=reducer)
+        algo = DiLoCo(model, opt, comm, sync_every=3, reducer=reducer, compress=compress)
     for step in range(8):
         model.loss(*batch(comm.rank, step)).backward()
         opt.step()
@@ -178,6 +178,35 @@ def test_diloco_pseudo_gradients_are_aggregated_robustly(streaming):
         assert torch.equal(out[r][0], out[0][0])  # the global parameters agree bit for bit
     numel = max(x[2].numel() for x in calls[0])
     assert out[0][2] == (n - 1) * 4 * numel  # fp32 all-gather of the largest fragment
+
+
+def test_sparse_diloco_updates_are_aggregated_robustly_over_decoded_rows():
+    """--compress with --aggregate: every worker's top-k payload is gathered, decoded to a dense
+    row, attacked rows replaced, and the rule run over those rows; bytes are the payloads."""
+    from lowband.comm.sparse import TopK
+
+    n, spec = 4, "topk:0.05:2"
+    out = run_ranks(n, diloco_worker, False, "cc", "sign-flip", spec)
+    calls = [o[1] for o in out]
+    assert len(calls[0]) == 2
+    codec = TopK.parse(spec).as_codec()
+    rule = get_aggregator("cc")
+    numel = sum(p.numel() for p in build_model(CFG, seed=1).parameters())
+    for c in range(2):
+        round_, key = calls[0][c][:2]
+        payloads = [calls[r][c][2] for r in range(n)]
+        assert payloads[0].dtype == torch.uint8  # the payload travels, not the dense update
+        x = torch.stack([codec.decode(p, numel) for p in payloads])
+        top = TopK.parse(spec)  # each row holds at most k values per chunk
+        assert ((x != 0).sum(1) <= top.chunks(numel) * top.k).all() and (x != 0).any()
+        assert (x != 0).sum() < 0.5 * x.numel()
+        gen = torch.Generator().manual_seed((0 * 1_000_003 + round_) * 1_009 + key)
+        expect = rule(apply_attack(x, [n - 1], get_attack("sign_flip"), gen))
+        for r in range(n):
+            torch.testing.assert_close(calls[r][c][3], expect, rtol=1e-6, atol=1e-7)
+    for r in range(n):
+        assert torch.equal(out[r][0], out[0][0])
+    assert out[0][2] == (n - 1) * TopK.parse(spec).payload_bytes(numel)
 
 
 def test_diloco_with_the_mean_reducer_matches_the_default_path():

@@ -341,15 +341,27 @@ class StreamingDiLoCo(Algorithm):
                 delta = torch.zeros_like(delta)
             compressor = self.fragment_compressors[fragment]
             payload = compressor.compress_(self.error[fragment], delta, self.options.error_decay)
-            sent = compressor.exchange_bytes(delta.numel(), comm.size)
-            # the mean over the members that contributed: the same factor on every member
-            contributors = max(1, sum(self.sync.contributing))
-            reduce = functools.partial(
-                self._sparse_average,
-                compressor=compressor,
-                numel=delta.numel(),
-                scale=comm.size / contributors,
-            )
+            if self.reducer is not None:  # the rule over every worker's decoded row: a gather
+                sent = self.reducer.bytes_per_round(delta.numel(), comm.size, compressor.as_codec())
+                reduce = functools.partial(
+                    self.reducer,
+                    round_=due,
+                    key=fragment,
+                    members=self.sync.members,
+                    keep=self.sync.contributing,
+                    codec=compressor.as_codec(),
+                    numel=delta.numel(),
+                )
+            else:
+                sent = compressor.exchange_bytes(delta.numel(), comm.size)
+                # the mean over the members that contributed: the same factor on every member
+                contributors = max(1, sum(self.sync.contributing))
+                reduce = functools.partial(
+                    self._sparse_average,
+                    compressor=compressor,
+                    numel=delta.numel(),
+                    scale=comm.size / contributors,
+                )
             if self.eager:
                 own = compressor.dense(*compressor.unpack(payload, delta.numel()), delta.numel())
             delta = payload  # what travels

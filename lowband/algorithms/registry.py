@@ -86,12 +86,6 @@ CONFLICTS = [
         "gradient coding's data parts are whole workers' batches, which a --cp group shares",
     ),
     (
-        "compress",
-        "robust",
-        "a robust rule compares dense updates row by row, while SparseLoCo's workers each send a "
-        "different 1-3% of the values; drop --compress or --aggregate",
-    ),
-    (
         "elastic",
         "link_map",
         "a link map names workers by rank, while an elastic job's quorum changes who holds which "

@@ -96,6 +96,32 @@ class _Exchange:
             return quantized_all_reduce_bytes(numel, world_size, get_codec(32))
         return (world_size - 1) * self.payload_bytes(numel)
 
+    def as_codec(self) -> PayloadCodec:
+        """This compressor's payloads seen as a codec, for the robust all-gather (--aggregate):
+        every worker's update is decoded to a dense row and the rule runs over those rows."""
+        return PayloadCodec(self)
+
+
+class PayloadCodec:
+    """A codec whose input is already a payload (the error feedback ran once, when the worker
+    compressed): encode passes it through, decode is the compressor's dense view. `encoded`
+    tells lowband.robust that x is the payload, not the fp32 update."""
+
+    encoded = True
+
+    def __init__(self, compressor: _Exchange) -> None:
+        self.compressor = compressor
+
+    def encode(self, payload: Tensor) -> Tensor:
+        return payload
+
+    def decode(self, payload: Tensor, numel: int) -> Tensor:
+        c = self.compressor
+        return c.dense(*c.unpack(payload, numel), numel)
+
+    def payload_bytes(self, numel: int) -> int:
+        return self.compressor.payload_bytes(numel)
+
 
 @dataclasses.dataclass(frozen=True)
 class TopK(_Exchange):

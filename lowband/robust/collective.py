@@ -45,18 +45,25 @@ def robust_all_reduce(
     attackers: Sequence[int] = (),
     generator: torch.Generator | None = None,
     keep: Sequence[bool] | None = None,
+    numel: int | None = None,
 ) -> Tensor:
     """Aggregate a 1-D fp32 tensor over comm's group with `aggregator` (steps in the docstring).
+
+    With a codec that takes payloads (`codec.encoded`, a sparse update: lowband.comm.sparse), x is
+    this rank's payload and `numel` the length of the update it stands for.
 
     Returns a new fp32 tensor, identical on every rank. attack/attackers simulate omniscient
     Byzantine ranks (lowband.robust.attacks): the wire still carries their real updates, and every
     rank replaces their rows before aggregating. keep (one flag per rank) drops the rows of ranks
     whose update does not count this round (an elastic worker that has just healed sends zeros).
     """
-    if x.dim() != 1 or x.dtype != torch.float32:
-        raise ValueError(f"robust_all_reduce takes a 1-D float32 tensor, got {x.dim()}-D {x.dtype}")
     codec = codec if codec is not None else get_codec("fp32")
-    numel = x.numel()
+    encoded = getattr(codec, "encoded", False)  # x is a payload already (a sparse update)
+    if x.dim() != 1 or (x.dtype != torch.float32 and not encoded):
+        raise ValueError(f"robust_all_reduce takes a 1-D float32 tensor, got {x.dim()}-D {x.dtype}")
+    if encoded and numel is None:
+        raise ValueError("robust_all_reduce of a payload needs numel")
+    numel = x.numel() if numel is None else numel
     payload = codec.encode(x)
     gathered = [torch.empty_like(payload) for _ in range(comm.size)]
     comm.all_gather(gathered, payload)
@@ -116,8 +123,11 @@ class RobustReducer:
         comm: Comm | None = None,
         members: Sequence[int] | None = None,
         keep: Sequence[bool] | None = None,
+        codec: Codec | None = None,
+        numel: int | None = None,
     ) -> Tensor:
-        """Aggregate x over `comm` (default: the reducer's own).
+        """Aggregate x over `comm` (default: the reducer's own), encoded with `codec` (default:
+        the reducer's own; a compressor's PayloadCodec when x is a sparse payload of `numel`).
 
         In an elastic round the Comm and its members change: `members` gives each rank's worker
         index (the attackers are the workers listed in `attackers`, whichever rank they have this
@@ -145,11 +155,12 @@ class RobustReducer:
             comm,
             x,
             counted,
-            self.codec,
+            codec if codec is not None else self.codec,
             attack=self.attack,
             attackers=attackers,
             generator=gen,
             keep=keep,
+            numel=numel,
         )
 
     def state_dict(self) -> dict[int, Tensor]:
@@ -165,7 +176,9 @@ class RobustReducer:
             agg = self._aggregators.setdefault(k, self._make())
             agg.reference = ref.clone()
 
-    def bytes_per_round(self, numel: int, world_size: int | None = None) -> int:
-        """Bytes this rank sends for one call on `numel` values."""
+    def bytes_per_round(
+        self, numel: int, world_size: int | None = None, codec: Codec | None = None
+    ) -> int:
+        """Bytes this rank sends for one call on `numel` values (in `codec`, default its own)."""
         n = world_size if world_size is not None else self.comm.size
-        return robust_all_reduce_bytes(numel, n, self.codec)
+        return robust_all_reduce_bytes(numel, n, codec if codec is not None else self.codec)
