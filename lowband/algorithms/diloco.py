@@ -336,22 +336,26 @@ class StreamingDiLoCo(Algorithm):
         else:
             delta = self._pseudo_gradient(fragment)
         own = delta  # this worker's contribution to the average (eager's local proxy)
+        robust = (  # a robust rule: rows of non-contributors are left out
+            functools.partial(
+                self.reducer,
+                round_=due,
+                key=fragment,
+                members=self.sync.members,
+                keep=self.sync.contributing,
+            )  # called with comm= (the background reducer's, when TAU > 0)
+            if self.reducer is not None
+            else None
+        )
         if self.compressor is not None:  # SparseLoCo: error feedback, top-k, all-gather
             if scale == 0.0:  # a member healing this round contributes nothing (elastic)
                 delta = torch.zeros_like(delta)
             compressor = self.fragment_compressors[fragment]
             payload = compressor.compress_(self.error[fragment], delta, self.options.error_decay)
-            if self.reducer is not None:  # the rule over every worker's decoded row: a gather
-                sent = self.reducer.bytes_per_round(delta.numel(), comm.size, compressor.as_codec())
-                reduce = functools.partial(
-                    self.reducer,
-                    round_=due,
-                    key=fragment,
-                    members=self.sync.members,
-                    keep=self.sync.contributing,
-                    codec=compressor.as_codec(),
-                    numel=delta.numel(),
-                )
+            if robust is not None:  # the rule over every worker's decoded row: a gather
+                codec = compressor.as_codec()
+                sent = self.reducer.bytes_per_round(delta.numel(), comm.size, codec)
+                reduce = functools.partial(robust, codec=codec, numel=delta.numel())
             else:
                 sent = compressor.exchange_bytes(delta.numel(), comm.size)
                 # the mean over the members that contributed: the same factor on every member
@@ -365,15 +369,9 @@ class StreamingDiLoCo(Algorithm):
             if self.eager:
                 own = compressor.dense(*compressor.unpack(payload, delta.numel()), delta.numel())
             delta = payload  # what travels
-        elif self.reducer is not None:  # robust rule: rows of non-contributors are left out
+        elif robust is not None:
             sent = self.reducer.bytes_per_round(delta.numel(), comm.size)
-            reduce = functools.partial(
-                self.reducer,
-                round_=due,
-                key=fragment,
-                members=self.sync.members,
-                keep=self.sync.contributing,
-            )  # called with comm= (the background reducer's, when TAU > 0)
+            reduce = robust
         else:
             sent = quantized_all_reduce_bytes(delta.numel(), comm.size, self.codec)
             reduce = None
