@@ -173,3 +173,71 @@ def test_memory_term_matches_the_measured_gpu_peaks():
         w = Workload(r["params"], c.n_layers, c.dim, r["batch"], r["seq"], 0, 1.0, c.ffn_dim)
         predicted = memory_bytes(w, Technique("ddp"), compiled=r["compiled"])
         assert abs(predicted / r["peak_bytes"] - 1) < 0.05, r
+
+
+# -- sequence parallelism (lowband.plan.seqpar_cost) --------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["ulysses", "ring"])
+def test_seqpar_predicted_bytes_are_what_a_run_counts(tmp_path, scheme):
+    """`lowband train --seq-parallel SCHEME --cp 2` on 2 CPU workers (fp32 activations): the
+    counted bytes are the start check, per step the attention's and the loss mean's plus DDP's
+    all-reduce, the shard check once, and the evaluation batch's forward, exactly."""
+    from lowband.models import PRESETS
+    from lowband.plan.seqpar_cost import Heads, predict_seqpar, signature_bytes
+
+    out, steps = tmp_path / "run", 1
+    flags = ["--workers", "2", "--seq-parallel", scheme, "--cp", "2", "--steps", str(steps),
+             "--seq-len", "32", "--batch-size", "2", "--eval-batches", "1", "--ckpt-every", "-1"]  # fmt: skip
+    assert main(["train", "--out", str(out), *flags]) == 0
+    measured = json.loads((out / "summary.json").read_text())["bytes_sent_per_worker"]
+    c = PRESETS["1m"]
+    p = predict_seqpar(
+        _workload(), Heads(c.n_heads, c.n_kv_heads, c.head_dim), scheme, 2, None, workers=2,
+        itemsize=4,
+    )  # fmt: skip
+    ddp = predict(_workload(), Technique("ddp"), 2, None).bytes_per_step
+    assert p.bytes_per_step > p.forward_bytes > 0
+    assert measured == 8 + steps * (p.bytes_per_step + ddp) + signature_bytes(scheme, 2) + (
+        p.forward_bytes
+    )
+
+
+def test_seqpar_memory_shrinks_the_activations_by_d_and_refuses_what_train_refuses():
+    import dataclasses
+
+    from lowband.plan.seqpar_cost import Heads, predict_seqpar
+
+    n = 974_000_000
+    w = Workload(n, 16, 2048, 1, 131072, 10**9, 5e4, 8192)
+    h = Heads(32, 8, 64)
+    fixed = 14 * n  # fp32 parameters, AdamW moments, bf16 weight copies: replicated
+    one, four = (predict_seqpar(w, h, "ring", d, None, workers=8).memory_bytes for d in (1, 4))
+    assert four - fixed == pytest.approx((one - fixed) / 4, abs=1)
+    heads_12 = predict_seqpar(w, Heads(12, 4, 64), "ulysses", 8, None, workers=8)
+    assert "Ulysses degree 8 must divide the heads" in heads_12.refusal
+    odd = predict_seqpar(dataclasses.replace(w, seq_len=4104), h, "ring", 8, None, workers=8)
+    assert "must be a multiple of 16" in odd.refusal
+
+
+def test_plan_prints_the_seqpar_table_only_when_memory_does_not_fit(tmp_path, capsys):
+    common = ["plan", "--model", "1b", "--workers", "8", "--link", "400gbit:5us", "--batch-size",
+              "1", "--tokens-per-s", "50000", "--tokens", "1e9"]  # fmt: skip
+    js = tmp_path / "p.json"
+    assert main([*common, "--seq-len", "131072", "--json", str(js)]) == 0
+    text = capsys.readouterr().out
+    assert "sequence parallel" in text and "--seq-parallel ring --cp 4" in text
+    sp = json.loads(js.read_text())["seq_parallel"]
+    assert sp["advice"]["degree"] == 4 and sp["needed_bytes"] > sp["device_memory_bytes"]
+    assert main([*common, "--seq-len", "8192", "--json", str(js)]) == 0
+    assert "sequence parallel" not in capsys.readouterr().out
+    assert json.loads(js.read_text())["seq_parallel"] is None
+    for flags, message in (
+        (["--seq-parallel", "ulysses:8", "--model", "125m"], "Ulysses degree 8 must divide"),
+        (["--seq-parallel", "3"], "must be at least 1 and divide --workers 8"),
+        (["--seq-parallel", "zigzag:2"], "--seq-parallel must be D or SCHEME:D"),
+        (["--device-memory", "0"], "--device-memory must be a positive"),
+    ):
+        assert main([*common, "--seq-len", "8192", *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err

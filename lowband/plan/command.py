@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
 
 from lowband.comm import LinkSpec
 from lowband.errors import ConfigError
+from lowband.plan import seqpar_cost
 from lowband.plan.cost import Workload, candidates, predict
 from lowband.plan.penalty import ASSUMPTION as LOSS_ASSUMPTION
 from lowband.plan.penalty import gap, token_multiplier
@@ -67,6 +69,20 @@ def add_parser(sub) -> None:
         default="loss",
         help="loss: by predicted time to DDP's loss at the budget (measured gaps, extrapolated); "
         "budget: by time to the token budget, loss ignored (default: loss)",
+    )
+    p.add_argument(
+        "--device-memory",
+        type=float,
+        default=140.0,
+        metavar="GB",
+        help="memory per GPU, GiB as the memory column (default 140: an H200's 141 GB); when the "
+        "recommended step needs more, a sequence-parallel table follows",
+    )
+    p.add_argument(
+        "--seq-parallel",
+        metavar="D|SCHEME:D",
+        help="show the sequence-parallel table at degree D (over the GPUs of a site, the --intra "
+        "link), for every scheme or one of ulysses, ring, tokenring, hybrid",
     )
     p.add_argument("--top", type=int, default=12, help="rows to print")
     p.add_argument("--json", type=Path, help="write the whole plan here")
@@ -163,6 +179,70 @@ def _duration(s: float) -> str:
     return f"{s / 86400:.1f} days"
 
 
+def _seq_parallel(args, w: Workload, n: int, link, needed: int) -> dict | None:
+    """The sequence-parallel table (lowband.plan.seqpar_cost), when the recommended step needs
+    more than --device-memory or --seq-parallel asks: its printed lines and its JSON."""
+    if not (args.device_memory > 0 and math.isfinite(args.device_memory)):
+        raise ConfigError(
+            f"--device-memory must be a positive number of GB, got {args.device_memory}"
+        )
+    forced = seqpar_cost.parse_degree(args.seq_parallel) if args.seq_parallel else None
+    device_memory = args.device_memory * 2**30
+    if forced is None and needed <= device_memory:
+        return None
+    site_gpus, site_link = n, link
+    if args.sites:
+        site_gpus = int(args.sites.lower().split("x")[1])
+        site_link = LinkSpec.parse(args.intra) if args.intra else None
+    if args.params is None:
+        from lowband.models import PRESETS
+
+        c = PRESETS[args.model]
+        heads, assumed = seqpar_cost.Heads(c.n_heads, c.n_kv_heads, c.head_dim), ""
+    else:
+        hd = 128 if args.dim % 128 == 0 else args.dim
+        heads = seqpar_cost.Heads(args.dim // hd, args.dim // hd, hd)
+        assumed = f"; heads assumed: {heads.heads} of {hd}, no GQA (--params)"
+    rows = seqpar_cost.section(
+        w, heads, site_link, workers=n, site_gpus=site_gpus, device_memory=device_memory,
+        forced=forced,
+    )  # fmt: skip
+    best = seqpar_cost.advice(rows)
+    why = (
+        f"the recommended step needs {needed / 2**30:.1f} GB per GPU, more than --device-memory "
+        f"{args.device_memory:g}"
+        if needed > device_memory
+        else f"--seq-parallel {args.seq_parallel}"
+    )
+    lines = [
+        f"sequence parallel ({why}): each sequence of {w.seq_len:,} tokens sharded over d GPUs "
+        f"of a site, link {site_link or 'none'}, --algo ddp across groups (its all-reduce comes "
+        f"on top); memory eager (no compile with --seq-parallel){assumed}",
+        "",
+        *seqpar_cost.table(rows),
+    ]
+    if not rows:
+        lines.append(f"no degree in {seqpar_cost.DEGREES} fits in a site of {site_gpus} GPUs")
+    elif best is None:
+        lines.append("\nnone fits: a larger d, a smaller --batch-size or activation checkpointing")
+    else:
+        lines.append(
+            f"\nadvice: {best.scheme} over d = {best.degree} (the smallest d that fits, the "
+            f"fastest scheme there): {best.memory_bytes / 2**30:.1f} GB per GPU, "
+            f"{1e3 * best.exposed_s:.1f} ms exposed per step\n"
+            f"  lowband train --algo ddp --seq-parallel {best.scheme} --cp {best.degree}"
+        )
+    return {
+        "lines": lines,
+        "device_memory_bytes": device_memory,
+        "needed_bytes": needed,
+        "link": str(site_link),
+        "heads": dataclasses.asdict(heads),
+        "rows": [p.row() for p in rows],
+        "advice": best.row() if best else None,
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     measured = _read_probe(args) if args.probe is not None else None
     n, link = _workers_and_link(args, measured)
@@ -179,6 +259,7 @@ def run(args: argparse.Namespace) -> int:
     best = min(near, key=lambda p: (p.technique.sync_every, p.bytes_per_step))
     preds.remove(best)
     preds.insert(0, best)
+    sp = _seq_parallel(args, w, n, link, best.memory_bytes)
     rows = []
     for p in preds:
         g = gap(p.technique)
@@ -218,6 +299,8 @@ def run(args: argparse.Namespace) -> int:
         f"({key(ddp) / key(best):.1f}x faster than DDP)\n"
         f"  lowband train {' '.join(best.technique.flags())}"
     )
+    if sp is not None:
+        print("\n" + "\n".join(sp.pop("lines")))
     print("\nassumptions:")
     for a in ASSUMPTIONS:
         print(f"  - {a}")
@@ -230,6 +313,7 @@ def run(args: argparse.Namespace) -> int:
                     "workers": n,
                     "link": str(link),
                     "rows": rows,
+                    "seq_parallel": sp,
                     "assumptions": ASSUMPTIONS,
                 },
                 indent=1,
