@@ -85,6 +85,20 @@ def test_splitwise_ships_the_prompts_cache_and_gives_single_process_tokens(sampl
     assert [b for _, b in results] == [0, kv + 8 + state]  # the decode worker sends nothing
 
 
+@pytest.mark.parametrize("mode", ["pp", "lamina", "splitwise"])
+def test_bf16_modes_that_move_whole_tensors_give_single_process_bf16_tokens(mode):
+    """--dtype bf16: pp, lamina and splitwise move bf16 activations, q/k/v and caches whole, so
+    they give the bf16 single-process tokens exactly, at half the fp32 bytes (tp does not: each
+    shard's partial sum is rounded to bf16 before the all-reduce; docs/inference.md)."""
+    model = sharp_model().to(torch.bfloat16)
+    cfg = GenerateConfig(prompt=PROMPT, max_new_tokens=12, parallel=mode, dtype="bf16")
+    results = run_ranks(2, lambda comm: (run_one(cfg, comm, model), comm.stats.bytes_sent))
+    assert results[0][0]["tokens"][0] == single(model)
+    if mode == "lamina":  # q, k, v out and the attention back, 2 bytes a value
+        fed = len(PROMPT) + 11
+        assert results[0][1] == fed * 4 * (4 + 2 + 2) * 32 * 2
+
+
 def test_stages_cover_the_layers_once():
     for n_layers, stages in [(4, 3), (6, 4), (12, 5), (4, 4)]:
         ranges = [stage_layers(n_layers, stages, s) for s in range(stages)]

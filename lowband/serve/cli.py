@@ -74,7 +74,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     }
     cfg = ServeConfig(**given)
     gen = resolve_model(
-        GenerateConfig(model=cfg.model, init=cfg.init, seed=cfg.seed), "model" in given
+        GenerateConfig(model=cfg.model, init=cfg.init, seed=cfg.seed, dtype=cfg.dtype),
+        "model" in given,
     )
     cfg = dataclasses.replace(cfg, model=gen.model)
     validate_serve(cfg)

@@ -55,6 +55,8 @@ class GenerateConfig:
     """--parallel splitwise: workers in the prefill pool (the last ones); the others decode."""
     device: str = "cpu"
     """cpu, cuda, or auto (one GPU per worker when there are enough GPUs, else CPU)."""
+    dtype: str = "fp32"
+    """fp32 or bf16: the weights, the KV cache and what travels between workers (bf16 halves the bytes; fp32 gives every parallel mode the single-process tokens exactly)."""
     threads: int = 1
     """CPU threads per worker process."""
     memory_budget: float | None = None
@@ -69,6 +71,14 @@ class GenerateConfig:
     def from_dict(cls, d: dict) -> GenerateConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+DTYPES = ("fp32", "bf16")
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown --dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
 
 
 GENERATE_RANGES: dict[str, tuple[float | None, float | None]] = {
@@ -131,6 +141,7 @@ def validate_generate(cfg: GenerateConfig) -> None:
         )
     if cfg.device not in ("cpu", "cuda", "auto"):
         raise ConfigError(f"unknown --device {cfg.device!r}; choose cpu, cuda or auto")
+    check_dtype(cfg.dtype)
     if cfg.parallel == "none" and cfg.workers > 1:
         raise ConfigError(f"--workers {cfg.workers} needs --parallel tp or pp")
     if cfg.requests > 1 and cfg.parallel not in STREAM_MODES:
@@ -217,6 +228,8 @@ class ServeConfig:
     """Requests decoded together at most: those queued when the model is free form one batch."""
     device: str = "cpu"
     """cpu or cuda."""
+    dtype: str = "fp32"
+    """fp32 or bf16: the weights and the KV cache."""
     threads: int = 1
     """CPU threads of the model."""
 
@@ -237,3 +250,4 @@ def validate_serve(cfg: ServeConfig) -> None:
     check_model_name(cfg.model)
     if cfg.device not in ("cpu", "cuda"):
         raise ConfigError(f"unknown --device {cfg.device!r}; choose cpu or cuda")
+    check_dtype(cfg.dtype)

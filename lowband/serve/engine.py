@@ -34,6 +34,8 @@ def load_model(cfg: GenerateConfig, device: torch.device | str) -> nn.Module:
     from lowband.zo.models import build_for_finetune
 
     model = build_for_finetune(cfg.model, VOCAB, cfg.seed, device, cfg.init)
+    if cfg.dtype == "bf16":  # weights, hence the KV cache and every message, in bf16
+        model = model.to(torch.bfloat16)
     return model.eval().requires_grad_(False)
 
 

@@ -91,16 +91,22 @@ class OffloadedModel:
 
 @torch.no_grad()
 def memory_worker_loop(
-    cfg: ModelConfig, comm: Comm, batch: int, prompt_len: int, max_new_tokens: int
+    cfg: ModelConfig,
+    comm: Comm,
+    batch: int,
+    prompt_len: int,
+    max_new_tokens: int,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
-    """Step 2 on memory worker comm.rank, for the prompt and then max_new_tokens - 1 tokens."""
+    """Step 2 on memory worker comm.rank, for the prompt and then max_new_tokens - 1 tokens;
+    the cache and the messages in the compute worker's `dtype`."""
     M = comm.size - 1
     Hm, Km, D = cfg.n_heads // M, cfg.n_kv_heads // M, cfg.head_dim
-    cache = KVCache(cfg.n_layers, batch, Km, prompt_len + max_new_tokens, D)
+    cache = KVCache(cfg.n_layers, batch, Km, prompt_len + max_new_tokens, D, dtype=dtype)
     for step in range(max_new_tokens):
         L = prompt_len if step == 0 else 1
         for i in range(cfg.n_layers):
-            msg = torch.empty(batch, Hm + 2 * Km, L, D)
+            msg = torch.empty(batch, Hm + 2 * Km, L, D, dtype=dtype)
             comm.recv(msg, 0)
             q_BHLD, k_BKLD, v_BKLD = msg.split([Hm, Km, Km], dim=1)
             k_BKTD, v_BKTD = cache.append(i, k_BKLD, v_BKLD)
@@ -122,5 +128,12 @@ def lamina_generate(
         return decode_loop(
             OffloadedModel(model, comm), prompt_BL, max_new_tokens, sampler, on_token
         )
-    memory_worker_loop(model.cfg, comm, prompt_BL.shape[0], prompt_BL.shape[1], max_new_tokens)
+    memory_worker_loop(
+        model.cfg,
+        comm,
+        prompt_BL.shape[0],
+        prompt_BL.shape[1],
+        max_new_tokens,
+        model.output.weight.dtype,
+    )
     return None
