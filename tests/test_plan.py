@@ -15,6 +15,8 @@ from lowband.plan import Technique, Workload, predict
 STEPS, N = 8, 2
 RUN = ["--workers", str(N), "--steps", str(STEPS), "--eval-every", str(STEPS), "--batch-size", "2",
        "--seq-len", "32", "--ckpt-every", "-1"]  # fmt: skip
+WORKERS = {"DFedSAM-MGS H=4, exponential, Q=2, 16-bit": 4}
+"""Cases run on more than N workers: an exponential graph of degree 3."""
 
 
 def _workload() -> Workload:
@@ -34,16 +36,34 @@ def _workload() -> Workload:
         Technique("diloco", sync_every=4, compress="topk:0.05:2"),
         Technique("noloco", sync_every=4, bits=16),
         Technique("co2", sync_every=4, bits=4),
+        Technique("scaffold", sync_every=4, participation=0.5),
+        Technique("scafcom", sync_every=4),  # its default compressor, top-k: values + indices
+        Technique("dfedsam-mgs", sync_every=4, topology="exponential", gossip_steps=2, bits=16),
     ],
     ids=lambda t: t.label(),
 )
 def test_predicted_bytes_are_what_a_run_counts(tmp_path, technique):
+    """Every family's bytes, exact: the collectives, NoLoCo's groups, the federated star (SCAFFOLD
+    with a partial draw of 1 of 2 clients, SCAFCOM's top-k wire) and gossip on a graph."""
+    from lowband.algorithms.federated import participants
+    from lowband.plan.cost import FEDERATED, clients_per_round, star_exchange
+
+    n = WORKERS.get(technique.label(), N)
     out = tmp_path / "run"
-    assert main(["train", *RUN, *technique.flags(), "--out", str(out)]) == 0
+    run = [*RUN[2:], "--workers", str(n), *technique.flags(), "--out", str(out)]
+    assert main(["train", *run]) == 0
     measured = json.loads((out / "summary.json").read_text())["bytes_sent_per_worker"]
-    p = predict(_workload(), technique, N, None)
-    start_check = 8 * (N - 1)  # every algorithm's 8-byte parameter digest, once
-    assert measured == start_check + STEPS * p.bytes_per_step
+    w = _workload()
+    start_check = 8 * (n - 1)  # every algorithm's 8-byte parameter digest, once
+    if technique.participation == 1.0:
+        assert measured == start_check + STEPS * predict(w, technique, n, None).bytes_per_step
+        return
+    assert technique.algo in FEDERATED  # the plan predicts the mean draw; check each real one
+    m, total = clients_per_round(technique, n), n * start_check
+    for r in range(1, STEPS // technique.sync_every + 1):
+        senders = sum(1 for i in participants(list(range(n)), m, 0, r) if i != 0)
+        total += star_exchange(w.params, n, technique, senders, None)[1]
+    assert round(measured * n) == total
 
 
 def test_predicted_seconds_follow_the_link_model():
@@ -116,6 +136,11 @@ def test_plan_ranks_by_time_to_ddps_loss_with_the_measured_gaps(tmp_path):
         gap(Technique("streaming-diloco", 100, 4, 10, compress="topk:0.01:2")) == MEASURED["sparse"]
     )
     assert not gap(Technique("ddp", bits=8)).measured
+    diloco = 1.0977 / 0.8323  # chained: gossip against DiLoCo H=10, federated against FedAvg
+    assert gap(Technique("dpsgd")).relative == pytest.approx(diloco * 2.4242 / 2.5717 - 1)
+    assert gap(Technique("dpsgd")).measured and not gap(Technique("dfedsam")).measured
+    assert gap(Technique("scallion")).relative == pytest.approx(diloco * 2.8860 / 2.7583 - 1)
+    assert not gap(Technique("fedavg")).measured
     assert token_multiplier(MEASURED["ddp"]) == 1.0
     assert token_multiplier(MEASURED["streaming-diloco"]) == pytest.approx(
         (0.9500 / 0.8323) ** (1 / 0.28)

@@ -24,6 +24,19 @@ ASSUMPTIONS = [
     "link (an upper bound: no hierarchical reduction)",
     "DDP does not overlap its all-reduce with the backward pass (lowband's DDP waits after it)",
     "Streaming DiLoCo hides a fragment's reduction behind tau inner steps; the rest is exposed",
+    "federated rules: every K steps a blocking star through rank 0: the participants' uploads "
+    "(one fp32 vector, SCAFFOLD two, SCALLION/SCAFCOM the compressor's wire tensors) queue on the "
+    "server's downlink, then it sends x (and c) to the others one after another; bytes per worker "
+    "are the mean over workers (the server sends most); with partial participation only the "
+    "participants' steps count towards the budget (ADMM-NR keeps all)",
+    "gossip rules (D-PSGD, DFedSAM, DFedSAM-MGS): Q blocking exchanges per round with the graph's "
+    "neighbours, each as long as the busiest worker's messages; a DFedSAM step costs two passes "
+    "(SAM); memory beside the model and AdamW: federated 12 N (x and two gradient buffers), +8 N "
+    "for SCAFFOLD's c and c_i, +8 N SCALLION/SCAFCOM's server moments, +4 N SCAFCOM's momentum; "
+    "ADMM-NR 32 N and 4 N per worker on the server; gossip none (its exchange can peak at 12 N "
+    "plus the neighbours' payloads)",
+    "DADAO (`lowband dadao`) is not ranked: it solves smooth strongly convex problems with exact "
+    "gradients on Poisson clocks, not a language model",
     "memory: the compiled bf16 step of `lowband train` on a GPU: fp32 parameters and AdamW "
     "moments (12 N bytes), +8 N for the DiLoCo family's outer copy and momentum or error buffer, "
     "plus the larger of autocast's bf16 weights (2 N) with the activations, 0.64 x (27.6 dim + "

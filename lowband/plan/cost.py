@@ -16,17 +16,34 @@ t(op) = LinkSpec.ideal_time(critical bytes, hops) of a collective:
   streaming H,P,tau   every H/P steps one fragment (N/P values): its reduction overlaps tau inner
                       steps, so exposed = max(0, t(fragment) - tau t_c)
   sparseloco H,f,b    every H steps (per fragment with P): an all-gather of the top-k payloads
+  federated K         every K local steps a star through rank 0 (lowband.algorithms.federated):
+                      the M participants but the server send their payload (SCAFFOLD: 2 vectors;
+                      SCALLION/SCAFCOM: the compressor's wire tensors), then the server sends x
+                      (and c) to the n - 1 others; blocking. Bytes are the mean over workers,
+                      M (n - 1) / n senders expected under partial participation
+  gossip H,Q          every H steps Q gossip steps (lowband.algorithms.dpsgd): each worker sends
+                      its codec payload to each neighbour of --topology's graph, blocking; a step
+                      lasts as long as the busiest worker's (max degree) messages
 Utilisation = t_c / (t_c + exposed per step); time to budget = steps x (t_c + exposed per step).
+DFedSAM's t_c is two passes (SAM's second gradient); a federated round's steps count for its M
+participants only (the others' are discarded; ADMM-NR keeps them). DADAO (`lowband dadao`) is not
+a candidate: it solves smooth strongly convex problems with exact gradients, not a model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
 from lowband.comm import LinkSpec, get_codec
-from lowband.comm.accounting import all_gather_traffic, all_reduce_traffic, all_to_all_traffic
+from lowband.comm.accounting import (
+    all_gather_traffic,
+    all_reduce_traffic,
+    all_to_all_traffic,
+    p2p_traffic,
+)
 from lowband.comm.quantized import _chunk_numel
 from lowband.comm.sparse import TopK
 
@@ -76,20 +93,58 @@ class Workload:
         return self.step_tokens / self.tokens_per_s
 
 
+FEDERATED = ("fedavg", "fedprox", "scaffold", "scallion", "scafcom", "admm-nr")
+"""The federated rules (docs/federated.md): a star through rank 0 every K = --local-steps."""
+GOSSIP = ("dpsgd", "dfedsam", "dfedsam-mgs")
+"""The decentralized rules (docs/decentralized.md): gossip with the graph's neighbours."""
+_NAMES = {
+    "diloco": "DiLoCo", "streaming-diloco": "Streaming DiLoCo", "noloco": "NoLoCo", "co2": "CO2",
+    "fedavg": "FedAvg", "fedprox": "FedProx", "scaffold": "SCAFFOLD", "scallion": "SCALLION",
+    "scafcom": "SCAFCOM", "admm-nr": "ADMM-NR", "dpsgd": "D-PSGD", "dfedsam": "DFedSAM",
+    "dfedsam-mgs": "DFedSAM-MGS",
+}  # fmt: skip
+
+
 @dataclasses.dataclass(frozen=True)
 class Technique:
     """One candidate: an --algo and its knobs (the flags `lowband train` takes)."""
 
     algo: str
     sync_every: int = 1
+    """Inner steps per round: H (--sync-every), or K (--local-steps) for a federated rule."""
     fragments: int = 1
     overlap: int = 0
     bits: int = 32
     compress: str | None = None
     group_size: int = 2
     """NoLoCo: replicas per gossip group."""
+    participation: float = 1.0
+    """Federated: the fraction of clients drawn per round (--participation)."""
+    compressor: str | None = None
+    """SCALLION/SCAFCOM: the uplink compressor (--compressor); None: the rule's default."""
+    topology: str = "ring"
+    """Gossip: the graph (--topology)."""
+    gossip_steps: int = 1
+    """DFedSAM-MGS: gossip steps per round, Q (--gossip-steps)."""
+    options: tuple[str, ...] = ()
+    """Further flags of the rule that change no byte (e.g. --server-opt adam), passed as given."""
 
     def flags(self) -> list[str]:
+        if self.algo in FEDERATED:
+            out = ["--algo", self.algo, "--local-steps", str(self.sync_every)]
+            if self.participation != 1.0:
+                out += ["--participation", str(self.participation)]
+            if self.compressor:
+                out += ["--compressor", self.compressor]
+            return out + list(self.options)
+        if self.algo in GOSSIP:
+            out = ["--algo", self.algo, "--sync-every", str(self.sync_every)]
+            out += ["--topology", self.topology]
+            if self.algo == "dfedsam-mgs":
+                out += ["--gossip-steps", str(self.gossip_steps)]
+            if self.bits != 32:
+                out += ["--bits", str(self.bits)]
+            return out + list(self.options)
         out = ["--algo", self.algo]
         if self.algo != "ddp":
             out += ["--sync-every", str(self.sync_every)]
@@ -106,10 +161,19 @@ class Technique:
     def label(self) -> str:
         if self.algo == "ddp":
             return "DDP" + (f" {self.bits}-bit" if self.bits != 32 else "")
-        name = {
-            "diloco": "DiLoCo", "streaming-diloco": "Streaming DiLoCo", "noloco": "NoLoCo",
-            "co2": "CO2",
-        }[self.algo]  # fmt: skip
+        name = _NAMES[self.algo]
+        if self.algo in FEDERATED:
+            knobs = [f"K={self.sync_every}"]
+            if self.participation != 1.0:
+                knobs.append(f"{100 * self.participation:g}% of clients")
+            if self.algo in ("scallion", "scafcom"):
+                knobs.append(uplink_compressor(self))
+            return f"{name} " + ", ".join(knobs)
+        if self.algo in GOSSIP:
+            knobs = [f"H={self.sync_every}", self.topology]
+            if self.algo == "dfedsam-mgs":
+                knobs.append(f"Q={self.gossip_steps}")
+            return f"{name} " + ", ".join([*knobs, f"{self.bits}-bit"])
         knobs = [f"H={self.sync_every}"]
         if self.algo == "noloco":
             knobs.append(f"g={self.group_size}")
@@ -188,6 +252,138 @@ def group_exchange(numel: int, n: int, t: Technique, link: LinkSpec | None) -> t
     return seconds, (g - 1) * payload
 
 
+def uplink_compressor(t: Technique) -> str:
+    """SCALLION/SCAFCOM's --compressor: the technique's, else the rule's own default."""
+    if t.compressor:
+        return t.compressor
+    from lowband.algorithms.scaffold import ScafcomOptions, ScallionOptions
+
+    return (ScafcomOptions if t.algo == "scafcom" else ScallionOptions)().compressor
+
+
+def _p2p_bytes(tensors) -> int:
+    return sum(p2p_traffic(x.numel(), x.element_size(), sending=True).sent for x in tensors)
+
+
+def star_payloads(numel: int, t: Technique) -> tuple[int, int]:
+    """(uplink bytes of one participant, downlink bytes to one client) of a federated round, as
+    lowband.algorithms.federated sends them: one fp32 vector up (FedAvg, FedProx, ADMM-NR), two
+    (SCAFFOLD: y - x and dc), or the compressor's wire tensors (SCALLION, SCAFCOM: its own
+    `wire_like`, built on the meta device); x down, and c with it for the SCAFFOLD family."""
+    import torch
+
+    with torch.device("meta"):
+        if t.algo in ("scallion", "scafcom"):
+            from lowband.algorithms.scaffold import get_compressor
+
+            up = get_compressor(uplink_compressor(t)).wire_like(numel)
+        else:
+            up = [torch.empty(numel)] * (2 if t.algo == "scaffold" else 1)
+        down = [torch.empty(numel)] * (1 if t.algo in ("fedavg", "fedprox", "admm-nr") else 2)
+    return _p2p_bytes(up), _p2p_bytes(down)
+
+
+def clients_per_round(t: Technique, n: int) -> int:
+    """M, the participants of a round among n clients (FederatedOptions.clients)."""
+    from lowband.algorithms.federated import FederatedOptions
+
+    return FederatedOptions(participation=t.participation).clients(n)
+
+
+def star_exchange(
+    numel: int, n: int, t: Technique, senders: float, link: LinkSpec | None
+) -> tuple[float, float]:
+    """(seconds, bytes sent by all n workers together) of one federated round in which `senders`
+    participants other than the server (rank 0) upload. Each sends its payload's tensors one after
+    another, and they queue on the server's downlink (lowband.comm's message model): a latency
+    plus every upload's bytes; then the server sends x (and c) to the n - 1 others one after
+    another on its uplink: a latency plus (n - 1) downlinks' bytes."""
+    if n == 1:
+        return 0.0, 0.0
+    up, down = star_payloads(numel, t)
+    seconds = 0.0
+    if link is not None:
+        seconds = link.ideal_time(senders * up, 1) + link.ideal_time((n - 1) * down, 1)
+    return seconds, senders * up + (n - 1) * down
+
+
+def gossip_exchange(numel: int, n: int, t: Technique, link: LinkSpec | None) -> tuple[float, float]:
+    """(seconds, mean bytes a worker sends) of one round of D-PSGD / DFedSAM / DFedSAM-MGS: Q
+    gossip steps, each sending the worker's payload (its fp32 parameters at 32 bits, else the
+    codec's) once to each out-neighbour of the graph lowband.decentral.topology builds over n
+    workers (seed 0 for erdos:P). A step waits for every neighbour: its messages leave one after
+    another on the uplink and queue on the receivers' downlinks, so it lasts a latency plus the
+    largest degree's payloads."""
+    if n == 1:
+        return 0.0, 0.0
+    outs, degree = graph_degrees(t.topology, n)
+    payload = gossip_payload(numel, t)
+    q = t.gossip_steps if t.algo == "dfedsam-mgs" else 1
+    seconds = 0.0 if link is None else q * link.ideal_time(degree * payload, 1)
+    return seconds, q * sum(outs) * payload / n
+
+
+def gossip_payload(numel: int, t: Technique) -> int:
+    """Bytes of one gossip message: the fp32 parameters at 32 bits, else the codec's payload."""
+    return 4 * numel if t.bits == 32 else get_codec(t.bits).payload_bytes(numel)
+
+
+@functools.lru_cache(maxsize=64)
+def graph_degrees(spec: str, n: int) -> tuple[tuple[int, ...], int]:
+    """(each node's out-degree, the largest in- or out-degree) of --topology's graph over n
+    workers: the edges lowband.decentral.topology draws (Metropolis weights are positive on
+    every edge; erdos:P with seed 0), or a file's mixing matrix."""
+    from lowband.decentral import topology as tp
+
+    if spec in tp.KINDS or spec.startswith("erdos:"):
+        tp.check_spec(spec)
+        if spec.startswith("erdos:"):
+            edges = tp.erdos_edges(n, float(spec.split(":", 1)[1]), 0)
+        else:
+            edges = {"ring": tp.ring_edges, "torus": tp.torus_edges,
+                     "exponential": tp.exponential_edges, "complete": tp.complete_edges}[spec](n)  # fmt: skip
+        deg = [0] * n
+        for i, j in edges:
+            deg[i] += 1
+            deg[j] += 1
+        return tuple(deg), max(deg)
+    link = tp.parse_topology(spec, n, 0).W > 0
+    link.fill_diagonal_(False)  # W[i, j] > 0: j's model goes to i
+    outs, ins = link.sum(0).tolist(), link.sum(1).tolist()
+    return tuple(int(x) for x in outs), int(max(max(outs), max(ins)))
+
+
+def compute_passes(t: Technique) -> int:
+    """Forward and backward passes per inner step: 2 for DFedSAM (SAM's second gradient, at the
+    perturbed point), else 1."""
+    return 2 if t.algo in ("dfedsam", "dfedsam-mgs") else 1
+
+
+def contributing_workers(t: Technique, n: int) -> int:
+    """Workers whose steps count towards the budget: a federated round keeps only its M
+    participants' local steps (ADMM-NR keeps every client's), every other technique all n."""
+    if t.algo in FEDERATED and t.algo != "admm-nr":
+        return clients_per_round(t, n)
+    return n
+
+
+def state_bytes(w: Workload, t: Technique, n: int) -> int:
+    """Bytes a technique keeps beside the model and AdamW (the largest worker's): the DiLoCo
+    family's outer copy and momentum or error buffer (8 N); a federated worker's x, the round's
+    gradient sum and last gradient (12 N), + c and c_i (SCAFFOLD family, 8 N), + the server's
+    Adam moments (SCALLION/SCAFCOM, 8 N, allocated everywhere), + SCAFCOM's momentum v (4 N);
+    ADMM-NR's anchor, two copies of z, last gradient and local model (20 N) and, on the server,
+    every client's last payload (4 N n). Gossip keeps nothing between rounds."""
+    if t.algo == "ddp" or t.algo in GOSSIP:
+        return 0
+    if t.algo not in FEDERATED:
+        return 8 * w.params
+    per = {"fedavg": 12, "fedprox": 12, "scaffold": 20, "scallion": 28, "scafcom": 32}
+    if t.algo == "admm-nr":
+        return (32 + 4 * n) * w.params
+    return per[t.algo] * w.params
+
+
 ACTIVATION_BYTES = (27.6, 9.28)
 """Bytes kept for the backward pass per token and layer, per unit of width and of FFN width, of
 lowband's block (RMSNorm, GQA attention, SwiGLU) in an eager bf16-autocast step: fitted to 7
@@ -197,25 +393,36 @@ COMPILED_ACTIVATIONS = 0.64
 """torch.compile's fused blocks keep this share of the eager step's activations (2 peaks)."""
 
 
-def memory_bytes(w: Workload, t: Technique, compiled: bool = True) -> int:
+def memory_bytes(w: Workload, t: Technique, compiled: bool = True, n: int = 1) -> int:
     """Peak device memory of one training step, as `lowband train` runs it on a GPU (compiled
-    blocks by default): fp32 parameters and AdamW moments (12 N), +8 N for the DiLoCo family's
-    outer copy and momentum or error buffer, then the larger of the forward's peak (autocast's
-    bf16 weight copies, 2 N, plus the activations ACTIVATION_BYTES per token and layer) and the
-    gradients' (4 N, after the activations are freed)."""
-    state = 12 * w.params + (0 if t.algo == "ddp" else 8 * w.params)
+    blocks by default): fp32 parameters and AdamW moments (12 N), + the technique's own state
+    (`state_bytes`), then the larger of the forward's peak (autocast's bf16 weight copies, 2 N,
+    plus the activations ACTIVATION_BYTES per token and layer) and the gradients' (4 N, after the
+    activations are freed); for gossip also the exchange's (the gradients, a flat copy and the
+    weighted sum, 12 N, plus the neighbours' payloads)."""
+    state = 12 * w.params + state_bytes(w, t, n)
     ffn = w.ffn_dim if w.ffn_dim is not None else 4 * w.dim
     per_token_layer = ACTIVATION_BYTES[0] * w.dim + ACTIVATION_BYTES[1] * ffn
     activations = per_token_layer * w.batch_size * w.seq_len * w.layers
     if compiled:
         activations *= COMPILED_ACTIVATIONS
-    return int(state + max(2 * w.params + activations, 4 * w.params))
+    peak = max(2 * w.params + activations, 4 * w.params)
+    if t.algo in GOSSIP and n > 1:
+        degree, payload = graph_degrees(t.topology, n)[1], gossip_payload(w.params, t)
+        own = 0 if t.bits == 32 else payload  # at 32 bits the flat copy itself is sent
+        peak = max(peak, 12 * w.params + own + degree * payload)
+    return int(state + peak)
 
 
-def sync_costs(w: Workload, t: Technique, n: int, link: LinkSpec | None) -> list[tuple[float, int]]:
+def sync_costs(
+    w: Workload, t: Technique, n: int, link: LinkSpec | None
+) -> list[tuple[float, float]]:
     """(seconds, bytes each worker sends) of each synchronisation in one period of `t`: DDP's one
-    all-reduce per step, DiLoCo's one per H steps, Streaming DiLoCo's one per fragment. The single
-    source of these numbers for `predict` and the simulator (lowband.plan.simulate)."""
+    all-reduce per step, DiLoCo's one per H steps, Streaming DiLoCo's one per fragment, a
+    federated rule's star round every K steps (bytes: the mean over the n workers, as
+    `lowband train`'s summary reports them; the server sends most), a gossip round every H steps
+    (the mean over workers: degrees may differ). The single source of these numbers for
+    `predict` and the simulator (lowband.plan.simulate)."""
     if t.algo == "ddp":
         if n == 1:
             return [(0.0, 0)]
@@ -225,6 +432,12 @@ def sync_costs(w: Workload, t: Technique, n: int, link: LinkSpec | None) -> list
         return [quantized_reduce(w.params, n, t.bits, link)]
     if t.algo == "noloco":
         return [group_exchange(w.params, n, t, link)]
+    if t.algo in FEDERATED:  # expected senders besides the server: M (n - 1) / n
+        senders = clients_per_round(t, n) * (n - 1) / n
+        seconds, sent = star_exchange(w.params, n, t, senders, link)
+        return [(seconds, sent / n)]
+    if t.algo in GOSSIP:
+        return [gossip_exchange(w.params, n, t, link)]
     p = t.fragments if t.algo == "streaming-diloco" else 1
     if t.compress:
         return [sparse_gather(numel, n, t.compress, link) for numel in w.fragment_numels(p)]
@@ -232,7 +445,7 @@ def sync_costs(w: Workload, t: Technique, n: int, link: LinkSpec | None) -> list
 
 
 def predict(w: Workload, t: Technique, n: int, link: LinkSpec | None) -> Prediction:
-    tc = w.compute_s
+    tc = w.compute_s * compute_passes(t)
     costs = sync_costs(w, t, n, link)
     if t.algo == "ddp":
         ((sync_s, sent),) = costs
@@ -245,7 +458,7 @@ def predict(w: Workload, t: Technique, n: int, link: LinkSpec | None) -> Predict
         exposed = sum(max(0.0, x - hidden) for x in times) / t.sync_every
         per_step = sum(sents) / t.sync_every
     step_s = tc + exposed
-    steps = math.ceil(w.tokens / (n * w.step_tokens))
+    steps = math.ceil(w.tokens / (contributing_workers(t, n) * w.step_tokens))
     return Prediction(
         technique=t,
         step_s=step_s,
@@ -253,15 +466,38 @@ def predict(w: Workload, t: Technique, n: int, link: LinkSpec | None) -> Predict
         sync_s=sync_s,
         bytes_per_step=per_step,
         utilisation=tc / step_s if step_s > 0 else 1.0,
-        memory_bytes=memory_bytes(w, t),
+        memory_bytes=memory_bytes(w, t, n=n),
         time_to_budget_s=steps * step_s,
         steps=steps,
     )
 
 
+FEDERATED_CANDIDATES = (
+    Technique("fedavg"),
+    Technique("fedprox", options=("--mu", "0.01")),
+    Technique("scaffold"),
+    Technique("scallion", compressor="randk:0.05",
+              options=("--cv-scale", "0.05", "--server-opt", "adam", "--local-lr", "0.003")),
+    Technique("scafcom", compressor="topk:0.05",
+              options=("--beta", "1.0", "--server-opt", "adam", "--local-lr", "0.003")),
+    Technique("admm-nr", options=("--rho", "10", "--grad-estimate", "mean")),
+)  # fmt: skip
+"""The federated rules as benchmarks/RESULTS.md measured them (its loss gaps are theirs), full
+participation; K is set per candidate."""
+GOSSIP_CANDIDATES = tuple(
+    Technique(algo, topology=topo, bits=16, gossip_steps=4 if algo == "dfedsam-mgs" else 1)
+    for algo in GOSSIP
+    for topo in ("ring", "exponential")
+)
+"""D-PSGD, DFedSAM and DFedSAM-MGS (Q = 4) on a ring and an exponential graph, bf16 on the wire
+(docs/decentralized.md: 16 bits is the sensible floor); H is set per candidate."""
+
+
 def candidates(bits_choices=(32, 4), h_choices=(1, 30, 100, 500)) -> list[Technique]:
     """The techniques `lowband plan` ranks: DDP (fp32 and 8-bit), DiLoCo and Streaming DiLoCo at
-    several H and bits, SparseLoCo at 1% / 2 bits, NoLoCo (groups of 2, bf16) and CO2 (4-bit)."""
+    several H and bits, SparseLoCo at 1% / 2 bits, NoLoCo (groups of 2, bf16), CO2 (4-bit), the
+    six federated rules (full participation) and the three gossip rules (ring and exponential,
+    bf16), each at every H."""
     out = [Technique("ddp"), Technique("ddp", bits=8)]
     for h in h_choices:
         if h == 1:
@@ -276,4 +512,6 @@ def candidates(bits_choices=(32, 4), h_choices=(1, 30, 100, 500)) -> list[Techni
         out.append(Technique("diloco", sync_every=h, compress="topk:0.01:2"))
         out.append(Technique("noloco", sync_every=h, bits=16))
         out.append(Technique("co2", sync_every=h, bits=4))
+        out += [dataclasses.replace(t, sync_every=h) for t in FEDERATED_CANDIDATES]
+        out += [dataclasses.replace(t, sync_every=h) for t in GOSSIP_CANDIDATES]
     return out
