@@ -36,7 +36,7 @@ def _workload() -> Workload:
         Technique("diloco", sync_every=4, compress="topk:0.05:2"),
         Technique("noloco", sync_every=4, bits=16),
         Technique("co2", sync_every=4, bits=4),
-        Technique("scaffold", sync_every=4, participation=0.5),
+        Technique("scaffold", sync_every=1, participation=0.5),  # round 5 draws rank 1, not 0
         Technique("scafcom", sync_every=4),  # its default compressor, top-k: values + indices
         Technique("dfedsam-mgs", sync_every=4, topology="exponential", gossip_steps=2, bits=16),
     ],
