@@ -57,7 +57,8 @@ class OffloadedModel:
         B, L = tokens_BL.shape
         H, K, D, M = c.n_heads, c.n_kv_heads, c.head_dim, self.M
         Hm, Km = H // M, K // M
-        positions_BL = torch.arange(self.length, self.length + L)[None].expand(B, L)
+        positions_BL = torch.arange(self.length, self.length + L, device=tokens_BL.device)
+        positions_BL = positions_BL[None].expand(B, L)
         cos_B1LD, sin_B1LD = rotary_tables(positions_BL, D, c.rope_theta)
         h_BLE = m.tok_embeddings(tokens_BL)
         for layer in m.layers:
@@ -78,7 +79,7 @@ class OffloadedModel:
                 ).contiguous()
                 sends.append(self.comm.send(msg, j + 1, async_op=True))
             for j in range(M):
-                outs.append(torch.empty(B, Hm, L, D, dtype=q_BHLD.dtype))
+                outs.append(torch.empty(B, Hm, L, D, dtype=q_BHLD.dtype, device=q_BHLD.device))
                 self.comm.recv(outs[-1], j + 1)  # 2. (on the memory worker)
             for w in sends:
                 w.wait()
@@ -97,16 +98,19 @@ def memory_worker_loop(
     prompt_len: int,
     max_new_tokens: int,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> None:
     """Step 2 on memory worker comm.rank, for the prompt and then max_new_tokens - 1 tokens;
-    the cache and the messages in the compute worker's `dtype`."""
+    the cache and the messages in the compute worker's `dtype`, on this worker's `device`."""
     M = comm.size - 1
     Hm, Km, D = cfg.n_heads // M, cfg.n_kv_heads // M, cfg.head_dim
-    cache = KVCache(cfg.n_layers, batch, Km, prompt_len + max_new_tokens, D, dtype=dtype)
+    cache = KVCache(
+        cfg.n_layers, batch, Km, prompt_len + max_new_tokens, D, dtype=dtype, device=device
+    )
     for step in range(max_new_tokens):
         L = prompt_len if step == 0 else 1
         for i in range(cfg.n_layers):
-            msg = torch.empty(batch, Hm + 2 * Km, L, D, dtype=dtype)
+            msg = torch.empty(batch, Hm + 2 * Km, L, D, dtype=dtype, device=device)
             comm.recv(msg, 0)
             q_BHLD, k_BKLD, v_BKLD = msg.split([Hm, Km, Km], dim=1)
             k_BKTD, v_BKTD = cache.append(i, k_BKLD, v_BKLD)
@@ -135,5 +139,6 @@ def lamina_generate(
         prompt_BL.shape[1],
         max_new_tokens,
         model.output.weight.dtype,
+        model.output.weight.device,
     )
     return None
