@@ -86,21 +86,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(
             "lowband serve needs starlette and uvicorn (pip install 'lowband[serve]')"
         ) from None
-    torch.set_num_threads(cfg.threads)
-    model = load_model(gen, cfg.device)
-    max_seq_len = PRESETS[cfg.model].max_seq_len if cfg.model in PRESETS else 4096
-    from lowband.serve.http import make_server
+    from lowband.serve.http import bind, make_server
 
+    max_seq_len = PRESETS[cfg.model].max_seq_len if cfg.model in PRESETS else 4096
     try:
-        server, sock, engine = make_server(cfg, model, max_seq_len)
+        sock = bind(cfg.host, cfg.port)
     except OSError as e:
         raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror}") from None
     host, port = sock.getsockname()[:2]
+    mode = "" if cfg.parallel == "none" else f" --parallel {cfg.parallel} x{cfg.workers}"
     print(
-        f"lowband serve: {cfg.model} on http://{host}:{port}/v1/completions",
+        f"lowband serve: {cfg.model}{mode} on http://{host}:{port}/v1/completions",
         file=sys.stderr,
         flush=True,
     )
+    if cfg.parallel != "none":  # worker 0 serves, the others follow (lowband.serve.distributed)
+        from lowband.serve.distributed import serve_parallel
+
+        serve_parallel(cfg, sock, max_seq_len)
+        print("lowband serve: stopped", file=sys.stderr)
+        return 0
+    torch.set_num_threads(cfg.threads)
+    model = load_model(gen, cfg.device)
+    server, sock, engine = make_server(cfg, model, max_seq_len, sock=sock)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt as e:  # SIGINT, or SIGTERM through lowband.launch.signals
@@ -116,7 +124,8 @@ def add_serve_parser(sub, add_config_flags) -> None:
         help="serve a model over HTTP: POST /v1/completions (SSE streaming), /health, /metrics",
         description="An HTTP completions endpoint for a preset or hf: model (--init RUN for a "
         "training run's weights); requests queued while the model is busy are decoded together "
-        "as one batch (docs/inference.md).",
+        "as one batch; --parallel tp|pp --workers N splits the model over N local processes "
+        "behind an emulated --link, worker 0 serving (docs/inference.md).",
     )
     add_config_flags(s, ServeConfig)
     s.set_defaults(fn=cmd_serve)

@@ -231,15 +231,32 @@ class ServeConfig:
     dtype: str = "fp32"
     """fp32 or bf16: the weights and the KV cache."""
     threads: int = 1
-    """CPU threads of the model."""
+    """CPU threads of the model (of each worker)."""
+    parallel: str = "none"
+    """none (one process), tp or pp: the model split over --workers local processes as for `lowband generate`; worker 0 runs the HTTP server and sends each batch to the others (lowband.serve.distributed)."""
+    workers: int = 1
+    """Worker processes with --parallel tp or pp."""
+    allreduce: str = "ring"
+    """--parallel tp's all-reduce: ring, star or tree, as for `lowband generate`."""
+    link: str | None = None
+    """Emulated link between workers, BANDWIDTH:LATENCY[:JITTER][:LOSS%], as for `lowband generate`."""
+    link_map: str | None = None
+    """A JSON file with a link per pair of workers, as for `lowband generate`; excludes --link."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> ServeConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+SERVE_MODES = ("none", "tp", "pp")  # splitwise, lamina, colocated: `lowband generate` only
 
 SERVE_RANGES: dict[str, tuple[float | None, float | None]] = {
     "seed": (0, 2**63 - 1), "port": (0, 65535), "max_tokens": (1, 4096), "queue": (1, 10**6), "max_batch": (1, 1024),
-    "threads": (1, 1024),
+    "threads": (1, 1024), "workers": (1, 4096),
 }  # fmt: skip
 
 
@@ -251,3 +268,16 @@ def validate_serve(cfg: ServeConfig) -> None:
     if cfg.device not in ("cpu", "cuda"):
         raise ConfigError(f"unknown --device {cfg.device!r}; choose cpu or cuda")
     check_dtype(cfg.dtype)
+    if cfg.parallel in PARALLEL_MODES and cfg.parallel not in SERVE_MODES:
+        raise ConfigError(
+            f"lowband serve runs --parallel {', '.join(SERVE_MODES)}; --parallel {cfg.parallel} "
+            "is for lowband generate only (docs/inference.md)"
+        )
+    # everything else as `lowband generate` checks it: mode, workers, head split, stages, link
+    validate_generate(
+        GenerateConfig(
+            model=cfg.model, max_new_tokens=1, parallel=cfg.parallel, allreduce=cfg.allreduce,
+            workers=cfg.workers, link=cfg.link, link_map=cfg.link_map, device=cfg.device,
+            dtype=cfg.dtype, threads=cfg.threads,
+        )
+    )  # fmt: skip

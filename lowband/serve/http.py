@@ -11,6 +11,10 @@ How a request flows:
        through call_soon_threadsafe;
     4. a client that goes away cancels its request: the engine stops it at the next token.
 Errors inside one request fail that request (500, counted) and never the server.
+
+With --parallel tp or pp the engine hands each batch to a runner (lowband.serve.distributed)
+that sends it to the other workers and decodes it with them in lockstep. There a failure is the
+whole server's: the request gets 503, later ones too, and the server stops (step 5 there).
 """
 
 from __future__ import annotations
@@ -121,12 +125,27 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
+KEEPALIVE_S = 60.0
+"""An idle parallel server pings its workers this often: they wait in a collective, which gives
+up after lowband.launch.local.TIMEOUT (10 minutes)."""
+
+
 class Engine:
     """One thread that runs the queued requests on `model` in batches of up to `max_batch`
-    (step 3; lowband.serve.engine.generate_batch)."""
+    (step 3; lowband.serve.engine.generate_batch), or through `runner` (the parallel modes:
+    lowband.serve.distributed.Runner; `on_broken()` is called once if it fails)."""
 
-    def __init__(self, model: nn.Module, queue_size: int, max_batch: int = 8) -> None:
+    def __init__(
+        self,
+        model: nn.Module | None,
+        queue_size: int,
+        max_batch: int = 8,
+        runner=None,
+        on_broken: Callable[[], None] | None = None,
+    ) -> None:
         self.model, self.metrics, self.max_batch = model, Metrics(), max_batch
+        self.runner, self.on_broken = runner, on_broken
+        self.broken: str | None = None  # why the parallel workers can no longer serve
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="lowband-engine", daemon=True)
@@ -139,6 +158,8 @@ class Engine:
         self, cfg: GenerateConfig, on_token: Callable[[int], None], cancel: threading.Event
     ) -> Future:
         fut: Future = Future()
+        if self.broken is not None:
+            raise BadRequest(self.broken, 503)
         try:
             self._queue.put_nowait((cfg, on_token, cancel, fut))
         except queue.Full:
@@ -152,7 +173,32 @@ class Engine:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        while (job := self._queue.get()) is not None:
+        try:
+            self._loop()
+        finally:
+            if self.runner is not None and self.broken is None:
+                self.runner.close()  # the workers leave their loop
+            while True:  # requests queued after a failure: 503
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    job[-1].set_exception(BadRequest(self.broken or "the server is stopping", 503))
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                job = self._queue.get(timeout=KEEPALIVE_S if self.runner else None)
+            except queue.Empty:
+                try:
+                    self.runner.keepalive()
+                except Exception as e:  # noqa: BLE001 - a lost worker
+                    self._break(e)
+                    return
+                continue
+            if job is None:
+                return
             jobs = [job]  # step 3: everything queued meanwhile joins this batch
             while len(jobs) < self.max_batch:
                 try:
@@ -164,11 +210,23 @@ class Engine:
                     break
                 jobs.append(more)
             self._run_batch(jobs)
+            if self.broken is not None:
+                return
+
+    def _break(self, e: Exception) -> None:
+        self.broken = (
+            f"a worker failed ({type(e).__name__}: {e}".splitlines()[0][:300]
+            + "); the server is stopping"
+        )
+        if self.on_broken is not None:
+            self.on_broken()
 
     def _run_batch(self, jobs: list) -> None:
         def callback(on_token, cancel):
             def token(t: int) -> None:
                 if cancel.is_set():
+                    if self.runner is not None:  # the workers decode in lockstep: finish the row
+                        return
                     raise Cancelled
                 on_token(t)
 
@@ -177,7 +235,9 @@ class Engine:
         cfgs = [cfg for cfg, *_ in jobs]
         calls = [callback(on_token, cancel) for _, on_token, cancel, _ in jobs]
         try:
-            if hasattr(self.model, "forward_cached"):
+            if self.runner is not None:
+                outs = self.runner(cfgs, calls)
+            elif hasattr(self.model, "forward_cached"):
                 outs = generate_batch(self.model, cfgs, calls)
             else:  # hf: models, one request at a time with their own cache
                 outs = []
@@ -188,6 +248,9 @@ class Engine:
                         outs.append(e)
         except Exception as e:  # noqa: BLE001 - the batch fails, the server goes on
             outs = [e] * len(jobs)
+            if self.runner is not None:  # the workers are out of step or gone: stop serving
+                self._break(e)
+                outs = [BadRequest(self.broken, 503)] * len(jobs)
         with self._lock:
             m = self.metrics
             m.batches += 1
@@ -272,6 +335,8 @@ def build_app(engine: Engine, model_name: str, max_tokens: int, max_seq_len: int
             except asyncio.CancelledError:
                 cancel.set()
                 raise
+            except BadRequest as e:  # a parallel worker failed: 503
+                return error(e.status, str(e))
             except Exception as e:  # noqa: BLE001
                 return error(500, f"generation failed: {type(e).__name__}: {e}".splitlines()[0])
             text = bytes(out["tokens"][0]).decode("utf-8", "replace")
@@ -283,8 +348,12 @@ def build_app(engine: Engine, model_name: str, max_tokens: int, max_seq_len: int
                 while (t := await tokens.get()) is not None:
                     if piece := decoder.decode(bytes([t])):
                         yield f"data: {json.dumps(_completion(rid, model_name, piece, None))}\n\n"
-                if fut.exception() is not None:
-                    msg = f"generation failed: {type(fut.exception()).__name__}"
+                if (exc := fut.exception()) is not None:
+                    msg = (
+                        str(exc)
+                        if isinstance(exc, BadRequest)
+                        else f"generation failed: {type(exc).__name__}"
+                    )
                     yield f"data: {json.dumps({'error': {'message': msg, 'type': 'server_error'}})}\n\n"
                     return
                 last = _completion(
@@ -311,17 +380,30 @@ def build_app(engine: Engine, model_name: str, max_tokens: int, max_seq_len: int
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
 
 
-def make_server(cfg, model: nn.Module, max_seq_len: int):
-    """(uvicorn.Server, its bound socket, the Engine) for ServeConfig `cfg`; run with
-    `server.run(sockets=[sock])`; `server.should_exit = True` stops it."""
+def bind(host: str, port: int):
+    """A listening TCP socket on (host, port); OSError when it cannot be had."""
     import socket
 
-    import uvicorn
-
-    engine = Engine(model, cfg.queue, cfg.max_batch)
-    app = build_app(engine, cfg.model, cfg.max_tokens, max_seq_len)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((cfg.host, cfg.port))
+    sock.bind((host, port))
+    sock.listen(128)  # clients that come while the workers load wait in the backlog
+    return sock
+
+
+def make_server(cfg, model: nn.Module | None, max_seq_len: int, runner=None, sock=None):
+    """(uvicorn.Server, its bound socket, the Engine) for ServeConfig `cfg`; run with
+    `server.run(sockets=[sock])`; `server.should_exit = True` stops it. With `runner` (the
+    parallel modes) batches go through it, and a failed runner stops the server."""
+    import uvicorn
+
+    server: list = []
+    engine = Engine(
+        model, cfg.queue, cfg.max_batch, runner,
+        on_broken=lambda: setattr(server[0], "should_exit", True) if server else None,
+    )  # fmt: skip
+    app = build_app(engine, cfg.model, cfg.max_tokens, max_seq_len)
+    sock = sock if sock is not None else bind(cfg.host, cfg.port)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
-    return uvicorn.Server(config), sock, engine
+    server.append(uvicorn.Server(config))
+    return server[0], sock, engine

@@ -78,6 +78,8 @@ class TPShard(nn.Module):
         positions_BL = torch.arange(cache.length, cache.length + L, device=tokens_BL.device)[
             None
         ].expand(B, L)
+        if cache.pad_B is not None:  # left-padded rows (served batches) start at 0
+            positions_BL = (positions_BL - cache.pad_B.to(tokens_BL.device)[:, None]).clamp(min=0)
         cos_B1LD, sin_B1LD = rotary_tables(positions_BL, D, self.cfg.rope_theta)
         h_BLE = self.tok_embeddings(tokens_BL)
         for i, lay in enumerate(self.layers):
@@ -87,7 +89,7 @@ class TPShard(nn.Module):
             v_BKLD = F.linear(x_BLE, lay.wv).view(B, L, self.Kr, D).transpose(1, 2)
             q_BHLD = apply_rotary(q_BHLD, cos_B1LD, sin_B1LD)
             k_BKTD, v_BKTD = cache.append(i, apply_rotary(k_BKLD, cos_B1LD, sin_B1LD), v_BKLD)
-            out_BHLD = attend_cached(q_BHLD, k_BKTD, v_BKTD, cache.length)
+            out_BHLD = attend_cached(q_BHLD, k_BKTD, v_BKTD, cache.length, cache.pad_B)
             part_BLE = F.linear(out_BHLD.transpose(1, 2).reshape(B, L, -1), lay.wo)
             self.all_reduce(part_BLE)  # the sum over workers' heads
             h_BLE = h_BLE + part_BLE
