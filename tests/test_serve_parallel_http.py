@@ -3,7 +3,6 @@ completion is `lowband generate`'s text for the same prompt, seed and mode."""
 
 from __future__ import annotations
 
-import dataclasses
 import http.client
 import json
 import os
@@ -49,37 +48,34 @@ def stop(proc: subprocess.Popen) -> tuple[int, str]:
 
 @pytest.mark.parametrize("mode", [["tp", "--allreduce", "star"], ["pp"]], ids=["tp", "pp"])
 def test_served_completions_are_the_generate_text(mode):
-    extra = {"allreduce": "star"} if mode[0] == "tp" else {}
-    ref = GenerateConfig(prompt="def f(", max_new_tokens=8, parallel=mode[0], workers=2, quiet=True)
-    with ThreadPoolExecutor(1) as background:  # `lowband generate` in the mode, meanwhile
-        want = background.submit(lambda: generate(dataclasses.replace(ref, **extra))[0]["text"])
-        proc, port = start("--parallel", *mode, "--workers", "2")
-        try:
-            prompts = ["def f(", "import os"]
-            with ThreadPoolExecutor(2) as pool:  # concurrent: one batch when they meet
-                body = {"max_tokens": 8, "temperature": 0}
-                got = list(pool.map(lambda p: post(port, {"prompt": p, **body}), prompts))
-            status, text = post(
-                port, {"prompt": "x", "max_tokens": 6, "stream": True, "temperature": 0}
-            )
-            assert status == 200
-            events = [e[len("data: ") :] for e in text.split("\n\n") if e]
-            assert events[-1] == "[DONE]"
-            streamed = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
-            bad, body = post(port, {}, raw=b'{"prompt": "a", "max_tokens": 99}')
-            assert bad == 400 and "max_tokens must be" in body
-            assert post(port, {"prompt": "x", "max_tokens": 2, "temperature": 0})[0] == 200
-        finally:
-            rc, err = stop(proc)
-        assert rc == 0, err
-        want = want.result()
+    """Every mode gives one process's tokens in fp32 (tests/test_serve_parallel.py), so each
+    completion is compared with one process's `lowband generate` text."""
+    proc, port = start("--parallel", *mode, "--workers", "2")
+    try:
+        prompts = ["def f(", "import os"]
+        with ThreadPoolExecutor(2) as pool:  # concurrent: one batch when they meet
+            body = {"max_tokens": 8, "temperature": 0}
+            got = list(pool.map(lambda p: post(port, {"prompt": p, **body}), prompts))
+        status, text = post(
+            port, {"prompt": "x", "max_tokens": 6, "stream": True, "temperature": 0}
+        )
+        assert status == 200
+        events = [e[len("data: ") :] for e in text.split("\n\n") if e]
+        assert events[-1] == "[DONE]"
+        streamed = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+        bad, body = post(port, {}, raw=b'{"prompt": "a", "max_tokens": 99}')
+        assert bad == 400 and "max_tokens must be" in body
+        assert post(port, {"prompt": "x", "max_tokens": 2, "temperature": 0})[0] == 200
+    finally:
+        rc, err = stop(proc)
+    assert rc == 0, err
     assert [s for s, _ in got] == [200, 200]
-    assert json.loads(got[0][1])["choices"][0]["text"] == want
     local = [
         generate(GenerateConfig(prompt=p, max_new_tokens=n, quiet=True))[0]["text"]
-        for p, n in [("import os", 8), ("x", 6)]
-    ]  # one process: the same tokens in fp32 (docs/inference.md)
-    assert [json.loads(got[1][1])["choices"][0]["text"], streamed] == local
+        for p, n in [("def f(", 8), ("import os", 8), ("x", 6)]
+    ]  # one process
+    served = [json.loads(t)["choices"][0]["text"] for _, t in got]
+    assert [*served, streamed] == local
 
 
 def test_bad_parallel_serve_is_one_line_and_exit_2(capsys):
