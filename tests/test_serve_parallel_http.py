@@ -1,4 +1,4 @@
-"""`lowband serve --parallel tp|pp --workers 2`: real processes, real HTTP on loopback; each
+"""`lowband serve --parallel tp|pp|lamina|splitwise --workers 2`: real processes, real HTTP on loopback; each
 completion is `lowband generate`'s text for the same prompt, seed and mode."""
 
 from __future__ import annotations
@@ -46,7 +46,11 @@ def stop(proc: subprocess.Popen) -> tuple[int, str]:
     return rc, proc.stderr.read()
 
 
-@pytest.mark.parametrize("mode", [["tp", "--allreduce", "star"], ["pp"]], ids=["tp", "pp"])
+@pytest.mark.parametrize(
+    "mode",
+    [["tp", "--allreduce", "star"], ["pp"], ["lamina"], ["splitwise"]],
+    ids=["tp", "pp", "lamina", "splitwise"],
+)
 def test_served_completions_are_the_generate_text(mode):
     """Every mode gives one process's tokens in fp32 (tests/test_serve_parallel.py), so each
     completion is compared with one process's `lowband generate` text."""
@@ -84,8 +88,8 @@ def test_bad_parallel_serve_is_one_line_and_exit_2(capsys):
     for argv, message in [
         (["--parallel", "tp", "--workers", "3"], "does not divide the model's 4 attention heads"),
         (["--parallel", "pp", "--workers", "5"], "--workers 5 stages for the model's 4 layers"),
-        (["--parallel", "splitwise", "--workers", "2"], "is for lowband generate only"),
-        (["--parallel", "lamina", "--workers", "2"], "is for lowband generate only"),
+        (["--parallel", "colocated", "--workers", "2"], "is for lowband generate only"),
+        (["--parallel", "splitwise", "--workers", "1"], "needs a prefill pool and a decode pool"),
         (["--workers", "2"], "--workers 2 needs --parallel tp or pp"),
     ]:
         assert main(["serve", *argv]) == 2

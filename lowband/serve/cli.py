@@ -124,7 +124,7 @@ def add_serve_parser(sub, add_config_flags) -> None:
         help="serve a model over HTTP: POST /v1/completions (SSE streaming), /health, /metrics",
         description="An HTTP completions endpoint for a preset or hf: model (--init RUN for a "
         "training run's weights); requests queued while the model is busy are decoded together "
-        "as one batch; --parallel tp|pp --workers N splits the model over N local processes "
+        "as one batch; --parallel tp|pp|lamina|splitwise --workers N splits the model over N local processes "
         "behind an emulated --link, worker 0 serving (docs/inference.md).",
     )
     add_config_flags(s, ServeConfig)

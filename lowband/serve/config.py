@@ -233,9 +233,9 @@ class ServeConfig:
     threads: int = 1
     """CPU threads of the model (of each worker)."""
     parallel: str = "none"
-    """none (one process), tp or pp: the model split over --workers local processes as for `lowband generate`; worker 0 runs the HTTP server and sends each batch to the others (lowband.serve.distributed)."""
+    """none (one process), tp, pp, lamina or splitwise: the model split over --workers local processes as for `lowband generate`; worker 0 runs the HTTP server and sends each batch to the others (lowband.serve.distributed). lamina: worker 0 computes, the others hold the KV cache, a batch's requests one after another. splitwise: worker 0 decodes, the others prefill."""
     workers: int = 1
-    """Worker processes with --parallel tp or pp."""
+    """Worker processes with --parallel tp, pp, lamina or splitwise."""
     allreduce: str = "ring"
     """--parallel tp's all-reduce: ring, star or tree, as for `lowband generate`."""
     link: str | None = None
@@ -252,7 +252,7 @@ class ServeConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-SERVE_MODES = ("none", "tp", "pp")  # splitwise, lamina, colocated: `lowband generate` only
+SERVE_MODES = ("none", "tp", "pp", "lamina", "splitwise")  # colocated: `lowband generate` only
 
 SERVE_RANGES: dict[str, tuple[float | None, float | None]] = {
     "seed": (0, 2**63 - 1), "port": (0, 65535), "max_tokens": (1, 4096), "queue": (1, 10**6), "max_batch": (1, 1024),

@@ -1,9 +1,10 @@
-"""`lowband serve --parallel tp|pp --workers N`: the HTTP server on worker 0, the model split over
-N local processes (lowband.launch.local, as for `lowband generate`). docs/inference.md, section 7.
+"""`lowband serve --parallel tp|pp|lamina|splitwise --workers N`: the HTTP server on worker 0,
+the model split over N local processes (lowband.launch.local, as for `lowband generate`).
+docs/inference.md, section 7.
 
 1. The launcher binds the listening socket (a port in use fails in one line, exit 2, before any
    worker starts) and hands it to worker 0; every worker loads the model and keeps its part
-   (a TPShard, or a pipeline Stage).
+   (a TPShard, a pipeline Stage, or the whole model for lamina and splitwise).
 2. Worker 0 runs the HTTP server and the batching engine exactly as one process does
    (lowband.serve.http.Engine); each batch goes to `Runner`, which broadcasts the batch's
    description (every request's prompt, max_tokens, temperature, top_p and seed, pickled into a
@@ -11,7 +12,11 @@ N local processes (lowband.launch.local, as for `lowband generate`). docs/infere
 3. Workers 1..N-1 wait for the next message (`follow`): a batch, which they decode in lockstep
    with worker 0 (tp: generate_batch on their shard, every worker sampling the same tokens from
    the same all-reduced logits; pp: pp_pipeline, one micro-batch per request, sampling on the
-   last stage), a keepalive (an idle server pings every KEEPALIVE_S, below the process group's
+   last stage; lamina: worker 0 computes and workers 1..N-1 are the memory workers, the batch's
+   requests one after another, each as `lowband generate --parallel lamina` runs one, batch 1;
+   splitwise: worker 0 is the decode pool and workers 1..N-1 the prefill pool, the batch's
+   requests given to splitwise_requests as one stream arriving at once, one call per distinct
+   temperature and top_p, decoded to that group's longest max_tokens), a keepalive (an idle server pings every KEEPALIVE_S, below the process group's
    10-minute timeout), or stop.
 4. Stopping: Ctrl-C or SIGTERM reaches worker 0 (the launcher forwards it); its server stops, the
    engine sends stop, every worker leaves its loop and the process group closes normally.
@@ -33,6 +38,7 @@ import functools
 import pickle
 import signal
 import sys
+import time
 from typing import Any
 
 import torch
@@ -42,9 +48,11 @@ from lowband.comm import Comm
 from lowband.serve.allreduce import ALL_REDUCES
 from lowband.serve.config import GenerateConfig, ServeConfig
 from lowband.serve.engine import encode, generate_batch, load_model, timings
+from lowband.serve.lamina import lamina_generate
 from lowband.serve.pp import Stage, pp_pipeline
 from lowband.serve.requests import Request
 from lowband.serve.sampling import Sampler
+from lowband.serve.splitwise import splitwise_requests
 from lowband.serve.tp import TPShard
 from lowband.train.rundir import RunDir
 
@@ -65,7 +73,11 @@ def broadcast_message(comm: Comm, message: Any = None) -> Any:
 
 
 def model_part(cfg: ServeConfig, comm: Comm, model: nn.Module) -> nn.Module:
-    """This worker's part of `model`: its TP shard or its pipeline stage."""
+    """This worker's part of `model`: its TP shard, its pipeline stage, or all of it (lamina's
+    compute worker holds the weights, its memory workers read only the model's shape; splitwise's
+    workers each hold a copy)."""
+    if cfg.parallel in ("lamina", "splitwise"):
+        return model
     if cfg.parallel == "tp":
         reduce = functools.partial(ALL_REDUCES[cfg.allreduce], comm)
         return TPShard(model, comm.rank, comm.size, reduce)
@@ -80,6 +92,10 @@ def run_batch(
     if cfg.parallel == "tp":
         outs = generate_batch(part, cfgs, calls)
         return outs if comm.rank == 0 else None
+    if cfg.parallel == "lamina":
+        return lamina_batch(comm, part, cfgs, calls)
+    if cfg.parallel == "splitwise":
+        return splitwise_batch(comm, part, cfgs, calls)
     # pp: one micro-batch per request (each stage then runs one process's operations on it, as
     # `lowband generate --parallel pp` does), decoded to the longest max_tokens; each request
     # keeps its first max_tokens (its sampler's later draws do not change them)
@@ -101,6 +117,52 @@ def run_batch(
         {"tokens": [out[i][0][: c.max_new_tokens]], **timings(t0, out[i][1][: c.max_new_tokens])}
         for i, c in enumerate(cfgs)
     ]
+
+
+def lamina_batch(
+    comm: Comm, model: nn.Module, cfgs: list[GenerateConfig], calls
+) -> list[dict[str, Any]] | None:
+    """Lamina serves one prompt at a time (its memory workers' cache is batch 1): the batch's
+    requests one after another, each exactly `lowband generate --parallel lamina`'s run."""
+    device = next(model.parameters()).device
+    outs = []
+    for c, call in zip(cfgs, calls, strict=True):
+        prompt_BL = torch.tensor([encode(c.prompt)], device=device)
+        sampler = Sampler(c.temperature, c.top_p, c.seed)
+        outs.append(lamina_generate(model, comm, prompt_BL, c.max_new_tokens, sampler, call))
+    return outs if comm.rank == 0 else None
+
+
+def splitwise_batch(
+    comm: Comm, model: nn.Module, cfgs: list[GenerateConfig], calls
+) -> list[dict[str, Any]] | None:
+    """Worker 0 decodes, workers 1..N-1 prefill (splitwise_requests with N - 1 prefill workers,
+    so every request's decode worker is the one that answers it). splitwise_requests takes one
+    temperature, top_p and max_new_tokens: one call per (temperature, top_p), decoded to that
+    group's longest max_tokens, each request keeping its first max_tokens (its sampler's later
+    draws do not change them, as for pp)."""
+    groups: dict[tuple[float, float], list[int]] = {}
+    for i, c in enumerate(cfgs):
+        groups.setdefault((c.temperature, c.top_p), []).append(i)
+    outs: list[dict[str, Any]] = [{} for _ in cfgs]
+    stamps: list[list[float]] = [[] for _ in cfgs]
+    tokens: list[list[int]] = [[] for _ in cfgs]
+
+    def on_token(i: int, t: int) -> None:
+        if len(tokens[i]) < cfgs[i].max_new_tokens:
+            stamps[i].append(time.perf_counter())
+            tokens[i].append(t)
+            calls[i](t)
+
+    t0 = time.perf_counter()  # a later group's requests wait for the earlier groups
+    for (temperature, top_p), ids in groups.items():
+        reqs = [Request(i, encode(cfgs[i].prompt), 0.0, cfgs[i].seed) for i in ids]
+        n = max(cfgs[i].max_new_tokens for i in ids)
+        splitwise_requests(model, comm, reqs, comm.size - 1, n, temperature, top_p, on_token)
+        for i in ids:  # the tokens reach worker 0 alone: a prefill worker's lists stay empty
+            if comm.rank == 0:
+                outs[i] = {"tokens": [tokens[i]], **timings(t0, stamps[i])}
+    return outs if comm.rank == 0 else None
 
 
 class Runner:

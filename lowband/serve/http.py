@@ -12,8 +12,9 @@ How a request flows:
     4. a client that goes away cancels its request: the engine stops it at the next token.
 Errors inside one request fail that request (500, counted) and never the server.
 
-With --parallel tp or pp the engine hands each batch to a runner (lowband.serve.distributed)
-that sends it to the other workers and decodes it with them in lockstep. There a failure is the
+With --parallel tp, pp, lamina or splitwise the engine hands each batch to a runner
+(lowband.serve.distributed) that sends it to the other workers and decodes it with them in
+lockstep. There a failure is the
 whole server's: the request gets 503, later ones too, and the server stops (step 5 there).
 """
 
