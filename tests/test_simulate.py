@@ -306,3 +306,11 @@ def test_cli_plays_noloco_and_co2(tmp_path, capsys):
     for bad in ("noloco,H=10,P=2", "co2,H=10,g=2", "noloco,g=1"):
         assert main([*argv[:-4], "--technique", bad]) == 2
         assert capsys.readouterr().err.startswith("lowband: error:")
+
+
+def test_cli_takes_a_model_given_by_shape(capsys):
+    """--params/--layers/--dim (and --ffn-dim) are the same model flags as `lowband plan`'s."""
+    argv = ["simulate", "--params", "1e8", "--layers", "12", "--dim", "768", "--ffn-dim", "3072"]
+    argv += ["--tokens-per-s", "100000", "--workers", "8", "--link", "1gbit:10ms"]
+    assert main(argv) == 0
+    assert "100M parameters" in capsys.readouterr().out

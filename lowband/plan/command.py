@@ -47,17 +47,22 @@ ASSUMPTIONS = [
 ]
 
 
+def add_model_args(p) -> None:
+    """The model flags `_workload` reads, shared by `lowband plan` and `lowband simulate`."""
+    p.add_argument("--model", default="125m", help="a preset (lowband models), or give --params")
+    p.add_argument("--params", type=float, help="parameter count (instead of a preset)")
+    p.add_argument("--layers", type=int, help="with --params: transformer blocks")
+    p.add_argument("--dim", type=int, help="with --params: model width")
+    p.add_argument("--ffn-dim", type=int, help="with --params: FFN width (default 4 x --dim)")
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "plan",
         help="predict every technique's speed, bytes and memory on your network",
         description=__doc__,
     )
-    p.add_argument("--model", default="125m", help="a preset (lowband models), or give --params")
-    p.add_argument("--params", type=float, help="parameter count (instead of a preset)")
-    p.add_argument("--layers", type=int, help="with --params: transformer blocks")
-    p.add_argument("--dim", type=int, help="with --params: model width")
-    p.add_argument("--ffn-dim", type=int, help="with --params: FFN width (default 4 x --dim)")
+    add_model_args(p)
     p.add_argument(
         "--tokens", type=float, required=False, default=1e9, help="token budget (default 1e9)"
     )

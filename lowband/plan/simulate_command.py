@@ -15,7 +15,7 @@ from pathlib import Path
 from lowband.comm import LinkSpec
 from lowband.comm.link import LinkMap
 from lowband.errors import ConfigError
-from lowband.plan.command import _duration, _read_probe, _workload
+from lowband.plan.command import _duration, _read_probe, _workload, add_model_args
 from lowband.plan.cost import Technique, candidates, predict
 from lowband.plan.simulate import Failures, Network, SimResult, Straggler, simulate
 
@@ -57,10 +57,7 @@ def add_parser(sub) -> None:
         help="simulate the techniques on a large network with stragglers and failures",
         description=__doc__,
     )
-    p.add_argument("--model", default="125m", help="a preset (lowband models), or give --params")
-    p.add_argument("--params", type=float, help="parameter count (instead of a preset)")
-    p.add_argument("--layers", type=int, help="with --params: transformer blocks")
-    p.add_argument("--dim", type=int, help="with --params: model width")
+    add_model_args(p)
     p.add_argument("--tokens", type=float, default=1e9, help="token budget (default 1e9)")
     p.add_argument("--tokens-per-s", type=float, help="measured compute rate per worker (tokens/s)")
     p.add_argument("--batch-size", type=int, default=16)
