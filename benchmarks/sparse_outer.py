@@ -79,6 +79,7 @@ def sweep(h: int) -> dict[str, list[str]]:
           for lr in ("1.5", "2.0", "3.0", "4.0")],
         *[("0.01", "tiles", lr, d) for lr in ("2.0", "3.0") for d in ("0.9", "0.99")],
         *[(f, "tiles", "6.0", "0.95") for f in ("0.01", "0.015")],  # lr kept helping to 4
+        *[(f, "flat", "4.0", "0.95") for f in ("0.03",)],  # a third fraction at the best lr
     ]  # fmt: skip
     for fraction, layout, lr, decay in grid:
         name = f"sweep: SparseLoCo {float(fraction) * 100:g}% 2-bit {layout}, outer lr {lr}, decay {decay}"
@@ -86,6 +87,10 @@ def sweep(h: int) -> dict[str, list[str]]:
             "--algo", "diloco", "--sync-every", H, "--compress", f"topk:{fraction}:2:{layout}",
             "--outer-lr", lr, "--error-decay", decay,
         ]  # fmt: skip
+    # eager against blocking at the best blocking settings (1.5% flat, lr 4) and DiLoCo's
+    for name in ("sweep: SparseLoCo 1.5% 2-bit flat, outer lr 4.0, decay 0.95",
+                 "sweep: DiLoCo fp32, outer lr 1.0"):  # fmt: skip
+        rows[name.replace("sweep: ", "sweep: eager ")] = [*rows[name], "--outer", "eager"]
     return rows
 
 
@@ -102,11 +107,16 @@ def main() -> None:
         "'sweep:' ones)",
     )
     p.add_argument("--parallel", type=int, default=1, help="runs at once (on a machine with cores)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="lowband train's --device (cuda: the workers share the GPUs)",
+    )
     p.add_argument("--json", type=Path)
     p.add_argument("--append", action="store_true")
     args = p.parse_args()
     common = ["--model", args.model, "--workers", str(args.workers), "--ckpt-every", "-1",
-              "--eval-every", str(args.steps // 4), "--log-every", "50"]  # fmt: skip
+              "--eval-every", str(args.steps // 4), "--log-every", "50", "--device", args.device]  # fmt: skip
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ddp = train(Path(tmp) / "ddp", [*common, "--steps", "20", "--eval-every", "20"])
@@ -129,21 +139,25 @@ def main() -> None:
             return run, time.monotonic() - start
 
         with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
-            runs = list(pool.map(one, chosen.items()))
-        for name, (run, wall) in zip(chosen, runs, strict=True):
-            s = json.loads((run / "summary.json").read_text())
-            rows.append(
-                {
-                    "name": name,
-                    "bytes": s["bytes_sent_per_worker"],
-                    "x_fewer_than_ddp": ddp_bytes / s["bytes_sent_per_worker"],
-                    "eval_loss": s["final_eval_loss"],
-                    "wall_s": round(wall, 1),
-                }
-            )
-            print(json.dumps(rows[-1]), flush=True)
-            if args.json:
-                args.json.write_text(json.dumps({"ddp_bytes": ddp_bytes, "rows": rows}, indent=1))
+            futures = {pool.submit(one, item): item[0] for item in chosen.items()}
+            for future in concurrent.futures.as_completed(futures):  # each row kept as it lands
+                run, wall = future.result()
+                s = json.loads((run / "summary.json").read_text())
+                rows.append(
+                    {
+                        "name": futures[future],
+                        "bytes": s["bytes_sent_per_worker"],
+                        "x_fewer_than_ddp": ddp_bytes / s["bytes_sent_per_worker"],
+                        "eval_loss": s["final_eval_loss"],
+                        "wall_s": round(wall, 1),
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+                if args.json:
+                    args.json.write_text(
+                        json.dumps({"ddp_bytes": ddp_bytes, "rows": rows}, indent=1)
+                    )
+        rows.sort(key=lambda r: list(chosen).index(r["name"]))
     lines = [
         "| method | bytes sent per worker | fewer than DDP | final eval loss | run s |",
         "|---|---|---|---|---|",
