@@ -87,6 +87,32 @@ def sweep(h: int) -> dict[str, list[str]]:
             "--algo", "diloco", "--sync-every", H, "--compress", f"topk:{fraction}:2:{layout}",
             "--outer-lr", lr, "--error-decay", decay,
         ]  # fmt: skip
+    # the reference code's mean over the workers that sent each coordinate (--sparse-mean
+    # senders): rarely sent coordinates land whole, so the best lr should be lower than 4
+    for fraction, lr in [("0.015", "1.0"), ("0.015", "2.0"), ("0.015", "3.0"), ("0.01", "2.0")]:
+        name = f"sweep: SparseLoCo {float(fraction) * 100:g}% 2-bit flat, outer lr {lr}, decay 0.95, senders mean"
+        rows[name] = [
+            "--algo", "diloco", "--sync-every", H, "--compress", f"topk:{fraction}:2:flat",
+            "--outer-lr", lr, "--error-decay", "0.95", "--sparse-mean", "senders",
+        ]  # fmt: skip
+    # DiLoCo's outer lr above 1 (its tuning budget) and eager at lower outer lrs
+    rows["sweep: DiLoCo fp32, outer lr 1.5"] = [
+        "--algo",
+        "diloco",
+        "--sync-every",
+        H,
+        "--outer-lr",
+        "1.5",
+    ]
+    for lr in ("0.3", "0.5"):
+        rows[f"sweep: eager DiLoCo fp32, outer lr {lr}"] = [
+            "--algo", "diloco", "--sync-every", H, "--outer-lr", lr, "--outer", "eager",
+        ]  # fmt: skip
+    for lr in ("1.0", "2.0"):
+        rows[f"sweep: eager SparseLoCo 1.5% 2-bit flat, outer lr {lr}, decay 0.95"] = [
+            "--algo", "diloco", "--sync-every", H, "--compress", "topk:0.015:2:flat",
+            "--outer-lr", lr, "--error-decay", "0.95", "--outer", "eager",
+        ]  # fmt: skip
     # eager against blocking at the best blocking settings (1.5% flat, lr 4) and DiLoCo's
     for name in ("sweep: SparseLoCo 1.5% 2-bit flat, outer lr 4.0, decay 0.95",
                  "sweep: DiLoCo fp32, outer lr 1.0"):  # fmt: skip

@@ -247,3 +247,51 @@ def test_tiles_are_per_tensor_and_two_dimensional():
         TopK.parse("topk:0.1:2:rows")
     with pytest.raises(ConfigError, match="bind"):
         spec.compress_(torch.zeros(22), x, 0.0)
+
+
+@pytest.mark.parametrize("layout", ["flat", "tiles"])
+def test_the_senders_mean_divides_each_coordinate_by_who_sent_it(layout):
+    """--sparse-mean senders: each coordinate's sum of decoded values over the number of workers
+    whose top-k held it, written out here from each worker's own decoded payload; bit-identical
+    on every worker, the gather's bytes, and always the gather (even for a group where the dense
+    exchange would be cheaper)."""
+    numel, shapes = 48 * 40, [(48, 40)]
+    topk = TopK(0.05, 2, chunk=64, layout=layout, mean="senders").bind(shapes)
+
+    def body(comm):
+        g = torch.Generator().manual_seed(comm.rank)
+        payload = topk.compress_(torch.zeros(numel), torch.randn(numel, generator=g), 0.0)
+        own = topk.dense(*topk.unpack(payload, numel), numel)
+        idx, vals = topk.unpack(payload, numel)
+        ones = [torch.ones_like(v) for v in vals] if isinstance(vals, list) else torch.ones_like(vals)
+        sent = topk.dense(idx, ones, numel)
+        before = comm.stats.bytes_sent
+        mean = topk.average(payload, numel, comm)
+        return mean, own, sent, comm.stats.bytes_sent - before
+
+    results = run_ranks(3, body)
+    total = sum(r[1] for r in results)
+    count = sum(r[2] for r in results)
+    assert count.max() > 1 and (count == 1).any() and (count == 0).any()  # the case it is about
+    expected = torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+    for mean, _, _, sent in results:
+        assert torch.equal(mean, results[0][0])
+        torch.testing.assert_close(mean, expected, rtol=1e-6, atol=0.0)
+        assert sent == 2 * topk.payload_bytes(numel)
+    # a coordinate one worker sent lands whole, where the plain mean lands a third of it
+    one = (count == 1).nonzero()[0]
+    assert torch.equal(results[0][0][one], total[one])
+    assert topk.exchange(10**7, 10_000) == "gather"
+
+
+def test_the_senders_mean_is_refused_where_it_cannot_mean_what_it_says(tmp_path):
+    with pytest.raises(ConfigError, match="sparse_mean"):
+        DiLoCo(*_model_opt(), Comm(None), sparse_mean="senders")  # without --compress
+    with pytest.raises(ConfigError, match="sparse_mean"):
+        DiLoCo(*_model_opt(), Comm(None), compress="topk:0.1", sparse_mean="some")
+    with pytest.raises(ConfigError, match="mean must be"):
+        TopK(0.1, mean="median")
+    base = ["train", "--workers", "3", "--steps", "4", "--algo", "diloco", "--compress",
+            "topk:0.1", "--sparse-mean", "senders", "--out", str(tmp_path / "x")]  # fmt: skip
+    assert main([*base, "--aggregate", "trimmed-mean", "--byzantine-tolerance", "1"]) == 2
+    assert main([*base, "--elastic"]) == 2

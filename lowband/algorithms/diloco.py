@@ -57,6 +57,7 @@ from lowband.algorithms.fragments import (  # noqa: F401 - also importable from 
 )
 from lowband.algorithms.overlap import BackgroundReducer
 from lowband.algorithms.registry import OptionError, check_bits
+from lowband.algorithms.robust import gathers_updates
 from lowband.comm import Comm, get_codec, quantized_all_reduce
 from lowband.comm.quantized import quantized_all_reduce_bytes
 from lowband.comm.sparse import TiledTopK, TopK
@@ -95,6 +96,8 @@ class DiLoCoOptions:
     """SparseLoCo: topk:FRACTION[:BITS[:flat|tiles]] sends, per chunk of 4096 values (flat: runs of the fragment's flat vector; tiles: 64 x 64 tiles of each matrix and runs of each vector, chunks never crossing a tensor, k = round(FRACTION x 4096) per chunk), the FRACTION largest of the error-feedback buffer at BITS bits (default 2), indices packed (from Python, a lowband.SparseCompressor works too); the outer step is then plain SGD (the decayed buffer replaces outer momentum, so outer_momentum and bits are not used). docs/diloco.md."""
     error_decay: float = 0.95
     """SparseLoCo: decay beta of the error-feedback buffer, e <- beta e + Delta (with compress)."""
+    sparse_mean: str = "all"
+    """SparseLoCo: all divides the sum of the decoded updates by the group's size; senders divides each coordinate by the number of workers that sent it (the reference code's mean; with compress; docs/diloco.md)."""
     outer: str = "blocking"
     """blocking: every worker waits for the outer reduction at each sync. eager (Kale et al. 2025): the reduction of a round runs during the next H inner steps; meanwhile each worker applies its own fresh pseudo-gradient (1/M of it) at once and everyone's average one round late (docs/diloco.md). With streaming-diloco, overlap and mix are not used."""
 
@@ -106,6 +109,10 @@ class DiLoCoOptions:
                 TopK.parse(self.compress)
             except ConfigError as e:
                 raise OptionError(f"{{compress}}: {e}") from None
+        if self.sparse_mean not in ("all", "senders"):
+            raise OptionError(f"{{sparse_mean}} must be all or senders, got {self.sparse_mean!r}")
+        if self.sparse_mean == "senders" and self.compress is None:
+            raise OptionError("{sparse_mean} senders needs {compress} (a top-k spec)")
         if not 0.0 <= self.error_decay <= 1.0:
             raise OptionError(f"{{error_decay}} must be in [0, 1], got {self.error_decay}")
         if self.sync_every < 1:
@@ -183,6 +190,8 @@ class StreamingDiLoCo(Algorithm):
             if isinstance(opts.compress, TopK) or opts.compress is None
             else TopK.parse(opts.compress)
         )
+        if self.compressor is not None and opts.sparse_mean != "all":
+            self.compressor = dataclasses.replace(self.compressor, mean=opts.sparse_mean)
         """SparseLoCo's top-k + error feedback (lowband.comm.sparse), or None."""
         if fragment_modules is None:
             self.fragments = strided_fragments(model, self.P)
@@ -248,6 +257,12 @@ class StreamingDiLoCo(Algorithm):
     @classmethod
     def check_run(cls, cfg: Any, options: Any) -> None:
         """Before any worker starts: combinations of run-level flags with these options."""
+        if options.sparse_mean == "senders" and (cfg.elastic or gathers_updates(cfg)):
+            raise ConfigError(
+                "--sparse-mean senders is the plain gather's mean: it does not combine with "
+                "--elastic (a healing member's empty update would count as sent) or a robust "
+                "--aggregate or --attack (the rule runs over whole rows); use --sparse-mean all"
+            )
         if options.outer == "eager" and cfg.elastic:
             raise ConfigError(
                 "--outer eager keeps a round's reduction in flight across the next round's "

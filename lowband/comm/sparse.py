@@ -42,7 +42,9 @@ The exchange is whichever of two costs a worker fewer bytes for the group's size
   fp32 summation order, and every worker still ends with bit-identical values.
 At 1% / 2 bits a payload is 0.14 bits per value, so the gather costs 0.14 (n - 1) bits per value
 against the dense path's ~64: the gather wins below about 450 workers, the dense path above
-(3%: about 150). A reduce-scatter of sparse sums (cheaper only while the union of indices stays
+(3%: about 150). The mean (`mean`): "all" divides the sum by n, as above; "senders" divides each
+coordinate by the number of workers whose top-k held it (the reference code's rule: a
+coordinate only one worker sent lands at its full value), which needs the gather. A reduce-scatter of sparse sums (cheaper only while the union of indices stays
 sparse after merging) is not implemented.
 """
 
@@ -60,15 +62,22 @@ from lowband.comm.quantized import quantized_all_reduce, quantized_all_reduce_by
 from lowband.errors import ConfigError
 
 LAYOUTS = ("flat", "tiles")
+MEANS = ("all", "senders")
 
 
 class _Exchange:
     """The exchange of payloads, shared by the flat compressor and the per-tensor one: needs
     payload_bytes(numel), unpack(payload, numel) and dense(idx, vals, numel)."""
 
+    mean: str
+    """"all": the sum of the decoded payloads over the group's size; "senders": each coordinate's
+    sum over the number of workers that sent it (the reference code's mean; needs the gather)."""
+
     def exchange(self, numel: int, world_size: int) -> str:
         """ "gather" or "dense": whichever sends fewer bytes per worker for this group size (ties:
-        the gather, which sums exactly in rank order)."""
+        the gather, which sums exactly in rank order); always the gather for mean "senders"."""
+        if self.mean == "senders":
+            return "gather"
         dense = quantized_all_reduce_bytes(numel, world_size, get_codec(32))
         return "dense" if dense < (world_size - 1) * self.payload_bytes(numel) else "gather"
 
@@ -76,17 +85,28 @@ class _Exchange:
         self, payload: Tensor, numel: int, comm: Comm, exchange: str | None = None
     ) -> Tensor:
         """The mean of every worker's decoded payload, by the cheaper exchange for the group's
-        size (or the one named): all-gather the payloads, decode, sum in rank order, divide by n;
-        or decode one's own and average the dense vectors with an fp32 all-reduce."""
+        size (or the one named): all-gather the payloads, decode, sum in rank order, divide by n
+        (mean "senders": each coordinate by how many workers sent it, at least 1); or decode
+        one's own and average the dense vectors with an fp32 all-reduce."""
         if (exchange or self.exchange(numel, comm.size)) == "dense":
+            if self.mean == "senders":
+                raise ValueError("mean 'senders' needs the gather exchange")
             own = self.dense(*self.unpack(payload, numel), numel)
             return quantized_all_reduce(comm, own, get_codec(32), op="avg")
         gathered = [torch.empty_like(payload) for _ in range(comm.size)]
         comm.all_gather(gathered, payload)
         total = torch.zeros(numel, dtype=torch.float32, device=payload.device)
+        senders = torch.zeros_like(total) if self.mean == "senders" else None
         for p in gathered:
             idx, vals = self.unpack(p, numel)
             total += self.dense(idx, vals, numel)
+            if senders is not None:
+                ones = [torch.ones_like(v) for v in vals] if isinstance(vals, list) else None
+                senders += self.dense(
+                    idx, ones if ones is not None else torch.ones_like(vals), numel
+                )
+        if senders is not None:
+            return total.div_(senders.clamp_(min=1.0))
         return total.div_(comm.size)
 
     def exchange_bytes(self, numel: int, world_size: int) -> int:
@@ -135,6 +155,7 @@ class TopK(_Exchange):
     bits: int = 2
     chunk: int = 4096
     layout: str = "flat"
+    mean: str = "all"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction <= 1.0:
@@ -145,6 +166,8 @@ class TopK(_Exchange):
             raise ConfigError(f"top-k chunk must be at least 2, got {self.chunk}")
         if self.layout not in LAYOUTS:
             raise ConfigError(f"top-k layout must be flat or tiles, got {self.layout!r}")
+        if self.mean not in MEANS:
+            raise ConfigError(f"top-k mean must be all or senders, got {self.mean!r}")
 
     @classmethod
     def parse(cls, spec: str, chunk: int = 4096) -> TopK:
@@ -265,6 +288,7 @@ class TiledTopK(_Exchange):
 
     def __init__(self, spec: TopK, shapes: list[tuple[int, ...]] | list[torch.Size]) -> None:
         self.spec = spec
+        self.mean = spec.mean
         self.parts: list[tuple[TopK, Tensor]] = []
         """Per tensor: (its flat TopK, the positions of its values in the fragment's flat vector,
         in chunk order: tile by tile, row-major inside a tile)."""
