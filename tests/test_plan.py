@@ -111,8 +111,13 @@ def test_probe_measures_what_the_emulated_link_sets_and_plan_reads_it(tmp_path, 
         assert rate == pytest.approx(20e6, rel=0.10)
     assert [c["rank"] for c in network["compute"]] == [0, 1]
     assert all(c["tokens_per_s"] > 0 for c in network["compute"])
+    assert all(len(c["step_times_s"]) == 10 for c in network["compute"])
+    # The transport, timed with the emulation off: far faster than the emulated link.
+    transport = network["summary"]["transport"]
+    assert transport["bandwidth_bps"] > 10 * 20e6 and 0 < transport["latency_s"] < 0.010
     printed = capsys.readouterr().out
     assert "0-1" in printed and "Mbit" in printed and "tokens/s" in printed  # the matrix
+    assert "transport (emulation off)" in printed
     js = tmp_path / "plan.json"
     assert (
         main(["plan", "--model", "1m", "--tokens", "1e7", "--probe", str(net), "--json", str(js)])
@@ -122,6 +127,17 @@ def test_probe_measures_what_the_emulated_link_sets_and_plan_reads_it(tmp_path, 
     link = LinkSpec.parse(plan["link"])  # the probe's slowest pair, largest latency
     assert plan["workers"] == 2 and link.bandwidth_bps == pytest.approx(20e6, rel=0.1)
     assert link.latency_s == pytest.approx(0.100, rel=0.1)
+    # An emulated probe: its transport comes on top of every collective, its step times give
+    # the wait for the slower worker, and the rate is the workers' mean.
+    assert LinkSpec.parse(plan["transport"]).bandwidth_bps == pytest.approx(
+        transport["bandwidth_bps"], rel=1e-3
+    )
+    assert [list(r) for r in plan["step_times"]] == [c["step_times_s"] for c in network["compute"]]
+    ddp = next(r for r in plan["rows"] if r["technique"] == "DDP")
+    assert ddp["straggler_s"] > 0
+    assert ddp["step_s"] == pytest.approx(
+        2 * 32 / network["summary"]["mean_tokens_per_s"] + ddp["straggler_s"] + ddp["exposed_s"]
+    )
 
 
 def test_plan_ranks_by_time_to_ddps_loss_with_the_measured_gaps(tmp_path):

@@ -11,15 +11,19 @@ from pathlib import Path
 from lowband.comm import LinkSpec
 from lowband.errors import ConfigError
 from lowband.plan import seqpar_cost
-from lowband.plan.cost import Workload, candidates, predict
+from lowband.plan.cost import Technique, Workload, candidates, predict
 from lowband.plan.penalty import ASSUMPTION as LOSS_ASSUMPTION
 from lowband.plan.penalty import gap, token_multiplier
 
 ASSUMPTIONS = [
     "compute: the per-worker rate you gave (--tokens-per-s, measured: `lowband probe` or "
-    "benchmarks/gpu_step.py), the same on every worker; stragglers are not modelled",
+    "benchmarks/gpu_step.py); with `--probe`, its workers' measured step times add the wait for "
+    "the slowest worker at every sync (persistent and random spread; only the persistent part "
+    "where the sync overlaps steps), else every worker takes the same time",
     "communication: the same formulas that charge `lowband train`'s emulated link (bytes exact; "
-    "seconds = hops x latency + busiest uplink's bytes / bandwidth), no jitter, no loss",
+    "seconds = hops x latency + busiest uplink's bytes / bandwidth), no jitter, no loss; plus "
+    "the real transport's own time per collective where measured (--transport, or --probe of "
+    "an emulated link), which the emulation adds before the link's time",
     "--sites: every collective is a flat ring over all workers, so its hops cross the --inter "
     "link (an upper bound: no hierarchical reduction)",
     "DDP does not overlap its all-reduce with the backward pass (lowband's DDP waits after it)",
@@ -78,6 +82,13 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--tokens-per-s", type=float, help="measured compute rate per worker (tokens/s)")
     p.add_argument(
+        "--transport",
+        metavar="BANDWIDTH:LATENCY",
+        help="the real transport's own time per collective under lowband's emulated link, as a "
+        "link (per-hop latency, bandwidth), e.g. 8gbit:0.1ms: `lowband probe` measures it "
+        "(emulation off); added to every collective's link time (default: none, or the probe's)",
+    )
+    p.add_argument(
         "--probe", type=Path, help="a network file from `lowband probe`: its link and compute rate"
     )
     p.add_argument("--batch-size", type=int, default=16)
@@ -121,6 +132,17 @@ def _read_probe(args) -> LinkSpec | None:
     if args.tokens_per_s is None:
         args.tokens_per_s = float(s["tokens_per_s"])
         args.batch_size, args.seq_len = int(net["batch_size"]), int(net["seq_len"])
+        times = [c.get("step_times_s") for c in net.get("compute", [])]
+        if times and all(times) and s.get("mean_tokens_per_s"):
+            args.probe_step_times = times  # `lowband plan` takes them with the mean rate
+            args.probe_mean_tokens_per_s = float(s["mean_tokens_per_s"])
+    transport = s.get("transport")
+    if getattr(args, "transport", None) is None and transport and net.get("emulated_link"):
+        # Only under emulation does the transport come on top of the link; on a real network
+        # the probe's pairs measured the transport itself.
+        args.transport = LinkSpec(
+            bandwidth_bps=float(transport["bandwidth_bps"]), latency_s=float(transport["latency_s"])
+        )
     if args.link is not None or args.sites is not None:
         return None
     if args.workers is None:
@@ -182,9 +204,20 @@ def _workload(args) -> Workload:
         model = build_model(args.model, device="meta")
         cfg = PRESETS[args.model]
         params, layers, dim, ffn = model.num_params(), cfg.n_layers, cfg.dim, cfg.ffn_dim
+    transport = getattr(args, "transport", None)
+    if isinstance(transport, str):
+        try:
+            transport = LinkSpec.parse(transport)
+        except ConfigError:
+            transport = None
+        if transport is None or transport.jitter_s or transport.loss or transport.noise:
+            raise ConfigError(
+                f"--transport {args.transport!r}: give BANDWIDTH:LATENCY, e.g. 8gbit:0.1ms"
+            )
     return Workload(
         params=params, layers=layers, dim=dim, batch_size=args.batch_size, seq_len=args.seq_len,
         tokens=int(args.tokens), tokens_per_s=args.tokens_per_s, ffn_dim=ffn, model=model,
+        transport=transport,
     )  # fmt: skip
 
 
@@ -266,6 +299,10 @@ def run(args: argparse.Namespace) -> int:
     measured = _read_probe(args) if args.probe is not None else None
     n, link = _workers_and_link(args, measured)
     w = _workload(args)
+    if getattr(args, "probe_step_times", None):  # the workers' mean rate and their spread
+        w = dataclasses.replace(
+            w, tokens_per_s=args.probe_mean_tokens_per_s, step_times=args.probe_step_times
+        )
     preds = [predict(w, t, n, link) for t in candidates()]
     to_loss = {id(p): p.time_to_budget_s * token_multiplier(gap(p.technique)) for p in preds}
 
@@ -294,8 +331,20 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"lowband plan: {w.params / 1e6:,.0f}M parameters, {n} workers, link {link or 'none'}, "
         f"{w.tokens:,.0f} tokens, {w.tokens_per_s:,.0f} tokens/s per worker "
-        f"({1e3 * w.compute_s:.0f} ms per step of {w.step_tokens:,} tokens)\n"
+        f"({1e3 * w.compute_s:.0f} ms per step of {w.step_tokens:,} tokens)"
     )
+    if w.transport is not None:
+        print(
+            f"transport per collective: {1e6 * w.transport.latency_s:.0f} us per hop, "
+            f"{w.transport.bandwidth_bps / 1e9:.2f} Gbit/s, before the link's time"
+        )
+    if w.step_times is not None:
+        print(
+            f"stragglers: step times of {len(w.step_times)} workers measured; each sync waits "
+            f"for the slowest (DDP: {1e3 * predict(w, Technique('ddp'), n, link).straggler_s:.1f} "
+            "ms per step)"
+        )
+    print()
     head = (
         f"{'technique':<50} {'step':>9} {'exposed':>9} {'util':>5} {'MB/step':>9} {'memory':>8} "
         f"{'to budget':>10} {'loss gap':>8} {'to DDP loss':>11}"
@@ -331,6 +380,8 @@ def run(args: argparse.Namespace) -> int:
                     "rank": args.rank,
                     "workers": n,
                     "link": str(link),
+                    "transport": None if w.transport is None else str(w.transport),
+                    "step_times": w.step_times,
                     "rows": rows,
                     "seq_parallel": sp,
                     "assumptions": ASSUMPTIONS,
@@ -360,7 +411,15 @@ def add_probe_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--megabytes", type=float, default=4.0, help="size of the bandwidth transfers")
-    p.add_argument("--pings", type=int, default=7, help="round trips per pair for the latency")
+    p.add_argument(
+        "--pings",
+        type=int,
+        default=7,
+        help="round trips per pair for the latency; all-reduces per size for the transport",
+    )
+    p.add_argument(
+        "--steps", type=int, default=10, help="timed training steps per worker (at once on all)"
+    )
     p.add_argument("--out", default="network.json", help="the network file to write")
     p.set_defaults(fn=run_probe)
 
@@ -371,8 +430,8 @@ def run_probe(args: argparse.Namespace) -> int:
     from lowband.plan.probe import ProbeConfig, describe, probe_worker
     from lowband.train.rundir import RunDir
 
-    if args.workers < 1 or args.pings < 1 or not args.megabytes > 0:
-        raise ConfigError("--workers, --pings and --megabytes must be positive")
+    if args.workers < 1 or args.pings < 1 or args.steps < 1 or not args.megabytes > 0:
+        raise ConfigError("--workers, --pings, --steps and --megabytes must be positive")
     if args.model not in PRESETS:
         raise ConfigError(
             f"unknown model preset {args.model!r}; choose one of: {', '.join(PRESETS)}"
@@ -384,7 +443,7 @@ def run_probe(args: argparse.Namespace) -> int:
     cfg = ProbeConfig(
         workers=args.workers, link=args.link, device=args.device, model=args.model,
         batch_size=args.batch_size, seq_len=args.seq_len, pings=args.pings,
-        megabytes=args.megabytes, out=str(out.resolve()),
+        megabytes=args.megabytes, steps=args.steps, out=str(out.resolve()),
     )  # fmt: skip
     if under_torchrun():
         launch_torchrun(cfg, out.parent, False, worker=probe_worker)

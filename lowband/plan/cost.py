@@ -24,7 +24,18 @@ t(op) = LinkSpec.ideal_time(critical bytes, hops) of a collective:
   gossip H,Q          every H steps Q gossip steps (lowband.algorithms.dpsgd): each worker sends
                       its codec payload to each neighbour of --topology's graph, blocking; a step
                       lasts as long as the busiest worker's (max degree) messages
-Utilisation = t_c / (t_c + exposed per step); time to budget = steps x (t_c + exposed per step).
+Two measured terms join these when given (docs/plan.md, "The transport and the slowest worker"):
+  transport           Workload.transport, the real transport's own time per collective (Gloo and
+                      the Python inside lowband.comm, timed by `lowband probe` with the emulation
+                      off, as a per-hop latency and a bandwidth): lowband.comm.Comm sleeps the
+                      emulated link's time *after* the real collective completes, so a collective
+                      takes t(op) + transport(op); a point-to-point message is stamped at issue,
+                      so it takes the larger of the two
+  stragglers          Workload.step_times, every worker's measured compute time of the same steps:
+                      a sync waits for the slowest worker since the last one, wait = E[max_i -
+                      mean_i] of the workers' compute over a sync period (only the persistent part,
+                      the slowest worker's mean over the mean, where the reduction overlaps steps)
+Utilisation = t_c / (t_c + wait + exposed per step); time to budget = steps x that step time.
 DFedSAM's t_c is two passes (SAM's second gradient); a federated round's steps count for its M
 participants only (the others' are discarded; ADMM-NR keeps them). DADAO (`lowband dadao`) is not
 a candidate: it solves smooth strongly convex problems with exact gradients, not a model.
@@ -36,6 +47,8 @@ import dataclasses
 import functools
 import math
 from typing import Any
+
+import numpy as np
 
 from lowband.comm import LinkSpec, get_codec
 from lowband.comm.accounting import (
@@ -65,6 +78,25 @@ class Workload:
     model: Any = dataclasses.field(default=None, compare=False, repr=False)
     """The model on the meta device, when known (a preset): DDP's buckets and Streaming
     DiLoCo's fragments are then the ones `lowband train` makes, so bytes are exact."""
+    transport: LinkSpec | None = None
+    """The real transport's own time per collective, as a link (per-hop latency, bandwidth):
+    measured by `lowband probe` with the link emulation off (timed all-reduces), or given
+    (`lowband plan --transport`). Under lowband's emulation it comes on top of the emulated
+    link's time (lowband.comm.Comm: end = real completion + link time). None: not counted."""
+    step_times: tuple[tuple[float, ...], ...] | None = None
+    """Measured compute seconds of the same steps on each worker (a row per worker, as many
+    columns in each): `lowband probe` times them on all workers at once, benchmarks/plan_check.py
+    reads every rank's metrics. Only their spread is used (`straggler_wait`, relative to their
+    mean, times compute_s); None: every worker takes exactly compute_s."""
+
+    def __post_init__(self) -> None:
+        if self.step_times is not None:
+            rows = tuple(tuple(float(x) for x in row) for row in self.step_times)
+            if not rows or not rows[0] or any(len(r) != len(rows[0]) for r in rows):
+                raise ValueError("step_times needs one equally long, non-empty row per worker")
+            if not all(x > 0 and math.isfinite(x) for r in rows for x in r):
+                raise ValueError("step_times must be positive seconds")
+            object.__setattr__(self, "step_times", rows)
 
     def ddp_buckets(self, cap_mb: float = 25.0) -> list[int]:
         """Element counts of DDP's gradient buckets (lowband.algorithms.ddp._buckets)."""
@@ -198,6 +230,8 @@ class Prediction:
     memory_bytes: int
     time_to_budget_s: float
     steps: int
+    straggler_s: float = 0.0
+    """Mean wait per inner step for the slowest worker (Workload.step_times; 0 without)."""
 
     def row(self) -> dict[str, Any]:
         return {
@@ -211,32 +245,115 @@ def _t(link: LinkSpec | None, traffic) -> float:
     return 0.0 if link is None else link.ideal_time(traffic.critical_bytes, traffic.rounds)
 
 
-def quantized_reduce(numel: int, n: int, bits: int, link: LinkSpec | None) -> tuple[float, int]:
+def _collective(link: LinkSpec | None, transport: LinkSpec | None, traffic) -> float:
+    """One blocking collective's seconds: the real transport's time, then the emulated link's
+    (lowband.comm.Comm starts the link's time when the real operation has completed)."""
+    return _t(link, traffic) + _t(transport, traffic)
+
+
+def _message(link: LinkSpec | None, transport: LinkSpec | None, nbytes: float, hops: int) -> float:
+    """Point-to-point messages' seconds: the emulation stamps a message's arrival when it is
+    issued (lowband.comm.Comm), so the real transfer hides under the link's time unless it is
+    longer: the larger of the two."""
+    return max(
+        0.0 if link is None else link.ideal_time(nbytes, hops),
+        0.0 if transport is None else transport.ideal_time(nbytes, hops),
+    )
+
+
+def _persistent(y: np.ndarray) -> float:
+    """How much longer the slowest worker's steps are than the mean, per step, from step times
+    y (workers x steps): the slowest worker of each half of the steps, timed on the other half
+    (the mean of both ways), so that a worker the noise made slowest in one half counts for what
+    it is in the other. With one step: the plain max - mean."""
+    steps = y.shape[1]
+    if steps < 2:
+        mu = y.mean(axis=1)
+        return float(mu.max() - mu.mean())
+    h = steps // 2
+    a, b = y[:, :h].mean(axis=1), y[:, h : 2 * h].mean(axis=1)
+    return max(0.0, 0.5 * float(b[a.argmax()] - b.mean() + a[b.argmax()] - a.mean()))
+
+
+def straggler_wait(
+    step_times, n: int, k: int, overlapped: bool = False, group: int | None = None
+) -> float:
+    """Mean wait of a worker for the slowest one, per sync period of k inner steps, as a fraction
+    of the mean step time, from measured per-worker step times (rows: workers, columns: the same
+    steps). Worker j of n behaves as measured row j mod m (more workers than measured repeat
+    them). The workers sync in one group, or in groups of `group` (NoLoCo: consecutive workers,
+    the last group taking the remainder). Per group of workers G:
+      blocking     E over whole windows of k steps of (max_G - mean_G) of the workers' compute in
+                   the window: the persistent part (a worker slower on average) and the random part
+                   (which worker is slow changes); with fewer than k measured steps, the
+                   persistent part times k plus the one-step random part times sqrt(k) (an
+                   extrapolation: it takes the steps as independent)
+      overlapped   the persistent part only, k x (max_G - mean_G) of the workers' means: a worker
+                   ahead waits for the slowest in the long run, a random delay is absorbed by the
+                   overlap (Streaming DiLoCo's tau steps, CO2's round)
+    The mean over workers of (their group's slowest - their own), over the mean step time. The
+    persistent part is cross-validated (`_persistent`), so that noise is not taken for a slow
+    worker."""
+    x = np.asarray(step_times, dtype=float)
+    if n <= 1 or k < 1:
+        return 0.0
+    m, steps = x.shape
+    rows = [j % m for j in range(n)]
+    g = n if group is None else max(1, min(group, n))
+    cut = (n // g - 1) * g
+    groups = [rows[i : i + g] for i in range(0, cut, g)] + [rows[cut:]]
+    total = 0.0
+    for members in groups:
+        if len(members) < 2:
+            continue
+        y = x[members]
+        persistent = _persistent(y)
+        if overlapped:
+            wait = k * persistent
+        elif steps >= k:
+            windows = steps // k
+            sums = y[:, : windows * k].reshape(len(members), windows, k).sum(axis=2)
+            wait = float((sums.max(axis=0) - sums.mean(axis=0)).mean())
+        else:
+            one = float((y.max(axis=0) - y.mean(axis=0)).mean())
+            wait = k * persistent + math.sqrt(k) * max(0.0, one - persistent)
+        total += len(members) * wait
+    return float(total / n / x[rows].mean())
+
+
+def quantized_reduce(
+    numel: int, n: int, bits: int, link: LinkSpec | None, transport: LinkSpec | None = None
+) -> tuple[float, int]:
     """(seconds, bytes sent) of lowband.comm.quantized_all_reduce: an all-to-all then an
-    all-gather, each of (n - 1) codec payloads."""
+    all-gather, each of (n - 1) codec payloads, one after the other (each its transport's time,
+    then its link's)."""
     if n == 1:
         return 0.0, 0
     codec = get_codec(bits)
     payload = codec.payload_bytes(_chunk_numel(numel, n, codec))
     a2a = all_to_all_traffic(n * payload, 1, 0, n)
     ag = all_gather_traffic(payload, 1, 0, n)
-    return _t(link, a2a) + _t(link, ag), a2a.sent + ag.sent
+    return _collective(link, transport, a2a) + _collective(link, transport, ag), a2a.sent + ag.sent
 
 
-def sparse_gather(numel: int, n: int, spec: str, link: LinkSpec | None) -> tuple[float, int]:
+def sparse_gather(
+    numel: int, n: int, spec: str, link: LinkSpec | None, transport: LinkSpec | None = None
+) -> tuple[float, int]:
     """(seconds, bytes sent) of SparseLoCo's exchange: the all-gather of top-k payloads, or, in a
     group large enough that it costs less, the dense fp32 all-reduce (TopK.exchange)."""
     if n == 1:
         return 0.0, 0
     topk = TopK.parse(spec)
     if topk.exchange(numel, n) == "dense":
-        return quantized_reduce(numel, n, 32, link)
+        return quantized_reduce(numel, n, 32, link, transport)
     payload = topk.payload_bytes(numel)
     traffic = all_gather_traffic(payload, 1, 0, n)
-    return _t(link, traffic), traffic.sent
+    return _collective(link, transport, traffic), traffic.sent
 
 
-def group_exchange(numel: int, n: int, t: Technique, link: LinkSpec | None) -> tuple[float, int]:
+def group_exchange(
+    numel: int, n: int, t: Technique, link: LinkSpec | None, transport: LinkSpec | None = None
+) -> tuple[float, int]:
     """(seconds, bytes sent) of one NoLoCo round: the codec payload of the parameters sent point
     to point to each of the other g - 1 members of the worker's group (the last group of an
     uneven split is larger: this is the common case). The messages leave one after another on the
@@ -249,6 +366,8 @@ def group_exchange(numel: int, n: int, t: Technique, link: LinkSpec | None) -> t
     seconds = 0.0
     if link is not None:
         seconds = link.ideal_time((g - 1) * payload, 0) + link.ideal_time(0, 1)
+    if transport is not None:
+        seconds = max(seconds, _message(None, transport, (g - 1) * payload, 1))
     return seconds, (g - 1) * payload
 
 
@@ -291,7 +410,12 @@ def clients_per_round(t: Technique, n: int) -> int:
 
 
 def star_exchange(
-    numel: int, n: int, t: Technique, senders: float, link: LinkSpec | None
+    numel: int,
+    n: int,
+    t: Technique,
+    senders: float,
+    link: LinkSpec | None,
+    transport: LinkSpec | None = None,
 ) -> tuple[float, float]:
     """(seconds, bytes sent by all n workers together) of one federated round in which `senders`
     participants other than the server (rank 0) upload. Each sends its payload's tensors one after
@@ -302,12 +426,16 @@ def star_exchange(
         return 0.0, 0.0
     up, down = star_payloads(numel, t)
     seconds = 0.0
-    if link is not None:
-        seconds = link.ideal_time(senders * up, 1) + link.ideal_time((n - 1) * down, 1)
+    if link is not None or transport is not None:
+        seconds = _message(link, transport, senders * up, 1) + _message(
+            link, transport, (n - 1) * down, 1
+        )
     return seconds, senders * up + (n - 1) * down
 
 
-def gossip_exchange(numel: int, n: int, t: Technique, link: LinkSpec | None) -> tuple[float, float]:
+def gossip_exchange(
+    numel: int, n: int, t: Technique, link: LinkSpec | None, transport: LinkSpec | None = None
+) -> tuple[float, float]:
     """(seconds, mean bytes a worker sends) of one round of D-PSGD / DFedSAM / DFedSAM-MGS: Q
     gossip steps, each sending the worker's payload (its fp32 parameters at 32 bits, else the
     codec's) once to each out-neighbour of the graph lowband.decentral.topology builds over n
@@ -319,7 +447,7 @@ def gossip_exchange(numel: int, n: int, t: Technique, link: LinkSpec | None) -> 
     outs, degree = graph_degrees(t.topology, n)
     payload = gossip_payload(numel, t)
     q = t.gossip_steps if t.algo == "dfedsam-mgs" else 1
-    seconds = 0.0 if link is None else q * link.ideal_time(degree * payload, 1)
+    seconds = q * _message(link, transport, degree * payload, 1)
     return seconds, q * sum(outs) * payload / n
 
 
@@ -421,27 +549,47 @@ def sync_costs(
     all-reduce per step, DiLoCo's one per H steps, Streaming DiLoCo's one per fragment, a
     federated rule's star round every K steps (bytes: the mean over the n workers, as
     `lowband train`'s summary reports them; the server sends most), a gossip round every H steps
-    (the mean over workers: degrees may differ). The single source of these numbers for
-    `predict` and the simulator (lowband.plan.simulate)."""
+    (the mean over workers: degrees may differ). Seconds include w.transport where given. The
+    single source of these numbers for `predict` and the simulator (lowband.plan.simulate)."""
+    tr = w.transport
     if t.algo == "ddp":
         if n == 1:
             return [(0.0, 0)]
         if t.bits == 32:  # every bucket issued, then waited: they queue on the uplink
             traffic = [all_reduce_traffic(b, 4, 0, n) for b in w.ddp_buckets()]
-            return [(sum(_t(link, x) for x in traffic), sum(x.sent for x in traffic))]
-        return [quantized_reduce(w.params, n, t.bits, link)]
+            # The transport runs the buckets one after another; each bucket's emulated link time
+            # starts when its real transfer is done and the previous bucket's link time is over.
+            done = end = 0.0
+            for x in traffic:
+                done += _t(tr, x)
+                end = max(done, end) + _t(link, x)
+            return [(end, sum(x.sent for x in traffic))]
+        return [quantized_reduce(w.params, n, t.bits, link, tr)]
     if t.algo == "noloco":
-        return [group_exchange(w.params, n, t, link)]
+        return [group_exchange(w.params, n, t, link, tr)]
     if t.algo in FEDERATED:  # expected senders besides the server: M (n - 1) / n
         senders = clients_per_round(t, n) * (n - 1) / n
-        seconds, sent = star_exchange(w.params, n, t, senders, link)
+        seconds, sent = star_exchange(w.params, n, t, senders, link, tr)
         return [(seconds, sent / n)]
     if t.algo in GOSSIP:
-        return [gossip_exchange(w.params, n, t, link)]
+        return [gossip_exchange(w.params, n, t, link, tr)]
     p = t.fragments if t.algo == "streaming-diloco" else 1
     if t.compress:
-        return [sparse_gather(numel, n, t.compress, link) for numel in w.fragment_numels(p)]
-    return [quantized_reduce(numel, n, t.bits, link) for numel in w.fragment_numels(p)]
+        return [sparse_gather(numel, n, t.compress, link, tr) for numel in w.fragment_numels(p)]
+    return [quantized_reduce(numel, n, t.bits, link, tr) for numel in w.fragment_numels(p)]
+
+
+def sync_period(t: Technique) -> tuple[int, bool, int | None]:
+    """(inner steps between a worker's syncs, whether the sync overlaps inner steps, the group
+    size a sync waits for (None: all workers)): DDP 1; Streaming DiLoCo H/P, overlapped when
+    tau > 0; CO2 H, overlapped (the next round); NoLoCo H in groups of g; every other H or K."""
+    if t.algo == "ddp":
+        return 1, False, None
+    if t.algo == "streaming-diloco":
+        return max(1, t.sync_every // t.fragments), t.overlap > 0, None
+    if t.algo == "co2":
+        return t.sync_every, True, None
+    return t.sync_every, False, t.group_size if t.algo == "noloco" else None
 
 
 def predict(w: Workload, t: Technique, n: int, link: LinkSpec | None) -> Prediction:
@@ -457,7 +605,11 @@ def predict(w: Workload, t: Technique, n: int, link: LinkSpec | None) -> Predict
         hidden = (t.sync_every if t.algo == "co2" else t.overlap) * tc
         exposed = sum(max(0.0, x - hidden) for x in times) / t.sync_every
         per_step = sum(sents) / t.sync_every
-    step_s = tc + exposed
+    wait = 0.0
+    if w.step_times is not None:
+        k, overlapped, group = sync_period(t)
+        wait = tc * straggler_wait(w.step_times, n, k, overlapped, group) / k
+    step_s = tc + wait + exposed
     steps = math.ceil(w.tokens / (contributing_workers(t, n) * w.step_tokens))
     return Prediction(
         technique=t,
@@ -469,6 +621,7 @@ def predict(w: Workload, t: Technique, n: int, link: LinkSpec | None) -> Predict
         memory_bytes=memory_bytes(w, t, n=n),
         time_to_budget_s=steps * step_s,
         steps=steps,
+        straggler_s=wait,
     )
 
 

@@ -6,12 +6,20 @@ process per host under torchrun. For every pair of workers (a, b), one pair at a
              half the median round trip, jitter the spread (standard deviation) of the halves
   bandwidth  a sends b a `--megabytes` tensor and b answers with 4 bytes; bandwidth is the bytes
              over (elapsed - one round trip), then the same from b to a
-and on every worker a few timed training steps of `--model` at `--batch-size` x `--seq-len`
-(after one warm-up step): tokens/s, the rate `lowband plan` takes. The network file (JSON) holds
-per-pair latency, jitter and bandwidth both ways, per-worker step time, tokens/s and peak memory,
-and a summary link (the slowest pair's bandwidth, the largest latency) that `lowband plan --probe
-FILE` uses. Under `--link` emulation the probe measures what the emulation sets (tested within
-10%).
+then, with the link emulation off, the transport itself:
+  transport  all workers all-reduce (average) one value, then a `--megabytes` tensor, `--pings`
+             times each, from a barrier; the medians give the transport's per-hop latency (the
+             small one's time over its 2 (n - 1) ring hops) and bandwidth (the busiest worker's
+             bytes over the rest of the large one's time): what every collective costs before the
+             emulated link's time starts (lowband.comm.Comm), Gloo and the Python around it
+and then `--steps` timed training steps of `--model` at `--batch-size` x `--seq-len` (after one
+warm-up step), each started on all workers at once (an untimed barrier, as after a synchronous
+step): each step's time (their spread across workers is what a sync waits for) and tokens/s, the
+rate `lowband plan` takes. The network file (JSON)
+holds per-pair latency, jitter and bandwidth both ways, the transport, per-worker step times,
+tokens/s and peak memory, and a summary (the slowest pair's bandwidth, the largest latency, the
+slowest worker's rate, the workers' mean rate, the transport) that `lowband plan --probe FILE`
+uses. Under `--link` emulation the probe measures what the emulation sets (tested within 10%).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from pathlib import Path
 import torch
 
 from lowband.comm import Comm
+from lowband.comm.accounting import all_reduce_traffic
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -39,7 +48,7 @@ class ProbeConfig:
     seq_len: int = 128
     pings: int = 7
     megabytes: float = 4.0
-    steps: int = 5
+    steps: int = 10
     out: str = "network.json"
 
     def to_dict(self) -> dict:
@@ -99,7 +108,48 @@ def _pair(comm: Comm, a: int, b: int, cfg: ProbeConfig) -> dict | None:
     }
 
 
-def _compute(cfg: ProbeConfig, device: torch.device) -> dict:
+def _transport(bare: Comm, cfg: ProbeConfig) -> dict | None:
+    """The real transport's time per all-reduce with the emulation off (module docstring), on
+    this worker (`bare`: the group without its emulated link): the median of `--pings`
+    all-reduces of one value and of `--megabytes`, each started from a barrier. None for one
+    worker."""
+    if bare.size == 1:
+        return None
+    bare.barrier()
+    times = {}
+    for numel in (1, max(1, int(cfg.megabytes * 1e6 / 4))):
+        x = torch.zeros(numel, device=bare.device)
+        bare.all_reduce(x, op="avg")  # warm-up: buffers and connections
+        runs = []
+        for _ in range(cfg.pings):
+            bare.barrier()
+            t0 = time.perf_counter()
+            bare.all_reduce(x, op="avg")
+            runs.append(time.perf_counter() - t0)
+        times[numel] = statistics.median(runs)
+    return {"numel": list(times), "seconds": list(times.values())}
+
+
+def transport_link(measured: list[dict], n: int) -> dict:
+    """The transport as a link from the workers' timings (`_transport`): the median over workers
+    of each size's time; per-hop latency = the one-value all-reduce's time over its ring hops,
+    bandwidth = the large one's busiest-uplink bytes over the rest of its time."""
+    (one, bulk) = measured[0]["numel"]
+    small, large = (statistics.median(m["seconds"][i] for m in measured) for i in (0, 1))
+    hops = all_reduce_traffic(one, 4, 0, n).rounds
+    latency = small / hops
+    traffic = all_reduce_traffic(bulk, 4, 0, n)
+    rest = max(large - traffic.rounds * latency, 1e-9)
+    return {
+        "latency_s": latency,
+        "bandwidth_bps": traffic.critical_bytes * 8 / rest,
+        "small_s": small,
+        "bulk_s": large,
+        "bulk_bytes": 4 * bulk,
+    }
+
+
+def _compute(cfg: ProbeConfig, device: torch.device, together=lambda: None) -> dict:
     from lowband.models import build_model
     from lowband.train.compute import adamw
 
@@ -124,15 +174,19 @@ def _compute(cfg: ProbeConfig, device: torch.device) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
+    times = []
     for _ in range(cfg.steps):
+        together()
+        t0 = time.perf_counter()
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    step_s = (time.perf_counter() - t0) / cfg.steps
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    step_s = sum(times) / cfg.steps
     return {
         "device": str(device),
         "step_s": step_s,
+        "step_times_s": times,
         "tokens_per_s": cfg.batch_size * cfg.seq_len / step_s,
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device)
         if device.type == "cuda"
@@ -147,14 +201,17 @@ def probe_worker(
     out = Path(cfg.out)
     n = comm.size
     pairs = [p for a in range(n) for b in range(a + 1, n) if (p := _pair(comm, a, b, cfg))]
-    compute = {"rank": comm.rank, **_compute(cfg, device)}
+    bare = Comm(comm.group, None, device=comm.device) if n > 1 else comm  # emulation off
+    transport = _transport(bare, cfg)
+    compute = {"rank": comm.rank, **_compute(cfg, device, bare.barrier)}
     part = out.with_name(f".{out.name}.rank{comm.rank}")
-    part.write_text(json.dumps({"pairs": pairs, "compute": compute}))
+    part.write_text(json.dumps({"pairs": pairs, "compute": compute, "transport": transport}))
     if n > 1:
         comm.barrier()
     if comm.rank == 0:
         parts = [json.loads(out.with_name(f".{out.name}.rank{r}").read_text()) for r in range(n)]
         all_pairs = [p for x in parts for p in x["pairs"]]
+        transport = transport_link([x["transport"] for x in parts], n) if n > 1 else None
         network = {
             "workers": n,
             "emulated_link": cfg.link,
@@ -163,12 +220,18 @@ def probe_worker(
             "seq_len": cfg.seq_len,
             "pairs": all_pairs,
             "compute": [x["compute"] for x in parts],
+            "transport": transport,
             "summary": {
                 "bandwidth_bps": min(
                     (v for p in all_pairs for v in p["bandwidth_bps"].values()), default=None
                 ),
                 "latency_s": max((p["latency_s"] for p in all_pairs), default=None),
                 "tokens_per_s": min(x["compute"]["tokens_per_s"] for x in parts),
+                "mean_tokens_per_s": cfg.batch_size
+                * cfg.seq_len
+                / statistics.mean(x["compute"]["step_s"] for x in parts),
+                "transport": transport
+                and {k: transport[k] for k in ("latency_s", "bandwidth_bps")},
             },
         }
         out.write_text(json.dumps(network, indent=1))
@@ -197,6 +260,13 @@ def describe(network: dict) -> str:
         lines.append(
             f"worker {c['rank']} ({c['device']}): {c['tokens_per_s']:,.0f} tokens/s of {network['model']} "
             f"at {network['batch_size']} x {network['seq_len']} ({1e3 * c['step_s']:.1f} ms a step)"
+        )
+    t = network.get("transport")
+    if t:
+        lines.append(
+            f"transport (emulation off): all-reduce of 4 bytes {1e3 * t['small_s']:.2f} ms, of "
+            f"{t['bulk_bytes'] / 1e6:g} MB {1e3 * t['bulk_s']:.2f} ms: "
+            f"{1e6 * t['latency_s']:.0f} us per hop, {t['bandwidth_bps'] / 1e9:.2f} Gbit/s"
         )
     s = network["summary"]
     if s["bandwidth_bps"] is not None:
