@@ -92,7 +92,7 @@ def transport(args, tmp: Path, n: int) -> LinkSpec | None:
     train(
         out,
         ["--workers", str(n), "--model", args.model, "--batch-size", str(args.batch_size),
-         "--seq-len", str(args.seq_len), "--steps", "2", "--device", "cpu"],
+         "--seq-len", str(args.seq_len), "--steps", "2", "--device", args.device],
         command="probe",
     )  # fmt: skip
     t = json.loads(out.read_text())["transport"]
@@ -105,7 +105,7 @@ def cell(args, tmp: Path, n: int, link: str, t: Technique, tr: LinkSpec | None) 
         out,
         [
             "--model", args.model, "--workers", str(n), "--link", link, "--steps", str(args.steps),
-            "--device", "cpu",
+            "--device", args.device,
             "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--log-every", "1",
             "--eval-every", str(args.steps), "--eval-batches", "1", "--ckpt-every", "-1",
             *t.flags(),
@@ -160,6 +160,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--parallel", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (the workers share the GPUs)")
     p.add_argument(
         "--transport", help="BANDWIDTH:LATENCY instead of probing the transport (e.g. 8gbit:0.1ms)"
     )
