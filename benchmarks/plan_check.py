@@ -82,24 +82,32 @@ def _window(run: Path, steps: int, sync_steps: int) -> dict:
     }
 
 
-def transport(args, tmp: Path, n: int) -> LinkSpec | None:
-    """`lowband probe --workers n` (no link): its transport, measured with the emulation off."""
+def transport(args, tmp: Path, n: int) -> tuple[LinkSpec | None, LinkSpec | None]:
+    """`lowband probe --workers n` (no link) on the run's device, its all-reduces as large as
+    the model (the runs' reductions are): (its all-reduce transport, its quantized all-reduce's
+    transport), measured with the emulation off."""
     if args.transport:
-        return LinkSpec.parse(args.transport)
+        return LinkSpec.parse(args.transport), None
     if n == 1:
-        return None
+        return None, None
     out = tmp / f"probe{n}.json"
+    megabytes = 4 * build_model(args.model, device="meta").num_params() / 1e6
     train(
         out,
         ["--workers", str(n), "--model", args.model, "--batch-size", str(args.batch_size),
-         "--seq-len", str(args.seq_len), "--steps", "2", "--device", args.device],
+         "--seq-len", str(args.seq_len), "--steps", "2", "--device", args.device,
+         "--megabytes", f"{megabytes:.3f}"],
         command="probe",
     )  # fmt: skip
     t = json.loads(out.read_text())["transport"]
-    return LinkSpec(bandwidth_bps=t["bandwidth_bps"], latency_s=t["latency_s"])
+    q = t.get("quantized")
+    return (
+        LinkSpec(bandwidth_bps=t["bandwidth_bps"], latency_s=t["latency_s"]),
+        q and LinkSpec(bandwidth_bps=q["bandwidth_bps"], latency_s=q["latency_s"]),
+    )
 
 
-def cell(args, tmp: Path, n: int, link: str, t: Technique, tr: LinkSpec | None) -> dict:
+def cell(args, tmp: Path, n: int, link: str, t: Technique, trs: tuple) -> dict:
     out = tmp / f"{n}_{link.replace(':', '_')}_{t.algo}"
     run = train(
         out,
@@ -111,6 +119,7 @@ def cell(args, tmp: Path, n: int, link: str, t: Technique, tr: LinkSpec | None) 
             *t.flags(),
         ],
     )  # fmt: skip
+    tr, qtr = trs
     k = sync_period(t)[0]
     steady = _window(run, args.steps, k)
     summary = json.loads((run / "summary.json").read_text())
@@ -121,15 +130,20 @@ def cell(args, tmp: Path, n: int, link: str, t: Technique, tr: LinkSpec | None) 
     w = Workload(
         params=model.num_params(), layers=c.n_layers, dim=c.dim, batch_size=args.batch_size,
         seq_len=args.seq_len, tokens=args.steps * n * tokens, tokens_per_s=tokens / mean_s,
-        model=model, transport=tr, step_times=steady["step_times"],
+        model=model, transport=tr, quantized_transport=qtr, step_times=steady["step_times"],
     )  # fmt: skip
     p = predict(w, t, n, LinkSpec.parse(link))
     before = predict(
         dataclasses.replace(
-            w, tokens_per_s=tokens / steady["rank0_compute_s"], transport=None, step_times=None
+            w, tokens_per_s=tokens / steady["rank0_compute_s"], transport=None,
+            quantized_transport=None, step_times=None,
         ),
         t, n, LinkSpec.parse(link),
     )  # fmt: skip
+    # the all-reduce's transport standing in for the quantized one's (the model of 8fcddf5)
+    allreduce_only = predict(
+        dataclasses.replace(w, quantized_transport=None), t, n, LinkSpec.parse(link)
+    )
     return {
         "workers": n,
         "link": link,
@@ -139,6 +153,7 @@ def cell(args, tmp: Path, n: int, link: str, t: Technique, tr: LinkSpec | None) 
         "step_measured": steady["step_time_s"],
         "step_predicted": p.step_s,
         "step_before": before.step_s,
+        "step_allreduce_transport": allreduce_only.step_s,
         "util_measured": steady["utilisation"],
         "util_predicted": p.utilisation,
         "util_before": before.utilisation,
@@ -148,6 +163,7 @@ def cell(args, tmp: Path, n: int, link: str, t: Technique, tr: LinkSpec | None) 
         "exposed_predicted_s": p.exposed_s,
         "exposed_link_only_s": before.exposed_s,
         "transport": str(tr) if tr else None,
+        "quantized_transport": str(qtr) if qtr else None,
     }
 
 
@@ -212,8 +228,21 @@ def main() -> None:
     text = "\n".join(lines)
     text += "\n\ntransport (probed, emulation off): " + ", ".join(
         f"{n} workers {tr.bandwidth_bps / 1e9:.2f} Gbit/s, {1e6 * tr.latency_s:.0f} us per hop"
-        for n, tr in probed.items()
+        + (
+            f" (quantized all-reduce: {q.bandwidth_bps / 1e9:.2f} Gbit/s, "
+            f"{1e6 * q.latency_s:.0f} us per hop)"
+            if q is not None
+            else ""
+        )
+        for n, (tr, q) in probed.items()
         if tr is not None
+    )
+    text += "\nstep ms predicted with the all-reduce's transport for the quantized one too: " + (
+        ", ".join(
+            f"{r['workers']} {r['link']} {r['technique']} {1e3 * r['step_allreduce_transport']:.1f}"
+            for r in rows
+            if r["technique"] != "DDP"
+        )
     )
     print(text)
     if args.append:

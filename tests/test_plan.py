@@ -115,6 +115,8 @@ def test_probe_measures_what_the_emulated_link_sets_and_plan_reads_it(tmp_path, 
     # The transport, timed with the emulation off: far faster than the emulated link.
     transport = network["summary"]["transport"]
     assert transport["bandwidth_bps"] > 10 * 20e6 and 0 < transport["latency_s"] < 0.010
+    quantized = transport["quantized"]  # the quantized all-reduce's, timed apart
+    assert quantized["bandwidth_bps"] > 10 * 20e6 and 0 < quantized["latency_s"] < 0.010
     printed = capsys.readouterr().out
     assert "0-1" in printed and "Mbit" in printed and "tokens/s" in printed  # the matrix
     assert "transport (emulation off)" in printed
@@ -131,6 +133,9 @@ def test_probe_measures_what_the_emulated_link_sets_and_plan_reads_it(tmp_path, 
     # the wait for the slower worker, and the rate is the workers' mean.
     assert LinkSpec.parse(plan["transport"]).bandwidth_bps == pytest.approx(
         transport["bandwidth_bps"], rel=1e-3
+    )
+    assert LinkSpec.parse(plan["quantized_transport"]).bandwidth_bps == pytest.approx(
+        quantized["bandwidth_bps"], rel=1e-3
     )
     assert [list(r) for r in plan["step_times"]] == [c["step_times_s"] for c in network["compute"]]
     ddp = next(r for r in plan["rows"] if r["technique"] == "DDP")

@@ -143,6 +143,11 @@ def _read_probe(args) -> LinkSpec | None:
         args.transport = LinkSpec(
             bandwidth_bps=float(transport["bandwidth_bps"]), latency_s=float(transport["latency_s"])
         )
+        q = transport.get("quantized")
+        if q:  # the quantized all-reduce's own (docs/plan.md)
+            args.quantized_transport = LinkSpec(
+                bandwidth_bps=float(q["bandwidth_bps"]), latency_s=float(q["latency_s"])
+            )
     if args.link is not None or args.sites is not None:
         return None
     if args.workers is None:
@@ -218,6 +223,7 @@ def _workload(args) -> Workload:
         params=params, layers=layers, dim=dim, batch_size=args.batch_size, seq_len=args.seq_len,
         tokens=int(args.tokens), tokens_per_s=args.tokens_per_s, ffn_dim=ffn, model=model,
         transport=transport,
+        quantized_transport=getattr(args, "quantized_transport", None),
     )  # fmt: skip
 
 
@@ -338,6 +344,12 @@ def run(args: argparse.Namespace) -> int:
             f"transport per collective: {1e6 * w.transport.latency_s:.0f} us per hop, "
             f"{w.transport.bandwidth_bps / 1e9:.2f} Gbit/s, before the link's time"
         )
+    if w.quantized_transport is not None:
+        q = w.quantized_transport
+        print(
+            f"transport of the quantized all-reduce: {1e6 * q.latency_s:.0f} us per hop, "
+            f"{q.bandwidth_bps / 1e9:.2f} Gbit/s, before the link's time"
+        )
     if w.step_times is not None:
         print(
             f"stragglers: step times of {len(w.step_times)} workers measured; each sync waits "
@@ -381,6 +393,9 @@ def run(args: argparse.Namespace) -> int:
                     "workers": n,
                     "link": str(link),
                     "transport": None if w.transport is None else str(w.transport),
+                    "quantized_transport": None
+                    if w.quantized_transport is None
+                    else str(w.quantized_transport),
                     "step_times": w.step_times,
                     "rows": rows,
                     "seq_parallel": sp,

@@ -83,6 +83,11 @@ class Workload:
     measured by `lowband probe` with the link emulation off (timed all-reduces), or given
     (`lowband plan --transport`). Under lowband's emulation it comes on top of the emulated
     link's time (lowband.comm.Comm: end = real completion + link time). None: not counted."""
+    quantized_transport: LinkSpec | None = None
+    """The real transport's own time of the quantized all-reduce (an all-to-all, then an
+    all-gather, with their host staging on a GPU), as a link over those two collectives' hops
+    and bytes: `lowband probe` times it apart (docs/plan.md). Used for DiLoCo's, Streaming
+    DiLoCo's, CO2's and quantized DDP's reductions; None: `transport` stands in."""
     step_times: tuple[tuple[float, ...], ...] | None = None
     """Measured compute seconds of the same steps on each worker (a row per worker, as many
     columns in each): `lowband probe` times them on all workers at once, benchmarks/plan_check.py
@@ -329,11 +334,15 @@ def quantized_reduce(
     then its link's)."""
     if n == 1:
         return 0.0, 0
+    a2a, ag = quantized_reduce_traffic(numel, n, bits)
+    return _collective(link, transport, a2a) + _collective(link, transport, ag), a2a.sent + ag.sent
+
+
+def quantized_reduce_traffic(numel: int, n: int, bits: int) -> tuple:
+    """The Traffic of quantized_all_reduce's all-to-all and all-gather (rank 0's)."""
     codec = get_codec(bits)
     payload = codec.payload_bytes(_chunk_numel(numel, n, codec))
-    a2a = all_to_all_traffic(n * payload, 1, 0, n)
-    ag = all_gather_traffic(payload, 1, 0, n)
-    return _collective(link, transport, a2a) + _collective(link, transport, ag), a2a.sent + ag.sent
+    return all_to_all_traffic(n * payload, 1, 0, n), all_gather_traffic(payload, 1, 0, n)
 
 
 def sparse_gather(
@@ -549,7 +558,7 @@ def sync_costs(
     all-reduce per step, DiLoCo's one per H steps, Streaming DiLoCo's one per fragment, a
     federated rule's star round every K steps (bytes: the mean over the n workers, as
     `lowband train`'s summary reports them; the server sends most), a gossip round every H steps
-    (the mean over workers: degrees may differ). Seconds include w.transport where given. The
+    (the mean over workers: degrees may differ). Seconds include w.transport (w.quantized_transport for a quantized all-reduce) where given. The
     single source of these numbers for `predict` and the simulator (lowband.plan.simulate)."""
     tr = w.transport
     if t.algo == "ddp":
@@ -564,7 +573,7 @@ def sync_costs(
                 done += _t(tr, x)
                 end = max(done, end) + _t(link, x)
             return [(end, sum(x.sent for x in traffic))]
-        return [quantized_reduce(w.params, n, t.bits, link, tr)]
+        return [quantized_reduce(w.params, n, t.bits, link, w.quantized_transport or tr)]
     if t.algo == "noloco":
         return [group_exchange(w.params, n, t, link, tr)]
     if t.algo in FEDERATED:  # expected senders besides the server: M (n - 1) / n
@@ -576,7 +585,8 @@ def sync_costs(
     p = t.fragments if t.algo == "streaming-diloco" else 1
     if t.compress:
         return [sparse_gather(numel, n, t.compress, link, tr) for numel in w.fragment_numels(p)]
-    return [quantized_reduce(numel, n, t.bits, link, tr) for numel in w.fragment_numels(p)]
+    qtr = w.quantized_transport or tr
+    return [quantized_reduce(numel, n, t.bits, link, qtr) for numel in w.fragment_numels(p)]
 
 
 def sync_period(t: Technique) -> tuple[int, bool, int | None]:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from lowband.comm import Comm
+from lowband.comm import Comm, get_codec, quantized_all_reduce
 from lowband.comm.accounting import all_reduce_traffic
 
 
@@ -127,7 +127,36 @@ def _transport(bare: Comm, cfg: ProbeConfig) -> dict | None:
             bare.all_reduce(x, op="avg")
             runs.append(time.perf_counter() - t0)
         times[numel] = statistics.median(runs)
-    return {"numel": list(times), "seconds": list(times.values())}
+    # The quantized all-reduce (DiLoCo, Streaming DiLoCo, CO2; fp32 codec) is an all-to-all then
+    # an all-gather: other Gloo collectives, other host staging on a GPU (the H2D copies of
+    # every result come after the transfer, inside the time Comm counts), so timed itself. Its
+    # `seconds` are what Comm counts (the transport part, as a run's comm_time); `local` the rest
+    # (padding, encode, decode, sum; on a GPU the D2H staging, which waits for queued kernels).
+    quantized: dict[int, tuple[float, float]] = {}
+    codec = get_codec(32)
+    for numel in (bare.size, max(bare.size, int(cfg.megabytes * 1e6 / 4))):
+        x = torch.zeros(numel, device=bare.device)
+        quantized_all_reduce(bare, x, codec)  # warm-up
+        comm_s, local_s = [], []
+        for _ in range(cfg.pings):
+            bare.barrier()
+            c0, t0 = bare.stats.seconds, time.perf_counter()
+            quantized_all_reduce(bare, x, codec)
+            if bare.device.type == "cuda":
+                torch.cuda.synchronize(bare.device)
+            total, counted = time.perf_counter() - t0, bare.stats.seconds - c0
+            comm_s.append(counted)
+            local_s.append(total - counted)
+        quantized[numel] = (statistics.median(comm_s), statistics.median(local_s))
+    return {
+        "numel": list(times),
+        "seconds": list(times.values()),
+        "quantized": {
+            "numel": list(quantized),
+            "seconds": [c for c, _ in quantized.values()],
+            "local_seconds": [loc for _, loc in quantized.values()],
+        },
+    }
 
 
 def transport_link(measured: list[dict], n: int) -> dict:
@@ -140,12 +169,41 @@ def transport_link(measured: list[dict], n: int) -> dict:
     latency = small / hops
     traffic = all_reduce_traffic(bulk, 4, 0, n)
     rest = max(large - traffic.rounds * latency, 1e-9)
-    return {
+    out = {
         "latency_s": latency,
         "bandwidth_bps": traffic.critical_bytes * 8 / rest,
         "small_s": small,
         "bulk_s": large,
         "bulk_bytes": 4 * bulk,
+    }
+    if all("quantized" in m for m in measured):
+        out["quantized"] = quantized_link([m["quantized"] for m in measured], n)
+    return out
+
+
+def quantized_link(measured: list[dict], n: int) -> dict:
+    """The quantized all-reduce's transport as a link (`_transport`), fitted as `transport_link`
+    fits the all-reduce's, over the all-to-all's and the all-gather's hops and busiest-uplink
+    bytes (lowband.plan.cost.quantized_reduce_traffic): the median over workers of the time Comm
+    counts; `local_s` the median local work of the large one, for the record."""
+    from lowband.plan.cost import quantized_reduce_traffic
+
+    (one, bulk) = measured[0]["numel"]
+    small, large, local = (
+        statistics.median(m[key][i] for m in measured)
+        for key, i in (("seconds", 0), ("seconds", 1), ("local_seconds", 1))
+    )
+    hops = sum(t.rounds for t in quantized_reduce_traffic(one, n, 32))
+    latency = small / hops
+    traffic = quantized_reduce_traffic(bulk, n, 32)
+    rest = max(large - sum(t.rounds for t in traffic) * latency, 1e-9)
+    return {
+        "latency_s": latency,
+        "bandwidth_bps": sum(t.critical_bytes for t in traffic) * 8 / rest,
+        "small_s": small,
+        "bulk_s": large,
+        "bulk_bytes": 4 * bulk,
+        "local_s": local,
     }
 
 
@@ -231,7 +289,18 @@ def probe_worker(
                 * cfg.seq_len
                 / statistics.mean(x["compute"]["step_s"] for x in parts),
                 "transport": transport
-                and {k: transport[k] for k in ("latency_s", "bandwidth_bps")},
+                and {
+                    **{k: transport[k] for k in ("latency_s", "bandwidth_bps")},
+                    **(
+                        {
+                            "quantized": {
+                                k: transport["quantized"][k] for k in ("latency_s", "bandwidth_bps")
+                            }
+                        }
+                        if "quantized" in transport
+                        else {}
+                    ),
+                },
             },
         }
         out.write_text(json.dumps(network, indent=1))
@@ -268,6 +337,14 @@ def describe(network: dict) -> str:
             f"{t['bulk_bytes'] / 1e6:g} MB {1e3 * t['bulk_s']:.2f} ms: "
             f"{1e6 * t['latency_s']:.0f} us per hop, {t['bandwidth_bps'] / 1e9:.2f} Gbit/s"
         )
+        q = t.get("quantized")
+        if q:
+            lines.append(
+                f"transport of the quantized all-reduce (all-to-all + all-gather, fp32): of "
+                f"{q['bulk_bytes'] / 1e6:g} MB {1e3 * q['bulk_s']:.2f} ms counted as communication "
+                f"(+ {1e3 * q['local_s']:.2f} ms local): {1e6 * q['latency_s']:.0f} us per hop, "
+                f"{q['bandwidth_bps'] / 1e9:.2f} Gbit/s"
+            )
     s = network["summary"]
     if s["bandwidth_bps"] is not None:
         lines.append(
