@@ -267,7 +267,7 @@ def test_cli_tables_json_plot_and_refusals(tmp_path, capsys):
     }
     assert png.stat().st_size > 1000
     for bad in (["--straggler", "lognormal:x"], ["--failure-rate", "-1"], ["--scale", "8,a"],
-                ["--technique", "diloco,H=0"], ["--sites", "3"], ["--technique", "fedavg"]):  # fmt: skip
+                ["--technique", "diloco,H=0"], ["--sites", "3"], ["--technique", "gossip"]):  # fmt: skip
         assert main(argv[:-4] + bad) == 2  # (the --html run above printed too)
         err = capsys.readouterr().err
         assert err.startswith("lowband: error:") and err.count("\n") == 1
@@ -314,3 +314,173 @@ def test_cli_takes_a_model_given_by_shape(capsys):
     argv += ["--tokens-per-s", "100000", "--workers", "8", "--link", "1gbit:10ms"]
     assert main(argv) == 0
     assert "100M parameters" in capsys.readouterr().out
+
+
+# -- the federated and gossip rules ----------------------------------------------------------------
+
+STAR_AND_GOSSIP = [
+    Technique("fedavg", 10),
+    Technique("fedprox", 10, options=("--mu", "0.01")),
+    Technique("scaffold", 10),
+    Technique("scallion", 10, compressor="randk:0.05"),
+    Technique("scafcom", 10, compressor="topk:0.05"),
+    Technique("admm-nr", 10),
+    Technique("dpsgd", 10, topology="ring", bits=16),
+    Technique("dpsgd", 10, topology="exponential", bits=32),
+    Technique("dfedsam", 10, topology="exponential", bits=16),
+    Technique("dfedsam-mgs", 10, topology="ring", bits=16, gossip_steps=4),
+]
+
+
+@pytest.mark.parametrize("technique", STAR_AND_GOSSIP, ids=lambda t: t.label())
+def test_federated_and_gossip_without_noise_are_the_plan(technique):
+    """Full participation, 6 workers behind one link (every gossip neighbourhood has the plan's
+    link): the plan's bytes per worker, step time (DFedSAM: two passes), utilisation and time to
+    budget, exactly."""
+    w = _workload()
+    r = simulate(w, technique, Network(workers=6, link=INTER))
+    p = predict(w, technique, 6, INTER)
+    assert not r.extrapolated and r.tokens == w.tokens and r.steps == p.steps
+    assert r.bytes_per_worker == pytest.approx(r.steps * p.bytes_per_step, rel=1e-12)
+    assert r.step_s == pytest.approx(p.step_s, rel=1e-9)
+    assert r.utilisation == pytest.approx(p.utilisation, rel=1e-9)
+    assert r.time_to_budget_s == pytest.approx(p.time_to_budget_s, rel=1e-9)
+
+
+def test_partial_participation_draws_as_lowband_train_and_counts_the_plan_bytes():
+    """Half the clients per round, drawn by lowband.algorithms.federated.participants (seed,
+    round): every round's bytes are star_exchange's for its real senders (the drawn but the
+    server), so the run's bytes are their sum, and the plan's expectation M (n - 1) / n within
+    the draws' noise; the round waits for its drawn clients and the server only."""
+    from lowband.algorithms.federated import participants
+    from lowband.plan.cost import star_exchange
+    from lowband.plan.simulate import _Run
+
+    n, w = 6, _workload()
+    t = Technique("fedavg", 10, participation=0.5)
+    r = simulate(w, t, Network(workers=n, link=INTER), seed=3)
+    rounds = r.steps // 10
+    assert r.tokens == w.tokens and rounds == 2 * 20  # 3 of 6 clients' steps count per round
+    drawn = [participants(list(range(n)), 3, 3, k) for k in range(1, rounds + 1)]
+    senders = [len([c for c in d if c != 0]) for d in drawn]
+    total = sum(star_exchange(w.params, n, t, s, INTER)[1] for s in senders)
+    assert r.bytes_per_worker == pytest.approx(total / n, rel=1e-12)
+    p = predict(w, t, n, INTER)
+    assert r.bytes_per_worker == pytest.approx(r.steps * p.bytes_per_step, rel=0.05)
+    assert len(set(map(tuple, drawn))) > 5  # the draw changes with the round
+    # one round: a straggler left out of the draw delays no one; a drawn one delays the round
+    run = _Run(w, t, Network(workers=n, link=INTER), Straggler(), Failures(), seed=3)
+    chosen = run.draw(1, 3)
+    assert chosen == set(drawn[0])
+    idle = next(c for c in range(1, n) if c not in chosen)
+    busy = next(c for c in chosen if c != 0)
+    run.advance(10)
+    run.clocks[idle] += 1.0
+    start, _ = run.start(chosen)
+    assert start == pytest.approx(10 * w.compute_s)
+    run.clocks[busy] += 2.0
+    assert run.arrival(chosen) == pytest.approx(10 * w.compute_s + 2.0)
+
+
+def test_a_gossip_straggler_slows_its_neighbours_not_the_far_side_of_the_ring():
+    """Per-worker clocks: on a ring of 32, rank 5 one second late delays ranks 4 and 6 in one
+    gossip step (D-PSGD), two hops each way in two (DFedSAM-MGS, Q = 2), and no one farther."""
+    from lowband.plan.simulate import _Run
+
+    w = _workload(n=32)
+    net = Network(workers=32, link=LinkSpec.parse("100gbit:10us"))
+    for t, late in (
+        (Technique("dpsgd", 10, bits=16), [4, 5, 6]),
+        (Technique("dfedsam-mgs", 10, bits=16, gossip_steps=2), [3, 4, 5, 6, 7]),
+    ):
+        run = _Run(w, t, net, Straggler(), Failures(), seed=0)
+        run.advance(10)
+        run.clocks[5] += 1.0
+        assert run.gossip(list(range(32)), {}, 0) == 32
+        tc = 10 * w.compute_s * (2 if t.algo == "dfedsam-mgs" else 1)
+        assert [r for r, c in zip(run.ranks, run.clocks) if c > tc + 0.5] == late
+        assert run.clocks[20] < tc + 0.01  # the far side of the ring went on
+
+
+def test_a_failure_in_a_federated_round_is_survived():
+    """A client failing during the local steps is left out of its round (no round discarded);
+    one failing while the star exchange is on the wire discards that round for everyone, as
+    should_commit does; either way the run reaches the budget, the worker heals and rejoins."""
+    n, k = 4, 10
+    w = _workload(n=n)
+    net = Network(workers=n, link=INTER)
+    t = Technique("scaffold", k)
+    f = Failures(rate_per_hour=0.0, recovery_s=1.0, detect_s=5.0)
+    clean = simulate(w, t, net)
+    sync = predict(w, t, n, INTER).sync_s
+    rnd = k * w.compute_s + sync
+    assert clean.wall_s == pytest.approx(20 * rnd)
+    for at, discarded in ((rnd + w.compute_s, 0), (rnd + k * w.compute_s + sync / 2, 1)):
+        r = simulate(w, t, net, failures=f, fail_at=((at, 2),))
+        assert (r.failures, r.discarded_rounds) == (1, discarded)
+        assert r.tokens >= w.tokens and not r.stalled and r.heal_s > 0
+        assert r.heal_s == pytest.approx(INTER.ideal_time(heal_bytes(w, t), 1))
+        assert r.wall_s > clean.wall_s + f.detect_s
+    # the server itself (rank 0) failing: the lowest live rank serves the next rounds
+    r = simulate(w, t, net, failures=f, fail_at=((rnd + w.compute_s, 0),))
+    assert r.tokens >= w.tokens and r.failures == 1
+
+
+def test_a_gossip_failure_holds_only_its_neighbours():
+    from lowband.plan.simulate import _Run
+
+    n, w = 8, _workload()
+    t = Technique("dpsgd", 10, bits=16)
+    f = Failures(rate_per_hour=0.0, recovery_s=1.0, detect_s=5.0)
+    run = _Run(w, t, Network(workers=n, link=INTER), Straggler(), f, seed=0, fail_at=((0.3, 3),))
+    run.advance(10)
+    assert run.gossip(list(range(n)), {}, 0) == n - 1
+    end = dict(zip(run.ranks, run.clocks))
+    secs = predict(w, t, n, INTER).sync_s
+    assert 3 not in end and run.failed == 1
+    assert end[2] == pytest.approx(0.3 + f.detect_s + secs)
+    assert end[4] == pytest.approx(0.3 + f.detect_s + secs)
+    for r in (0, 1, 5, 6, 7):
+        assert end[r] == pytest.approx(10 * w.compute_s + secs)
+    r = simulate(w, t, Network(workers=n, link=INTER), failures=f, fail_at=((0.3, 3),))
+    assert r.discarded_rounds == 0 and r.tokens >= w.tokens and r.heal_s > 0
+
+
+@pytest.mark.parametrize("spec", ["ring", "exponential", "torus", "erdos:0.5"])
+def test_gossip_neighbours_are_lowband_decentrals(spec):
+    from lowband.decentral.topology import parse_topology
+    from lowband.plan.simulate import in_neighbours
+
+    for n in (2, 7, 8, 12):
+        topo = parse_topology(spec, n, 1)
+        assert in_neighbours(spec, n, 1) == [topo.in_neighbours(i) for i in range(n)]
+
+
+def test_cli_plays_federated_and_gossip_as_the_plan_names_them(tmp_path, capsys):
+    from lowband.plan.cost import FEDERATED_CANDIDATES, GOSSIP_CANDIDATES
+    from lowband.plan.simulate_command import parse_technique
+
+    for base in (*FEDERATED_CANDIDATES, *GOSSIP_CANDIDATES):
+        spec = ",".join(base.flags()[1:2] + ["K=7" if base.algo in ("fedavg", "fedprox",
+                        "scaffold", "scallion", "scafcom", "admm-nr") else "H=7"])  # fmt: skip
+        if base.algo in ("dpsgd", "dfedsam", "dfedsam-mgs"):
+            spec += f",topology={base.topology}"
+        assert parse_technique(spec) == dataclasses.replace(base, sync_every=7)
+    assert parse_technique("fedavg,K=5,participation=0.25").participation == 0.25
+    assert parse_technique("D-PSGD,H=3").label() == "D-PSGD H=3, ring, 16-bit"
+    with pytest.raises(SystemExit):
+        main(["simulate", "--help"])
+    helptext = " ".join(capsys.readouterr().out.split())
+    for name in ("fedavg", "scaffold", "scallion", "scafcom", "admm-nr", "dpsgd", "dfedsam-mgs"):
+        assert name in helptext
+    page = tmp_path / "sim.html"
+    argv = ["simulate", "--model", "1m", "--workers", "4", "--link", "100mbit:40ms",
+            "--tokens-per-s", "20000", "--batch-size", "8", "--seq-len", "128", "--tokens", "4e5",
+            "--technique", "scaffold,K=10,participation=0.5", "--technique",
+            "dfedsam-mgs,H=10,topology=exponential,Q=2"]  # fmt: skip
+    assert main([*argv, "--html", str(page)]) == 0
+    html = page.read_text()
+    assert "SCAFFOLD K=10, 50% of clients" in html and "DFedSAM-MGS H=10, exponential" in html
+    for bad in ("fedavg,K=10,topology=ring", "dpsgd,H=10,Q=2", "scafcom,K=2,participation=2"):
+        assert main([*argv[:-4], "--technique", bad]) == 2
+        assert capsys.readouterr().err.startswith("lowband: error:")

@@ -34,8 +34,8 @@ Events (failure, recovery) sit in a heapq queue and are taken in time order betw
     fragment's local steps are rolled back, as lowband does): its tokens are lost and the members
     learn it at t_fail + --detect-s; the survivors go on without the failed worker;
   - a recovered worker joins at the next round's collective: it downloads the state from a live
-    peer (same site if any; the model, AdamW moments and, for the DiLoCo family, the global copy
-    and outer buffer: 12 or 20 bytes per parameter) at that pair's link speed, and every member
+    peer (same site if any; the model, AdamW moments and the technique's own state, `heal_bytes`:
+    12 bytes per parameter for DDP, 20 for the DiLoCo family) at that pair's link speed, and every member
     stalls for the transfer (measured: the survivors' stall is 0.88-1.21x the ideal transfer,
     benchmarks/RESULTS.md, "Elastic recovery"). It contributes tokens from the round after.
 So a failure costs its in-flight round (its own steps, or everyone's if it hits a collective),
@@ -67,6 +67,18 @@ on the wire (most of the time, when s is close to H t_c) discards round r for ev
 t_fail + --detect-s; round r+1's work goes on (the real algorithm applies no average and submits
 round r+1's). A failure before the launch leaves the worker out, as above.
 
+Federated rules (lowband.algorithms.federated): the rounds above with K local steps, but each
+round's clients are drawn by the real `participants` (seed, round, live workers; `_Run.draw`),
+the round starts when its drawn clients and the server (the lowest live rank) have arrived, and
+lasts cost.star_exchange's seconds for the round's real uploaders (`_Run.collective`); every
+worker then waits for the downlink. Its tokens are the drawn clients' (ADMM-NR: everyone's).
+
+Gossip rules (lowband.algorithms.dpsgd): per-worker clocks. Each round every worker runs H inner
+steps (DFedSAM: two passes each), then Q gossip steps over `in_neighbours` of the live members'
+graph: a step ends at the latest of a worker's and its in-neighbours' clocks plus
+cost.gossip_exchange's step on its slowest neighbour's link (`_Run.gossip`). A failure costs the
+failed worker's round and holds its neighbours until the detection, as NoLoCo's groups.
+
 Links: a collective over a group takes the group's slowest pair (LinkMap.for_ranks): exact for a
 ring whose every step waits for the slowest hop. With --hierarchical and sites, a collective is
 instead the technique's collective inside each site on the intra link (G workers), then among the
@@ -91,7 +103,18 @@ import numpy as np
 from lowband.comm import LinkSpec
 from lowband.comm.link import LinkMap
 from lowband.errors import ConfigError
-from lowband.plan.cost import Technique, Workload, sync_costs
+from lowband.plan.cost import (
+    FEDERATED,
+    GOSSIP,
+    Technique,
+    Workload,
+    clients_per_round,
+    compute_passes,
+    gossip_exchange,
+    star_exchange,
+    state_bytes,
+    sync_costs,
+)
 
 # -- the network -----------------------------------------------------------------------------------
 
@@ -190,6 +213,43 @@ class Network:
             ((secs, sent),) = sync_costs(w, dataclasses.replace(t, group_size=g), g, link)
             self._cache[key] = (secs, sent)
         return self._cache[key]
+
+    def star(self, w: Workload, t: Technique, ranks, senders: int) -> tuple[float, float]:
+        """(seconds, bytes all members send together) of one federated round over `ranks` in
+        which `senders` drawn clients other than the server upload: cost.star_exchange, the
+        function sync_costs uses, with the round's real draw instead of its expectation, on the
+        group's slowest pair (the downlink reaches every member). Point to point: --hierarchical
+        does not apply."""
+        link = self.group_link(ranks)
+        key = ("star", w, t, len(ranks), senders, link)
+        if key not in self._cache:
+            self._cache[key] = star_exchange(w.params, len(ranks), t, senders, link, w.transport)
+        return self._cache[key]
+
+    def gossip(self, w: Workload, t: Technique, members, seed: int):
+        """One gossip round's graph over `members` (the round's group, in rank order, as
+        lowband.algorithms.dpsgd builds it): (neighbours, seconds, bytes). `neighbours`: an
+        (m, d + 1) index array, row i worker i and its in-neighbours (padded with i); `seconds`:
+        each worker's gossip step on its slowest neighbour's link (cost.gossip_exchange's
+        seconds over Q); `bytes`: the mean bytes a worker sends per round (gossip_exchange's).
+        Only the latest membership is kept (it changes at every failure)."""
+        key = ("gossip", w, t, tuple(members), seed)
+        if self._cache.get("gossip_key") != key:
+            m = len(members)
+            nbrs = in_neighbours(t.topology, m, seed)
+            d = max((len(x) for x in nbrs), default=0)
+            index = np.array([[i, *x, *[i] * (d - len(x))] for i, x in enumerate(nbrs)], dtype=int)
+            q = t.gossip_steps if t.algo == "dfedsam-mgs" else 1
+            by_link: dict = {}
+            secs = np.empty(m)
+            for i, x in enumerate(nbrs):
+                link = self.group_link([members[i], *(members[j] for j in x)])
+                if link not in by_link:
+                    by_link[link] = gossip_exchange(w.params, m, t, link, w.transport)[0] / q
+                secs[i] = by_link[link]
+            sent = gossip_exchange(w.params, m, t, self.group_link(members), w.transport)[1]
+            self._cache["gossip_key"], self._cache["gossip"] = key, (index, secs, sent)
+        return self._cache["gossip"]
 
     def heal_source(self, newcomer: int, alive) -> int:
         """The live peer a recovering worker downloads from: the same site's when there is one."""
@@ -365,17 +425,45 @@ class SimResult:
 
 def heal_bytes(w: Workload, t: Technique) -> int:
     """The state a recovering worker downloads: fp32 parameters and AdamW's two moments (12 N),
-    plus the DiLoCo family's global copy and outer momentum or error buffer (8 N)."""
-    return (12 if t.algo == "ddp" else 20) * w.params
+    plus what the technique keeps beside them on a client (cost.state_bytes): the DiLoCo
+    family's global copy and outer momentum or error buffer (8 N), a federated client's (12-32
+    N), nothing for DDP and gossip."""
+    return 12 * w.params + state_bytes(w, t, 0)
+
+
+def in_neighbours(spec: str, n: int, seed: int) -> list[list[int]]:
+    """Each node's in-neighbours (ascending) in --topology's graph over n nodes, as
+    lowband.decentral.topology draws it (Topology.in_neighbours): its edge functions for the
+    named graphs (erdos:P with `seed`), a file's mixing matrix otherwise. Without building the
+    n x n mixing matrix for the named graphs (1,000 workers, every membership change)."""
+    from lowband.decentral import topology as tp
+
+    if spec in tp.KINDS or spec.startswith("erdos:"):
+        tp.check_spec(spec)
+        if spec.startswith("erdos:"):
+            edges = tp.erdos_edges(n, float(spec.split(":", 1)[1]), seed)
+        else:
+            edges = {"ring": tp.ring_edges, "torus": tp.torus_edges,
+                     "exponential": tp.exponential_edges, "complete": tp.complete_edges}[spec](n)  # fmt: skip
+        out: list[set[int]] = [set() for _ in range(n)]
+        for i, j in edges:
+            out[i].add(j)
+            out[j].add(i)
+        return [sorted(x) for x in out]
+    topo = tp.parse_topology(spec, n, seed)
+    return [topo.in_neighbours(i) for i in range(n)]
 
 
 def _period(t: Technique) -> tuple[int, int, int]:
     """(inner steps per round, fragments, tau)."""
-    if t.algo not in ("ddp", "diloco", "streaming-diloco", "noloco", "co2"):
-        raise ConfigError(f"{t.label()}: the simulator plays DDP, the DiLoCo family, NoLoCo, CO2")
+    if t.algo not in ("ddp", "diloco", "streaming-diloco", "noloco", "co2", *FEDERATED, *GOSSIP):
+        raise ConfigError(
+            f"{t.label()}: the simulator plays DDP, the DiLoCo family, NoLoCo, CO2, the "
+            "federated and the gossip rules"
+        )
     if t.algo == "ddp":
         return 1, 1, 0
-    if t.algo in ("noloco", "co2"):
+    if t.algo in ("noloco", "co2", *FEDERATED, *GOSSIP):
         return t.sync_every, 1, 0
     p = t.fragments if t.algo == "streaming-diloco" else 1
     tau = t.overlap if t.algo == "streaming-diloco" else 0
@@ -400,13 +488,12 @@ class _Run:
         self.pending: list[int] = []  # recovered, waiting for the next collective to join
         self.back_at: dict[int, float] = {}  # when each pending worker came back
         self.now = 0.0
+        self.tc = w.compute_s * compute_passes(t)  # DFedSAM: SAM's two passes per step
         self.failed = self.discarded = 0
         self.sent = self.exposed = self.heal = self.detect = 0.0
 
     def advance(self, steps: int) -> None:
-        self.clocks = self.clocks + self.w.compute_s * self.straggler.draw(
-            self.rng, steps, len(self.ranks)
-        )
+        self.clocks = self.clocks + self.tc * self.straggler.draw(self.rng, steps, len(self.ranks))
 
     def take(self, until: float) -> list[float]:
         """Apply every event before `until`; returns the times of live workers' failures."""
@@ -434,21 +521,34 @@ class _Run:
             self.ranks, self.pending = [self.pending.pop(0)], self.pending
             self.clocks = np.array([self.now])
 
-    def start(self) -> tuple[float, int]:
+    def arrival(self, wait_for: set[int] | None = None) -> float:
+        """When the round's collective can start: the last live worker's clock, or (a federated
+        round, `wait_for` its drawn clients) the last of the drawn and the server's (the lowest
+        live rank, rank 0 of the round's group)."""
+        if not self.ranks:
+            return self.now
+        if wait_for is None:
+            return float(self.clocks.max())
+        server = min(self.ranks)
+        return max(
+            float(c) for r, c in zip(self.ranks, self.clocks) if r in wait_for or r == server
+        )
+
+    def start(self, wait_for: set[int] | None = None) -> tuple[float, list[int]]:
         """Steps 1-2: when the round's collective starts, leaving out the workers that failed
         before it (after their failure is detected); recovered workers heal and join. Returns
         the start and the members whose steps the round commits (not the joiners)."""
         hold = -math.inf
         while True:
-            arrive = float(self.clocks.max()) if self.ranks else self.now
+            arrive = self.arrival(wait_for)
             start = max(arrive, hold)
             failed = self.take(start)
             if not failed:
                 break
             hold = max(hold, max(failed) + self.f.detect_s)
         if not self.ranks:
-            return start, 0
-        members = len(self.ranks)
+            return start, []
+        members = list(self.ranks)
         self.detect += max(0.0, hold - arrive)
         if self.pending:
             state = heal_bytes(self.w, self.t)
@@ -480,6 +580,31 @@ class _Run:
             self.now = max(self.now, end)
             return False
         return True
+
+    def draw(self, round_: int, seed: int) -> set[int] | None:
+        """A federated round's clients: lowband.algorithms.federated.participants over the live
+        workers, M = cost.clients_per_round of them (FederatedOptions.clients), from the seed and
+        the round, as lowband train draws them. None (everyone) for the other techniques."""
+        if self.t.algo not in FEDERATED:
+            return None
+        from lowband.algorithms.federated import participants
+
+        live = sorted(self.ranks)
+        return set(participants(live, clients_per_round(self.t, len(live)), seed, round_))
+
+    def collective(self, k: int, frags: int, drawn, members) -> tuple[float, float, int]:
+        """The round's collective over the live workers: (seconds, bytes all of them send, the
+        workers whose steps it commits). A collective (`Network.sync`): fragment k mod P, every
+        member's steps. A federated round (`Network.star`): the drawn clients still live at its
+        start upload (all but the server, the lowest rank), the server sends x to the others;
+        it commits the drawn clients' steps (ADMM-NR: every member's, as cost.contributing_workers)."""
+        if drawn is None:
+            secs, nbytes = self.net.sync(self.w, self.t, self.ranks)[k % frags]
+            return secs, nbytes * len(self.ranks), len(members)
+        clients = [r for r in members if r in drawn]
+        senders = sum(1 for r in clients if r != min(members))
+        secs, sent = self.net.star(self.w, self.t, self.ranks, senders)
+        return secs, sent, len(members) if self.t.algo == "admm-nr" else len(clients)
 
     # -- NoLoCo: per-group clocks ----------------------------------------------------------------
 
@@ -556,6 +681,61 @@ class _Run:
         ghosts.update(new_ghosts)
         return committed
 
+    # -- gossip: per-worker clocks ---------------------------------------------------------------
+
+    def gossip(self, members: list[int], ghosts: dict[int, float], seed: int) -> int:
+        """A gossip round's end: Q gossip steps, each worker's ending at the latest of its own
+        and its in-neighbours' clocks plus its step's seconds, so a straggler delays its
+        neighbours in the first step, theirs in the second, and no one farther. A member that
+        fails before its own exchange ends (or failed after its previous one, `ghosts`) loses
+        its round; its neighbours wait for the detection, then go on without it (the real
+        algorithm's neighbour_lost). Returns the workers whose round is applied."""
+        index, secs, sent = self.net.gossip(self.w, self.t, members, seed)
+        q = self.t.gossip_steps if self.t.algo == "dfedsam-mgs" else 1
+        at = {r: i for i, r in enumerate(self.ranks)}
+        pos = {r: i for i, r in enumerate(members)}
+        start = np.array([self.clocks[at[r]] if r in at else -math.inf for r in members])
+        hold = np.full(len(members), -math.inf)
+        dead = np.zeros(len(members), dtype=bool)
+        for r, when in ghosts.items():
+            dead[pos[r]], hold[pos[r]] = True, when + self.f.detect_s
+
+        def ends() -> np.ndarray:
+            c = start
+            for _ in range(q):
+                c = np.where(dead, hold, c)[index].max(axis=1) + secs
+            return c
+
+        end = ends()
+        slowest = float(self.clocks.max()) if self.ranks else self.now
+        after: dict[int, float] = {}  # failed after their own exchange ended
+        while self.events.next_time() < max(end[~dead], default=-math.inf):
+            when, kind, who = self.events.pop()
+            self.now = max(self.now, when)
+            if kind == "recover":
+                self.pending.append(who)
+                self.back_at[who] = when
+                after.pop(who, None)
+            elif who in self.pending:  # failed again before it joined
+                self.pending.remove(who)
+            elif who in at and who not in after and not dead[pos[who]]:
+                self.failed += 1
+                i = pos[who]
+                if when < end[i]:  # before its exchange ended: its round is lost
+                    dead[i], hold[i] = True, when + self.f.detect_s
+                    end = ends()
+                else:
+                    after[who] = when
+        applied = [r for r in members if not dead[pos[r]]]
+        self.sent += sent * len(applied)
+        self.ranks = [r for r in applied if r not in after]
+        self.clocks = np.array([end[pos[r]] for r in self.ranks])
+        if self.ranks:
+            self.exposed += max(0.0, float(self.clocks.max()) - slowest)
+        ghosts.clear()
+        ghosts.update(after)
+        return len(applied)
+
 
 def simulate(
     w: Workload,
@@ -576,6 +756,8 @@ def simulate(
     period, frags, tau = _period(t)
     run = _Run(w, t, net, straggler, failures, seed, fail_at)
     play = {"noloco": _play_noloco, "co2": _play_co2}.get(t.algo, _play_rounds)
+    if t.algo in GOSSIP:
+        play = _play_gossip
     tokens, step, lost_in_a_row = play(run, period, frags, tau, seed, max_steps, max_wall_s,
                                        give_up_after)  # fmt: skip
     wall = float(run.clocks.max()) if run.ranks else run.now
@@ -592,7 +774,7 @@ def simulate(
         bytes_per_worker=run.sent / net.workers, exposed_s=run.exposed, failures=run.failed,
         discarded_rounds=run.discarded, heal_s=run.heal, detect_s=run.detect,
         time_to_budget_s=to_budget, extrapolated=extrapolated, stalled=stalled,
-        compute_s=w.compute_s, step_tokens=w.step_tokens,
+        compute_s=run.tc, step_tokens=w.step_tokens,
     )  # fmt: skip
 
 
@@ -603,21 +785,23 @@ def _go_on(run: _Run, tokens, step, lost, max_steps, max_wall_s, give_up_after) 
 
 
 def _play_rounds(run: _Run, period, frags, tau, seed, *limits) -> tuple[int, int, int]:
-    """DDP and the DiLoCo family: steps 1-4 of the module docstring."""
-    w, t, net = run.w, run.t, run.net
+    """DDP, the DiLoCo family and the federated rules: steps 1-4 of the module docstring (a
+    federated round waits for its drawn clients and the server only, `_Run.draw`)."""
+    w = run.w
     tokens = step = k = lost_in_a_row = 0
     while _go_on(run, tokens, step, lost_in_a_row, *limits):
         run.restart_if_all_down()
+        drawn = run.draw(k + 1, seed)
         run.advance(period - tau)  # 1.
-        start, members = run.start()  # 2.
+        start, members = run.start(drawn)  # 2.
         if not run.ranks:
             lost_in_a_row += 1
             continue
-        secs, nbytes = net.sync(w, t, run.ranks)[k % frags]
-        run.sent += nbytes * len(run.ranks)
+        secs, sent, counted = run.collective(k, frags, drawn, members)
+        run.sent += sent
         run.advance(tau)  # 3.
         if run.finish(start + secs):
-            tokens += members * period * w.step_tokens  # 4.
+            tokens += counted * period * w.step_tokens  # 4.
             lost_in_a_row = 0
         else:
             lost_in_a_row += 1
@@ -660,7 +844,7 @@ def _play_co2(run: _Run, period, frags, tau, seed, *limits) -> tuple[int, int, i
             continue
         secs, nbytes = net.sync(w, t, run.ranks)[0]
         run.sent += nbytes * len(run.ranks)
-        pending = (start + secs, members)
+        pending = (start + secs, len(members))
     return tokens, step, lost_in_a_row
 
 
@@ -683,6 +867,26 @@ def _play_noloco(run: _Run, period, frags, tau, seed, *limits) -> tuple[int, int
         ]
         run.advance(period)
         done = run.exchange(groups, ghosts)
+        tokens += done * period * run.w.step_tokens
+        lost_in_a_row = 0 if done else lost_in_a_row + 1
+        step += period
+    return tokens, step, lost_in_a_row
+
+
+def _play_gossip(run: _Run, period, frags, tau, seed, *limits) -> tuple[int, int, int]:
+    """D-PSGD, DFedSAM, DFedSAM-MGS (lowband.algorithms.dpsgd): every round each worker runs H
+    inner steps (DFedSAM: two passes each), then Q gossip steps with its graph neighbours over
+    the round's members, on its own clock (`_Run.gossip`)."""
+    tokens = step = lost_in_a_row = 0
+    ghosts: dict[int, float] = {}  # failed after their exchange: their neighbours wait
+    while _go_on(run, tokens, step, lost_in_a_row, *limits):
+        if not run.ranks:
+            ghosts.clear()
+        run.restart_if_all_down()
+        run.heal_into_groups()
+        members = sorted({*run.ranks, *ghosts})
+        run.advance(period)
+        done = run.gossip(members, ghosts, seed)
         tokens += done * period * run.w.step_tokens
         lost_in_a_row = 0 if done else lost_in_a_row + 1
         step += period

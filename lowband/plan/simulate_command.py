@@ -16,7 +16,15 @@ from lowband.comm import LinkSpec
 from lowband.comm.link import LinkMap
 from lowband.errors import ConfigError
 from lowband.plan.command import _duration, _read_probe, _workload, add_model_args
-from lowband.plan.cost import Technique, candidates, predict
+from lowband.plan.cost import (
+    FEDERATED,
+    FEDERATED_CANDIDATES,
+    GOSSIP,
+    GOSSIP_CANDIDATES,
+    Technique,
+    candidates,
+    predict,
+)
 from lowband.plan.simulate import Failures, Network, SimResult, Straggler, simulate
 
 MEASURED = [
@@ -47,6 +55,17 @@ MODELLED = [
     "extrapolated: times marked * stopped at --max-steps, --max-days or after 1,000 rounds in "
     "a row discarded by failures, and scale the rest of the budget at the simulated rate; "
     "'never': no round committed. DiLoCo-family times are rounded up to a whole round",
+    "federated rules: each round's clients drawn as lowband.algorithms.federated.participants "
+    "(--seed, the round) over the live workers; the server (the lowest live rank) waits for "
+    "them only, then every worker waits for its downlink; bytes and seconds cost.star_exchange's "
+    "for the round's real draw, on the slowest pair; utilisation counts the participants' steps "
+    "only (the others' are discarded, ADMM-NR keeps them), so with partial participation it is "
+    "the plan's times the share drawn",
+    "gossip rules: the graph of lowband.decentral.topology over the round's live workers; each "
+    "gossip step ends at the latest of a worker's and its in-neighbours' clocks plus "
+    "cost.gossip_exchange's step on its slowest neighbour's link (per-worker clocks: a straggler "
+    "reaches one hop further per gossip step); DFedSAM's step is two passes; a failed neighbour "
+    "is waited for until detected, then dropped for the round",
     "loss is NOT modelled: time to a token budget, not to a loss (see `lowband plan`)",
 ]
 
@@ -88,8 +107,12 @@ def add_parser(sub) -> None:
         metavar="SPEC",
         help="repeatable: ddp[,bits=8] | diloco,H=100[,bits=4|compress=topk:0.01:2] | "
         "streaming,H=100,P=4,tau=12[,bits=4|compress=...] | noloco,H=100[,g=2,bits=16] | "
-        "co2,H=100[,bits=4]. Default: DDP and the plan's best of each family (DiLoCo, Streaming "
-        "DiLoCo, SparseLoCo, NoLoCo, CO2)",
+        "co2,H=100[,bits=4] | federated, named by --algo as `lowband plan` lists them: fedavg, "
+        "fedprox, scaffold, scallion, scafcom, admm-nr, each K=100[,participation=0.5]"
+        "[,compressor=randk:0.05] | gossip: dpsgd, dfedsam, dfedsam-mgs, each H=100"
+        "[,topology=ring|exponential|...,bits=16,Q=4 (dfedsam-mgs)]. Default: DDP and the plan's "
+        "best of each family (DiLoCo, Streaming DiLoCo, SparseLoCo, NoLoCo, CO2, federated, "
+        "gossip)",
     )
     p.add_argument("--max-steps", type=int, default=200_000, help="then extrapolate")
     p.add_argument("--max-days", type=float, default=90.0, help="simulated; then extrapolate")
@@ -101,9 +124,62 @@ def add_parser(sub) -> None:
     p.set_defaults(fn=run)
 
 
+def _parse_star_or_gossip(spec: str, algo: str, rest: list[str]) -> Technique:
+    """`fedavg,K=10,participation=0.5` or `dfedsam-mgs,H=10,topology=exponential,Q=4`: the plan's
+    candidate of that rule (cost.FEDERATED_CANDIDATES, GOSSIP_CANDIDATES: its compressor, options,
+    bf16 gossip, Q = 4), with the given knobs."""
+    gossip = algo in GOSSIP
+    pool = GOSSIP_CANDIDATES if gossip else FEDERATED_CANDIDATES
+    kw: dict = {}
+    keys = ({"h", "k", "topology", "bits"} | ({"q"} if algo == "dfedsam-mgs" else set())) if gossip \
+        else {"h", "k", "participation"} | ({"compressor"} if algo in ("scallion", "scafcom") else set())  # fmt: skip
+    for item in rest:
+        key, _, value = item.partition("=")
+        key = key.strip().lower()
+        value = value.strip()
+        try:
+            if key not in keys:
+                raise ValueError
+            if key in ("h", "k", "bits", "q"):
+                field = {"h": "sync_every", "k": "sync_every", "bits": "bits", "q": "gossip_steps"}
+                kw[field[key]] = int(value)
+                if kw[field[key]] < 1:
+                    raise ValueError
+                if key == "bits" and kw["bits"] != 32:
+                    from lowband.comm import get_codec
+
+                    get_codec(kw["bits"])
+            elif key == "participation":
+                kw["participation"] = float(value)
+                if not 0.0 < kw["participation"] <= 1.0:
+                    raise ValueError
+            elif key == "topology":
+                from lowband.decentral.topology import check_spec
+
+                check_spec(value)
+                kw["topology"] = value
+            else:
+                from lowband.algorithms.scaffold import get_compressor
+
+                get_compressor(value)
+                kw["compressor"] = value
+        except (ValueError, ConfigError, KeyError):
+            takes = ", ".join(sorted(k.upper() if len(k) == 1 else k for k in keys))
+            raise ConfigError(
+                f"--technique {spec!r}: bad {item!r} ({algo} takes {takes})"
+            ) from None
+    base = next(t for t in pool if t.algo == algo)
+    return dataclasses.replace(base, **kw)
+
+
 def parse_technique(spec: str) -> Technique:
-    """`diloco,H=100,bits=4` -> Technique("diloco", sync_every=100, bits=4)."""
+    """`diloco,H=100,bits=4` -> Technique("diloco", sync_every=100, bits=4); the federated and
+    gossip rules by their --algo names (as `lowband plan` lists them: `fedavg,K=100`,
+    `dfedsam-mgs,H=100,topology=exponential,Q=4`), starting from the plan's candidate."""
     name, *rest = [x.strip() for x in spec.split(",")]
+    star = {a: a for a in (*FEDERATED, *GOSSIP)} | {"d-psgd": "dpsgd"}
+    if name.lower() in star:
+        return _parse_star_or_gossip(spec, star[name.lower()], rest)
     algo = {
         "ddp": "ddp", "diloco": "diloco", "streaming": "streaming-diloco", "noloco": "noloco",
         "co2": "co2",
@@ -111,7 +187,10 @@ def parse_technique(spec: str) -> Technique:
     keys = {"h": "sync_every", "p": "fragments", "tau": "overlap", "bits": "bits",
             "g": "group_size"}  # fmt: skip
     if algo is None:
-        raise ConfigError(f"--technique {spec!r}: start with ddp, diloco, streaming, noloco or co2")
+        raise ConfigError(
+            f"--technique {spec!r}: start with ddp, diloco, streaming, noloco, co2, "
+            f"{', '.join(FEDERATED)} or {', '.join(GOSSIP)}"
+        )
     kw: dict = {}
     for item in rest:
         key, _, value = item.partition("=")
@@ -208,8 +287,8 @@ def _check(args) -> list[int]:
 
 
 def default_techniques(w, n: int, link: LinkSpec | None) -> list[Technique]:
-    """DDP, and per family (DiLoCo, Streaming DiLoCo, SparseLoCo, NoLoCo, CO2) the plan's
-    fastest to budget: every technique `lowband plan` ranks."""
+    """DDP, and per family (DiLoCo, Streaming DiLoCo, SparseLoCo, NoLoCo, CO2, the federated
+    rules, the gossip rules) the plan's fastest to budget: every technique `lowband plan` ranks."""
     preds = sorted((predict(w, t, n, link) for t in candidates()), key=lambda p: p.time_to_budget_s)
     out = [Technique("ddp")]
     for family in (
@@ -218,6 +297,8 @@ def default_techniques(w, n: int, link: LinkSpec | None) -> list[Technique]:
         lambda t: bool(t.compress),
         lambda t: t.algo == "noloco",
         lambda t: t.algo == "co2",
+        lambda t: t.algo in FEDERATED,
+        lambda t: t.algo in GOSSIP,
     ):
         out.append(next(p.technique for p in preds if family(p.technique)))
     return out
