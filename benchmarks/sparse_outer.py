@@ -89,7 +89,13 @@ def sweep(h: int) -> dict[str, list[str]]:
         ]  # fmt: skip
     # the reference code's mean over the workers that sent each coordinate (--sparse-mean
     # senders): rarely sent coordinates land whole, so the best lr should be lower than 4
-    for fraction, lr in [("0.015", "1.0"), ("0.015", "2.0"), ("0.015", "3.0"), ("0.01", "2.0")]:
+    for fraction, lr in [
+        ("0.015", "0.7"),
+        ("0.015", "1.0"),
+        ("0.015", "2.0"),
+        ("0.015", "3.0"),
+        ("0.01", "2.0"),
+    ]:
         name = f"sweep: SparseLoCo {float(fraction) * 100:g}% 2-bit flat, outer lr {lr}, decay 0.95, senders mean"
         rows[name] = [
             "--algo", "diloco", "--sync-every", H, "--compress", f"topk:{fraction}:2:flat",
