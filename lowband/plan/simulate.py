@@ -96,6 +96,7 @@ import dataclasses
 import heapq
 import json
 import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -627,6 +628,23 @@ class _Run:
             self.heal += heal
         self.pending = []
 
+    def _failures(
+        self, until: Callable[[], float], on_recover: Callable[[int], object]
+    ) -> Iterator[tuple[float, int]]:
+        """The failures (time, worker) of workers not waiting to rejoin, up to `until()` (asked
+        again after each event); a recovery queues the worker to rejoin and calls on_recover."""
+        while self.events.next_time() < until():
+            when, kind, who = self.events.pop()
+            self.now = max(self.now, when)
+            if kind == "recover":
+                self.pending.append(who)
+                self.back_at[who] = when
+                on_recover(who)
+            elif who in self.pending:  # failed again before it joined
+                self.pending.remove(who)
+            else:
+                yield when, who
+
     def exchange(self, groups: list[list[int]], ghosts: dict[int, float]) -> int:
         """NoLoCo's round end: every group exchanges on its own clock. Returns the workers whose
         round is applied; `ghosts` (drawn into a group but failed after their last exchange) is
@@ -645,16 +663,10 @@ class _Run:
         group_of = {r: k for k, m in enumerate(live) for r in m}
         new_ghosts: dict[int, float] = {}
         slowest = float(self.clocks.max()) if self.ranks else self.now
-        while self.events.next_time() < max(ends, default=-math.inf):
-            when, kind, who = self.events.pop()
-            self.now = max(self.now, when)
-            if kind == "recover":
-                self.pending.append(who)
-                self.back_at[who] = when
-                new_ghosts.pop(who, None)
-            elif who in self.pending:  # failed again before it joined
-                self.pending.remove(who)
-            elif who in group_of:
+        for when, who in self._failures(
+            lambda: max(ends, default=-math.inf), lambda r: new_ghosts.pop(r, None)
+        ):
+            if who in group_of:
                 self.failed += 1
                 k = group_of.pop(who)
                 if when < ends[k]:  # before its group's exchange ended: its round is lost
@@ -709,21 +721,15 @@ class _Run:
         end = ends()
         slowest = float(self.clocks.max()) if self.ranks else self.now
         after: dict[int, float] = {}  # failed after their own exchange ended
-        while self.events.next_time() < max(end[~dead], default=-math.inf):
-            when, kind, who = self.events.pop()
-            self.now = max(self.now, when)
-            if kind == "recover":
-                self.pending.append(who)
-                self.back_at[who] = when
-                after.pop(who, None)
-            elif who in self.pending:  # failed again before it joined
-                self.pending.remove(who)
-            elif who in at and who not in after and not dead[pos[who]]:
+        for when, who in self._failures(
+            lambda: max(end[~dead], default=-math.inf), lambda r: after.pop(r, None)
+        ):
+            if who in at and who not in after and not dead[pos[who]]:
                 self.failed += 1
                 i = pos[who]
                 if when < end[i]:  # before its exchange ended: its round is lost
                     dead[i], hold[i] = True, when + self.f.detect_s
-                    end = ends()
+                    end[:] = ends()
                 else:
                     after[who] = when
         applied = [r for r in members if not dead[pos[r]]]
