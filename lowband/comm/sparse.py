@@ -101,10 +101,12 @@ class _Exchange:
             idx, vals = self.unpack(p, numel)
             total += self.dense(idx, vals, numel)
             if senders is not None:
-                ones = [torch.ones_like(v) for v in vals] if isinstance(vals, list) else None
-                senders += self.dense(
-                    idx, ones if ones is not None else torch.ones_like(vals), numel
+                ones = (
+                    [torch.ones_like(v) for v in vals]
+                    if isinstance(vals, list)  # the tiles layout: one tensor per parameter
+                    else torch.ones_like(vals)
                 )
+                senders += self.dense(idx, ones, numel)
         if senders is not None:
             return total.div_(senders.clamp_(min=1.0))
         return total.div_(comm.size)

@@ -159,32 +159,37 @@ def _transport(bare: Comm, cfg: ProbeConfig) -> dict | None:
     }
 
 
+def _fit(
+    small: float, large: float, small_rounds: int, large_rounds: int, large_bytes: int
+) -> dict:
+    """A link from two timed sizes: per-hop latency = the small one's time over its ring hops,
+    bandwidth = the large one's busiest-uplink bytes over the rest of its time."""
+    latency = small / small_rounds
+    rest = max(large - large_rounds * latency, 1e-9)
+    return {"latency_s": latency, "bandwidth_bps": large_bytes * 8 / rest, "small_s": small,
+            "bulk_s": large}  # fmt: skip
+
+
 def transport_link(measured: list[dict], n: int) -> dict:
     """The transport as a link from the workers' timings (`_transport`): the median over workers
-    of each size's time; per-hop latency = the one-value all-reduce's time over its ring hops,
-    bandwidth = the large one's busiest-uplink bytes over the rest of its time."""
+    of each size's time, fitted by `_fit` over the all-reduce's hops and bytes."""
     (one, bulk) = measured[0]["numel"]
     small, large = (statistics.median(m["seconds"][i] for m in measured) for i in (0, 1))
-    hops = all_reduce_traffic(one, 4, 0, n).rounds
-    latency = small / hops
     traffic = all_reduce_traffic(bulk, 4, 0, n)
-    rest = max(large - traffic.rounds * latency, 1e-9)
     out = {
-        "latency_s": latency,
-        "bandwidth_bps": traffic.critical_bytes * 8 / rest,
-        "small_s": small,
-        "bulk_s": large,
+        **_fit(small, large, all_reduce_traffic(one, 4, 0, n).rounds, traffic.rounds,
+               traffic.critical_bytes),
         "bulk_bytes": 4 * bulk,
-    }
+    }  # fmt: skip
     if all("quantized" in m for m in measured):
         out["quantized"] = quantized_link([m["quantized"] for m in measured], n)
     return out
 
 
 def quantized_link(measured: list[dict], n: int) -> dict:
-    """The quantized all-reduce's transport as a link (`_transport`), fitted as `transport_link`
-    fits the all-reduce's, over the all-to-all's and the all-gather's hops and busiest-uplink
-    bytes (lowband.plan.cost.quantized_reduce_traffic): the median over workers of the time Comm
+    """The quantized all-reduce's transport as a link (`_transport`), fitted by `_fit` over the
+    all-to-all's and the all-gather's hops and busiest-uplink bytes
+    (lowband.plan.cost.quantized_reduce_traffic): the median over workers of the time Comm
     counts; `local_s` the median local work of the large one, for the record."""
     from lowband.plan.cost import quantized_reduce_traffic
 
@@ -193,18 +198,12 @@ def quantized_link(measured: list[dict], n: int) -> dict:
         statistics.median(m[key][i] for m in measured)
         for key, i in (("seconds", 0), ("seconds", 1), ("local_seconds", 1))
     )
-    hops = sum(t.rounds for t in quantized_reduce_traffic(one, n, 32))
-    latency = small / hops
     traffic = quantized_reduce_traffic(bulk, n, 32)
-    rest = max(large - sum(t.rounds for t in traffic) * latency, 1e-9)
-    return {
-        "latency_s": latency,
-        "bandwidth_bps": sum(t.critical_bytes for t in traffic) * 8 / rest,
-        "small_s": small,
-        "bulk_s": large,
-        "bulk_bytes": 4 * bulk,
-        "local_s": local,
-    }
+    fitted = _fit(
+        small, large, sum(t.rounds for t in quantized_reduce_traffic(one, n, 32)),
+        sum(t.rounds for t in traffic), sum(t.critical_bytes for t in traffic),
+    )  # fmt: skip
+    return {**fitted, "bulk_bytes": 4 * bulk, "local_s": local}
 
 
 def _compute(cfg: ProbeConfig, device: torch.device, together=lambda: None) -> dict:
