@@ -8,6 +8,11 @@ command; the figures come from its summary.json and its steady-state metrics:
   vs compiled   the run's tokens/s over a bare compiled step's tokens/s on the same GPU measured
                 in the same call (benchmarks/gpu_step.py's 'bare compiled', one process, the
                 same per-worker batch): the honest share of the GPU the run turns into training
+  vs no link    the run's tokens/s over the same run's without the emulated link (--baseline):
+                what the link costs, with the GPU shared the same way in both
+  steady compute / exposed comm
+                rank 0's compute time and blocked communication time over wall-clock in the
+                steady window (the first quarter and the final step left out)
   bytes/worker  bytes each worker sent
 DDP all-reduces every step, so at 1 Gbit/s a 125M model spends seconds per step on the link; it
 runs `--ddp-steps` (its steady state does not depend on the count) while the others run `--steps`.
@@ -58,6 +63,11 @@ def main() -> None:
     p.add_argument("--sync-every", type=int, default=32, help="H (a multiple of 4 fragments)")
     p.add_argument("--algos", default="ddp,diloco,streaming-diloco")
     p.add_argument("--sparse", default="topk:0.02:2", help="--compress of the sparse runs")
+    p.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also run each algorithm without the emulated link (the 'vs no link' column)",
+    )
     p.add_argument("--json", type=Path)
     p.add_argument("--append", action="store_true")
     args = p.parse_args()
@@ -81,49 +91,65 @@ def main() -> None:
         "sparse-eager": ["--algo", "diloco", "--sync-every", h, "--compress", args.sparse,
                          "--outer-lr", "1.0", "--outer", "eager"],
     }  # fmt: skip
-    rows = []
-    for name, flags in runs.items():
-        if name not in args.algos.split(","):
-            continue
-        steps = args.ddp_steps if name == "ddp" else args.steps
+    def one(name: str, flags: list[str], steps: int, link: str | None) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             run = train(
                 Path(tmp) / name,
                 [
                     "--workers", str(args.workers), "--device", "cuda", "--model", args.model,
                     "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-                    "--link", args.link, "--steps", str(steps), "--log-every", "2",
-                    "--eval-every", str(steps), "--eval-batches", "2", "--ckpt-every", "-1",
-                    *flags,
+                    *(["--link", link] if link else []), "--steps", str(steps),
+                    "--log-every", "2", "--eval-every", str(steps), "--eval-batches", "2",
+                    "--ckpt-every", "-1", *flags,
                 ],
             )  # fmt: skip
-            summary = json.loads((run / "summary.json").read_text())
-            meta = json.loads((run / "meta.json").read_text())
-            steady = steady_state(run, skip_fraction=0.25)
+            return {
+                "summary": json.loads((run / "summary.json").read_text()),
+                "meta": json.loads((run / "meta.json").read_text()),
+                "steady": steady_state(run, skip_fraction=0.25),
+            }
+
+    rows = []
+    for name, flags in runs.items():
+        if name not in args.algos.split(","):
+            continue
+        steps = args.ddp_steps if name == "ddp" else args.steps
+        got = one(name, flags, steps, args.link)
+        summary, steady = got["summary"], got["steady"]
         row = {
             "algo": name,
             "steps": steps,
             "tokens_per_s": steady["tokens_per_s"],
             "utilisation": summary["compute_utilisation"],
+            "steady_compute": steady["compute_fraction"],
+            "steady_exposed_comm": steady["comm_fraction"],
             "vs_compiled": steady["tokens_per_s"] / bare,
             "bytes_sent_per_worker": summary["bytes_sent_per_worker"],
             "final_eval_loss": summary["final_eval_loss"],
-            "sharing": meta.get("gpu_sharing", {}).get("note"),
+            "sharing": got["meta"].get("gpu_sharing", {}).get("note"),
         }
+        if args.baseline:
+            free = one(name, flags, steps, None)["steady"]
+            row["no_link_tokens_per_s"] = free["tokens_per_s"]
+            row["vs_no_link"] = steady["tokens_per_s"] / free["tokens_per_s"]
+            row["no_link_steady_compute"] = free["compute_fraction"]
         rows.append(row)
         print(f"  {json.dumps(row)}", flush=True)
         if args.json:
             args.json.write_text(json.dumps({"bare_compiled": bare, "rows": rows}, indent=1))
+    pct = lambda r, k: f"{100 * r[k]:.0f}%" if k in r else "-"  # noqa: E731
     lines = [
-        "| algorithm | steps | tokens/s (steady) | utilisation (compute / wall) | tokens/s vs one "
-        "bare compiled step | MB sent per worker | final eval loss |",
-        "|---|---|---|---|---|---|---|",
+        "| algorithm | steps | tokens/s (steady) | utilisation (compute / wall, whole run) | "
+        "steady compute / wall | steady exposed comm / wall | tokens/s vs one bare compiled "
+        "step | tokens/s vs the same run with no link | MB sent per worker | final eval loss |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['algo']} | {r['steps']} | {r['tokens_per_s']:,.0f} | {100 * r['utilisation']:.0f}% | "
-            f"{100 * r['vs_compiled']:.0f}% | {r['bytes_sent_per_worker'] / 1e6:,.0f} | "
-            f"{r['final_eval_loss']:.3f} |"
+            f"| {r['algo']} | {r['steps']} | {r['tokens_per_s']:,.0f} | {pct(r, 'utilisation')} | "
+            f"{pct(r, 'steady_compute')} | {pct(r, 'steady_exposed_comm')} | "
+            f"{pct(r, 'vs_compiled')} | {pct(r, 'vs_no_link')} | "
+            f"{r['bytes_sent_per_worker'] / 1e6:,.0f} | {r['final_eval_loss']:.3f} |"
         )
     lines.append(
         f"\nbare compiled step of the same model and per-worker batch, one process on the same GPU: "

@@ -144,6 +144,12 @@ def main() -> None:
         default="auto",
         help="lowband train's --device (cuda: the workers share the GPUs)",
     )
+    p.add_argument(
+        "--seeds",
+        default="0",
+        help="model and data seeds, separated by ','; every chosen row runs once per seed (rows of "
+        "seeds other than 0 are named '..., seed N')",
+    )
     p.add_argument("--json", type=Path)
     p.add_argument("--append", action="store_true")
     args = p.parse_args()
@@ -161,7 +167,12 @@ def main() -> None:
         unknown = [n for n in wanted if n not in every]
         if unknown:
             p.error(f"unknown config(s) {unknown}; known: {list(every)}")
-        chosen = {name: every[name] for name in wanted}
+        seeds = [int(x) for x in args.seeds.split(",")]
+        chosen = {
+            name + (f", seed {seed}" if seed else ""): [*every[name], "--seed", str(seed)]
+            for name in wanted
+            for seed in seeds
+        }
 
         def one(item):
             name, flags = item
