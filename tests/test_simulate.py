@@ -117,10 +117,10 @@ def test_a_straggler_under_noloco_slows_only_its_group():
         }
         assert util["noloco"] > util["diloco"] + 0.05
     # one round, a group of 2 with one straggler: the other groups do not wait
-    from lowband.plan.simulate import _Run
+    from lowband.plan.simulate_groups import GroupRun
 
     t = Technique("noloco", sync_every=10, bits=16, group_size=2)
-    run = _Run(w, t, net, Straggler(), Failures(), seed=0)
+    run = GroupRun(w, t, net, Straggler(), Failures(), seed=0)
     run.advance(10)
     run.clocks[5] += 1.0  # rank 5 one second late
     groups = [[2 * i, 2 * i + 1] for i in range(32)]
@@ -133,13 +133,13 @@ def test_noloco_failure_costs_only_its_group():
     """A failure during the inner steps (0.3 s of 0.51): the failed worker's round is lost, its partner waits for
     the detection and goes on alone; the other groups' clocks and rounds are untouched; no round
     is discarded."""
-    from lowband.plan.simulate import _Run
+    from lowband.plan.simulate_groups import GroupRun
 
     n, w = 6, _workload()
     net = Network(workers=n, link=INTER)
     t = Technique("noloco", sync_every=10, bits=16)
     f = Failures(rate_per_hour=0.0, recovery_s=1.0, detect_s=5.0)
-    run = _Run(w, t, net, Straggler(), f, seed=0, fail_at=((0.3, 3),))
+    run = GroupRun(w, t, net, Straggler(), f, seed=0, fail_at=((0.3, 3),))
     run.advance(10)
     done = run.exchange([[0, 1], [2, 3], [4, 5]], {})
     secs = predict(w, t, n, INTER).sync_s
@@ -385,7 +385,7 @@ def test_partial_participation_draws_as_lowband_train_and_counts_the_plan_bytes(
 def test_a_gossip_straggler_slows_its_neighbours_not_the_far_side_of_the_ring():
     """Per-worker clocks: on a ring of 32, rank 5 one second late delays ranks 4 and 6 in one
     gossip step (D-PSGD), two hops each way in two (DFedSAM-MGS, Q = 2), and no one farther."""
-    from lowband.plan.simulate import _Run
+    from lowband.plan.simulate_groups import GroupRun
 
     w = _workload(n=32)
     net = Network(workers=32, link=LinkSpec.parse("100gbit:10us"))
@@ -393,7 +393,7 @@ def test_a_gossip_straggler_slows_its_neighbours_not_the_far_side_of_the_ring():
         (Technique("dpsgd", 10, bits=16), [4, 5, 6]),
         (Technique("dfedsam-mgs", 10, bits=16, gossip_steps=2), [3, 4, 5, 6, 7]),
     ):
-        run = _Run(w, t, net, Straggler(), Failures(), seed=0)
+        run = GroupRun(w, t, net, Straggler(), Failures(), seed=0)
         run.advance(10)
         run.clocks[5] += 1.0
         assert run.gossip(list(range(32)), {}, 0) == 32
@@ -427,12 +427,14 @@ def test_a_failure_in_a_federated_round_is_survived():
 
 
 def test_a_gossip_failure_holds_only_its_neighbours():
-    from lowband.plan.simulate import _Run
+    from lowband.plan.simulate_groups import GroupRun
 
     n, w = 8, _workload()
     t = Technique("dpsgd", 10, bits=16)
     f = Failures(rate_per_hour=0.0, recovery_s=1.0, detect_s=5.0)
-    run = _Run(w, t, Network(workers=n, link=INTER), Straggler(), f, seed=0, fail_at=((0.3, 3),))
+    run = GroupRun(
+        w, t, Network(workers=n, link=INTER), Straggler(), f, seed=0, fail_at=((0.3, 3),)
+    )
     run.advance(10)
     assert run.gossip(list(range(n)), {}, 0) == n - 1
     end = dict(zip(run.ranks, run.clocks))
