@@ -301,39 +301,24 @@ def _seq_parallel(args, w: Workload, n: int, link, needed: int) -> dict | None:
     }
 
 
-def run(args: argparse.Namespace) -> int:
-    measured = _read_probe(args) if args.probe is not None else None
-    n, link = _workers_and_link(args, measured)
-    w = _workload(args)
-    if getattr(args, "probe_step_times", None):  # the workers' mean rate and their spread
-        w = dataclasses.replace(
-            w, tokens_per_s=args.probe_mean_tokens_per_s, step_times=args.probe_step_times
-        )
+def _ranked(w: Workload, n: int, link, rank: str):
+    """Every candidate's prediction, best first (by time to the budget, or to DDP's loss with
+    rank "loss"; within 2% of the fastest, the smallest H, the least stale, then the fewest
+    bytes), and each one's time to DDP's loss by id."""
     preds = [predict(w, t, n, link) for t in candidates()]
     to_loss = {id(p): p.time_to_budget_s * token_multiplier(gap(p.technique)) for p in preds}
 
     def key(p) -> float:
-        return to_loss[id(p)] if args.rank == "loss" else p.time_to_budget_s
+        return to_loss[id(p)] if rank == "loss" else p.time_to_budget_s
 
     preds.sort(key=key)
-    # Within 2% of the fastest, prefer the smallest H (the least stale), then the fewest bytes.
     near = [p for p in preds if key(p) <= 1.02 * key(preds[0])]
     best = min(near, key=lambda p: (p.technique.sync_every, p.bytes_per_step))
     preds.remove(best)
-    preds.insert(0, best)
-    sp = _seq_parallel(args, w, n, link, best.memory_bytes)
-    rows = []
-    for p in preds:
-        g = gap(p.technique)
-        rows.append(
-            {
-                **p.row(),
-                "loss_gap": g.relative,
-                "loss_gap_source": g.source,
-                "loss_gap_measured": g.measured,
-                "time_to_ddp_loss_s": to_loss[id(p)],
-            }
-        )
+    return [best, *preds], to_loss, key
+
+
+def _print_workload(w: Workload, n: int, link) -> None:
     print(
         f"lowband plan: {w.params / 1e6:,.0f}M parameters, {n} workers, link {link or 'none'}, "
         f"{w.tokens:,.0f} tokens, {w.tokens_per_s:,.0f} tokens/s per worker "
@@ -357,19 +342,37 @@ def run(args: argparse.Namespace) -> int:
             "ms per step)"
         )
     print()
+
+
+def _print_table(preds, to_loss, top: int) -> None:
     head = (
         f"{'technique':<50} {'step':>9} {'exposed':>9} {'util':>5} {'MB/step':>9} {'memory':>8} "
         f"{'to budget':>10} {'loss gap':>8} {'to DDP loss':>11}"
     )
     print(head)
     print("-" * len(head))
-    for p in preds[: args.top]:
+    for p in preds[:top]:
         print(
             f"{p.technique.label():<50} {1e3 * p.step_s:>7.0f}ms {1e3 * p.exposed_s:>7.0f}ms "
             f"{100 * p.utilisation:>4.0f}% {p.bytes_per_step / 1e6:>9.2f} "
             f"{p.memory_bytes / 2**30:>6.1f}GB {_duration(p.time_to_budget_s):>10} "
             f"{100 * gap(p.technique).relative:>+7.0f}% {_duration(to_loss[id(p)]):>11}"
         )
+
+
+def run(args: argparse.Namespace) -> int:
+    measured = _read_probe(args) if args.probe is not None else None
+    n, link = _workers_and_link(args, measured)
+    w = _workload(args)
+    if getattr(args, "probe_step_times", None):  # the workers' mean rate and their spread
+        w = dataclasses.replace(
+            w, tokens_per_s=args.probe_mean_tokens_per_s, step_times=args.probe_step_times
+        )
+    preds, to_loss, key = _ranked(w, n, link, args.rank)
+    best = preds[0]
+    sp = _seq_parallel(args, w, n, link, best.memory_bytes)
+    _print_workload(w, n, link)
+    _print_table(preds, to_loss, args.top)
     ddp = next(p for p in preds if p.technique.algo == "ddp" and p.technique.bits == 32)
     ranked_by = "DDP's loss at the budget" if args.rank == "loss" else "the token budget"
     print(
@@ -385,6 +388,18 @@ def run(args: argparse.Namespace) -> int:
     for a in ASSUMPTIONS:
         print(f"  - {a}")
     if args.json:
+        rows = []
+        for p in preds:
+            g = gap(p.technique)
+            rows.append(
+                {
+                    **p.row(),
+                    "loss_gap": g.relative,
+                    "loss_gap_source": g.source,
+                    "loss_gap_measured": g.measured,
+                    "time_to_ddp_loss_s": to_loss[id(p)],
+                }
+            )
         args.json.write_text(
             json.dumps(
                 {
