@@ -150,6 +150,9 @@ def main() -> None:
         help="model and data seeds, separated by ','; every chosen row runs once per seed (rows of "
         "seeds other than 0 are named '..., seed N')",
     )
+    p.add_argument(
+        "--timeout", type=float, default=7200, help="seconds one run may take (default 2 h)"
+    )
     p.add_argument("--json", type=Path)
     p.add_argument("--append", action="store_true")
     args = p.parse_args()
@@ -178,7 +181,7 @@ def main() -> None:
             name, flags = item
             out = Path(tmp) / "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
             start = time.monotonic()
-            run = train(out, [*common, "--steps", str(args.steps), *flags])
+            run = train(out, [*common, "--steps", str(args.steps), *flags], timeout=args.timeout)
             return run, time.monotonic() - start
 
         with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
