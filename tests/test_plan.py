@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from threaded_runs import workers_as_threads
 
 from lowband.cli import main
 from lowband.comm import LinkSpec
@@ -44,14 +45,17 @@ def _workload() -> Workload:
 )
 def test_predicted_bytes_are_what_a_run_counts(tmp_path, technique):
     """Every family's bytes, exact: the collectives, NoLoCo's groups, the federated star (SCAFFOLD
-    with a partial draw of 1 of 2 clients, SCAFCOM's top-k wire) and gossip on a graph."""
+    with a partial draw of 1 of 2 clients, SCAFCOM's top-k wire) and gossip on a graph.
+    (The run's workers are threads, threaded_runs: the same Comm counts the same bytes, without
+    ~3 s of process start-up per run; the process launch is test_cli's.)"""
     from lowband.algorithms.federated import participants
     from lowband.plan.cost import FEDERATED, clients_per_round, star_exchange
 
     n = WORKERS.get(technique.label(), N)
     out = tmp_path / "run"
     run = [*RUN[2:], "--workers", str(n), *technique.flags(), "--out", str(out)]
-    assert main(["train", *run]) == 0
+    with workers_as_threads():
+        assert main(["train", *run]) == 0
     measured = json.loads((out / "summary.json").read_text())["bytes_sent_per_worker"]
     w = _workload()
     start_check = 8 * (n - 1)  # every algorithm's 8-byte parameter digest, once
@@ -235,7 +239,7 @@ def test_seqpar_predicted_bytes_are_what_a_run_counts(tmp_path, scheme):
     out, steps = tmp_path / "run", 1
     flags = ["--workers", "2", "--seq-parallel", scheme, "--cp", "2", "--steps", str(steps),
              "--seq-len", "32", "--batch-size", "2", "--eval-batches", "1", "--ckpt-every", "-1"]  # fmt: skip
-    assert main(["train", "--out", str(out), *flags]) == 0
+    assert main(["train", "--out", str(out), *flags]) == 0  # processes: seqpar needs WORLD
     measured = json.loads((out / "summary.json").read_text())["bytes_sent_per_worker"]
     c = PRESETS["1m"]
     p = predict_seqpar(
