@@ -91,6 +91,7 @@ def main() -> None:
         "sparse-eager": ["--algo", "diloco", "--sync-every", h, "--compress", args.sparse,
                          "--outer-lr", "1.0", "--outer", "eager"],
     }  # fmt: skip
+
     def one(name: str, flags: list[str], steps: int, link: str | None) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             run = train(

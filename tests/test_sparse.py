@@ -263,7 +263,9 @@ def test_the_senders_mean_divides_each_coordinate_by_who_sent_it(layout):
         payload = topk.compress_(torch.zeros(numel), torch.randn(numel, generator=g), 0.0)
         own = topk.dense(*topk.unpack(payload, numel), numel)
         idx, vals = topk.unpack(payload, numel)
-        ones = [torch.ones_like(v) for v in vals] if isinstance(vals, list) else torch.ones_like(vals)
+        ones = (
+            [torch.ones_like(v) for v in vals] if isinstance(vals, list) else torch.ones_like(vals)
+        )
         sent = topk.dense(idx, ones, numel)
         before = comm.stats.bytes_sent
         mean = topk.average(payload, numel, comm)
